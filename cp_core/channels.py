@@ -1,0 +1,112 @@
+"""Which channels of ``[z | x | B | C | dt]`` each CP rank owns, and the one-pass pack/unpack.
+
+Hidden-parallel CP gives rank ``r`` the heads ``[r*H/cp, (r+1)*H/cp)``: the matching slices of
+``z`` and ``x`` (``d_inner/cp`` channels each) and of ``dt`` (``H/cp``), and the groups of ``B``
+and ``C`` those heads read. With ``n_groups >= cp`` a rank owns ``n_groups/cp`` groups; with
+``n_groups < cp`` the ``cp/n_groups`` ranks that share a group each receive a copy of it
+(replication), and the gradients of the copies are summed on the way back.
+
+:func:`pack` writes every destination rank's channels into one ``[cp, N, W_local]`` send buffer
+(one strided copy per block: a single pass over the bytes), :func:`unpack` is its adjoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Block:
+    """``count`` pieces of ``width`` channels starting at ``src``; piece ``i`` goes to ranks
+    ``[i*rep, (i+1)*rep)`` (``rep = cp/count``) at offset ``dst`` of their local width."""
+
+    src: int
+    count: int
+    width: int
+    dst: int
+
+
+@dataclass(frozen=True)
+class ChannelPlan:
+    cp_size: int
+    blocks: tuple[Block, ...]
+    in_width: int
+    local_width: int
+
+    @staticmethod
+    def single(cp_size: int, local_width: int) -> ChannelPlan:
+        """Rank ``r`` owns channels ``[r*w, (r+1)*w)`` of a ``cp*w`` wide tensor."""
+        return ChannelPlan(cp_size, (Block(0, cp_size, local_width, 0),), cp_size * local_width, local_width)
+
+
+def check_heads(num_heads: int, n_groups: int, cp_size: int) -> None:
+    """The head/group constraints of hidden-parallel CP; ValueError naming the values."""
+    if cp_size < 1:
+        raise ValueError(f"cp_size must be >= 1, got {cp_size}")
+    if num_heads < 1 or n_groups < 1:
+        raise ValueError(f"num_heads and n_groups must be >= 1, got {num_heads} and {n_groups}")
+    if num_heads % n_groups:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of n_groups {n_groups}")
+    if num_heads % cp_size:
+        raise ValueError(
+            f"num_heads {num_heads} is not divisible by cp_size {cp_size}: hidden-parallel CP gives every rank "
+            f"num_heads/cp_size heads (the state-passing strategy has no such limit)"
+        )
+    if n_groups >= cp_size and n_groups % cp_size:
+        raise ValueError(f"n_groups {n_groups} >= cp_size {cp_size} must be a multiple of it")
+    if n_groups < cp_size and cp_size % n_groups:
+        raise ValueError(f"n_groups {n_groups} < cp_size {cp_size}: cp_size must be a multiple of n_groups")
+
+
+def local_groups(n_groups: int, cp_size: int) -> int:
+    """Groups of B/C each rank holds (1 when a group is replicated over several ranks)."""
+    return max(n_groups // cp_size, 1)
+
+
+def mamba_channel_plan(
+    cp_size: int, num_heads: int, head_dim: int, n_groups: int, d_state: int, *, with_z: bool = True
+) -> ChannelPlan:
+    """Plan for ``[z | x | B | C | dt]`` (or ``[x | B | C | dt]`` with ``with_z=False``)."""
+    check_heads(num_heads, n_groups, cp_size)
+    d_inner = num_heads * head_dim
+    gcount = min(n_groups, cp_size)
+    widths = [(d_inner, cp_size)] if with_z else []
+    widths += [
+        (d_inner, cp_size),
+        (n_groups * d_state, gcount),
+        (n_groups * d_state, gcount),
+        (num_heads, cp_size),
+    ]
+    blocks, src, dst = [], 0, 0
+    for total, count in widths:
+        w = total // count
+        blocks.append(Block(src, count, w, dst))
+        src += total
+        dst += w
+    return ChannelPlan(cp_size, tuple(blocks), src, dst)
+
+
+def pack(x: torch.Tensor, plan: ChannelPlan) -> torch.Tensor:
+    """``x [N, in_width]`` -> send buffer ``[cp, N, local_width]``; slot ``r`` holds rank ``r``'s channels."""
+    n = x.shape[0]
+    cp, w_loc = plan.cp_size, plan.local_width
+    out = x.new_empty((cp, n, w_loc))
+    for b in plan.blocks:
+        rep = cp // b.count
+        src = x[:, b.src : b.src + b.count * b.width].reshape(n, b.count, 1, b.width).permute(1, 2, 0, 3)
+        out.view(b.count, rep, n, w_loc)[..., b.dst : b.dst + b.width].copy_(src)
+    return out
+
+
+def unpack(s: torch.Tensor, plan: ChannelPlan) -> torch.Tensor:
+    """Adjoint of :func:`pack`: ``[cp, N, local_width]`` -> ``[N, in_width]``, replicas summed."""
+    cp, n, w_loc = s.shape
+    out = s.new_empty((n, plan.in_width))
+    for b in plan.blocks:
+        rep = cp // b.count
+        v = s.view(b.count, rep, n, w_loc)[..., b.dst : b.dst + b.width]
+        v = v[:, 0] if rep == 1 else v.sum(1)
+        out[:, b.src : b.src + b.count * b.width].view(n, b.count, b.width).copy_(v.permute(1, 0, 2))
+    return out

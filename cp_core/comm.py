@@ -1,0 +1,120 @@
+"""Communication primitives of the CP group, autograd-aware.
+
+Every collective of ``cp_core`` goes through this module, so that
+
+* a group can be a real ``torch.distributed`` process group or a :class:`LocalGroup`,
+  which stands in for rank ``rank`` of a group of ``size`` ranks inside one process
+  (the collective becomes a local copy of the same size: one-GPU projection mode);
+* the number of collectives per layer can be counted (:data:`COUNTS`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+#: How many collectives of each kind were issued since the last ``COUNTS.clear()``.
+COUNTS: Counter = Counter()
+
+
+@dataclass(frozen=True)
+class LocalGroup:
+    """Rank ``rank`` of a CP group of ``size`` ranks, simulated in one process.
+
+    Collectives move the same number of bytes through local copies, so the kernels,
+    gathers and copies of rank ``rank`` run on real shapes; the values received
+    from "other ranks" are this rank's own (fine for timing, not for parity).
+    """
+
+    rank: int
+    size: int
+
+    def __post_init__(self):
+        if self.size < 1 or not 0 <= self.rank < self.size:
+            raise ValueError(f"LocalGroup needs 0 <= rank < size, got rank={self.rank}, size={self.size}")
+
+
+def group_size(group) -> int:
+    if group is None:
+        return 1
+    if isinstance(group, LocalGroup):
+        return group.size
+    return dist.get_world_size(group)
+
+
+def group_rank(group) -> int:
+    if group is None:
+        return 0
+    if isinstance(group, LocalGroup):
+        return group.rank
+    return dist.get_rank(group)
+
+
+def all_to_all_single(output: torch.Tensor, input_: torch.Tensor, group) -> torch.Tensor:
+    """Equal-split ``all_to_all_single`` along dim 0 (no autograd)."""
+    COUNTS["all_to_all"] += 1
+    if group is None or isinstance(group, LocalGroup) or group_size(group) == 1:
+        output.copy_(input_)
+    else:
+        dist.all_to_all_single(output, input_, group=group)
+    return output
+
+
+def all_gather_into(output: torch.Tensor, input_: torch.Tensor, group) -> torch.Tensor:
+    """``output[r] = input_ of rank r``; ``output`` has a new leading dim of size cp."""
+    COUNTS["all_gather"] += 1
+    if group is None or isinstance(group, LocalGroup) or group_size(group) == 1:
+        output.copy_(input_.unsqueeze(0).expand_as(output))
+    else:
+        dist.all_gather_into_tensor(output, input_.contiguous(), group=group)
+    return output
+
+
+def all_reduce_(tensor: torch.Tensor, group) -> torch.Tensor:
+    """In-place sum over the group."""
+    COUNTS["all_reduce"] += 1
+    if not (group is None or isinstance(group, LocalGroup) or group_size(group) == 1):
+        dist.all_reduce(tensor, group=group)
+    return tensor
+
+
+class _AllToAllFn(torch.autograd.Function):
+    """Equal-split all-to-all along dim 0; its own inverse, so backward is another one."""
+
+    @staticmethod
+    def forward(ctx, input_: torch.Tensor, group):
+        ctx.group = group
+        input_ = input_.contiguous()
+        return all_to_all_single(torch.empty_like(input_), input_, group)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_output = grad_output.contiguous()
+        return all_to_all_single(torch.empty_like(grad_output), grad_output, ctx.group), None
+
+
+def all_to_all(input_: torch.Tensor, group) -> torch.Tensor:
+    """Autograd-aware equal-split all-to-all along dim 0."""
+    return _AllToAllFn.apply(input_, group)
+
+
+class _AllGatherFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input_: torch.Tensor, group):
+        ctx.group = group
+        ctx.rank = group_rank(group)
+        out = input_.new_empty((group_size(group), *input_.shape))
+        return all_gather_into(out, input_, group)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad = all_reduce_(grad_output.contiguous().clone(), ctx.group)
+        return grad[ctx.rank], None
+
+
+def all_gather(input_: torch.Tensor, group) -> torch.Tensor:
+    """Autograd-aware all-gather: ``[cp, *input_.shape]``; gradients are summed back to the owner."""
+    return _AllGatherFn.apply(input_, group)

@@ -1,0 +1,79 @@
+"""The fused hidden-parallel redistribution: one all-to-all and two one-pass copies per direction.
+
+``pre``:  ``[B, L/cp, W]`` sequence shard -> pack each rank's channels into one ``[cp, N, W/cp]``
+buffer -> one ``all_to_all_single`` -> one row gather (the cached :class:`~cp_core.plan.TokenPlan`)
+-> ``[B, L, W/cp]`` in global token order.
+``post``: the exact adjoint: row gather with the inverse index -> one all-to-all -> unpack.
+
+Each is a ``torch.autograd.Function`` whose backward is the other direction, so a forward and a
+backward move the same bytes through the same three steps.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import comm
+from .channels import ChannelPlan, pack, unpack
+from .plan import TokenPlan
+from .regions import A2A_POST, A2A_PRE, LAYOUT, region
+
+
+def _seq_to_heads(x2d: torch.Tensor, chan: ChannelPlan, tok: TokenPlan, group, a2a: str, lay: str):
+    with region(lay):
+        send = pack(x2d, chan)
+    with region(a2a):
+        recv = comm.all_to_all_single(torch.empty_like(send), send, group)
+    with region(lay):
+        return recv.view(-1, chan.local_width).index_select(0, tok.gather)
+
+
+def _heads_to_seq(y2d: torch.Tensor, chan: ChannelPlan, tok: TokenPlan, group, a2a: str, lay: str):
+    with region(lay):
+        send = y2d.index_select(0, tok.scatter)
+    with region(a2a):
+        recv = comm.all_to_all_single(torch.empty_like(send), send, group)
+    with region(lay):
+        return unpack(recv.view(chan.cp_size, -1, chan.local_width), chan)
+
+
+class _Pre(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, chan, tok, group):
+        ctx.chan, ctx.tok, ctx.group, ctx.shape = chan, tok, group, x.shape
+        out = _seq_to_heads(x.reshape(-1, chan.in_width), chan, tok, group, A2A_PRE, LAYOUT)
+        return out.view(*x.shape[:-2], tok.length, chan.local_width)
+
+    @staticmethod
+    def backward(ctx, g):
+        chan, tok = ctx.chan, ctx.tok
+        gx = _heads_to_seq(
+            g.reshape(-1, chan.local_width), chan, tok, ctx.group, A2A_PRE + "_bwd", LAYOUT + "_bwd"
+        )
+        return gx.view(ctx.shape), None, None, None
+
+
+class _Post(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, chan, tok, group):
+        ctx.chan, ctx.tok, ctx.group, ctx.shape = chan, tok, group, y.shape
+        out = _heads_to_seq(y.reshape(-1, chan.local_width), chan, tok, group, A2A_POST, LAYOUT)
+        return out.view(*y.shape[:-2], tok.local_length, chan.in_width)
+
+    @staticmethod
+    def backward(ctx, g):
+        chan, tok = ctx.chan, ctx.tok
+        gy = _seq_to_heads(
+            g.reshape(-1, chan.in_width), chan, tok, ctx.group, A2A_POST + "_bwd", LAYOUT + "_bwd"
+        )
+        return gy.view(ctx.shape), None, None, None
+
+
+def seq_to_heads(x: torch.Tensor, chan: ChannelPlan, tok: TokenPlan, group) -> torch.Tensor:
+    """``[B, L/cp, in_width]`` (or ``[T/cp, in_width]``) -> ``[B, L, local_width]`` (or ``[T, ...]``)."""
+    return _Pre.apply(x, chan, tok, group)
+
+
+def heads_to_seq(y: torch.Tensor, chan: ChannelPlan, tok: TokenPlan, group) -> torch.Tensor:
+    """``[B, L, local_width]`` (or ``[T, ...]``) -> ``[B, L/cp, in_width]`` (or ``[T/cp, ...]``)."""
+    return _Post.apply(y, chan, tok, group)

@@ -1,0 +1,111 @@
+"""Token plans: the one permutation that turns the all-to-all's rank-major rows into global order.
+
+After the pre all-to-all, rank ``s`` holds a ``[cp, B, L_local, C/cp]`` buffer whose slot ``r``
+came from rank ``r``: ``cp*B*L_local`` rows in rank-major order. The global order wanted by the
+conv1d and the SSD kernel is ``[B, L]``. :class:`TokenPlan` holds
+
+* ``gather`` ``[B*L]``: global row ``i`` is received row ``gather[i]`` (applied after the pre all-to-all),
+* ``scatter`` ``[cp*B*L_local]``: its inverse, received row ``q`` is global row ``scatter[q]``
+  (applied before the post all-to-all),
+* ``seq_idx`` ``[B, L]`` int32 (packed input only): the document of every global token,
+
+all built with tensor ops on the data's device (no host sync) and cached per
+``(cu_seqlens, cp_size, layout, batch, length, device)``, so every layer of a batch reuses them.
+Validating a ``cu_seqlens`` reads it once on the host, when its plan is first built.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from .layout import check_cu_seqlens, check_layout, check_seq_len, positions
+
+
+@dataclass(frozen=True)
+class TokenPlan:
+    cp_size: int
+    layout: str
+    batch: int
+    length: int  # tokens per sequence (BSHD) or of the whole pack (THD), global
+    positions: torch.Tensor  # [cp, length/cp] global position of each rank's local token
+    gather: torch.Tensor  # [batch*length]
+    scatter: torch.Tensor  # [cp*batch*length/cp]
+    seq_idx: torch.Tensor | None  # [batch, length] int32, packed input only
+    cu_seqlens: torch.Tensor | None  # int32 on the data's device, packed input only
+
+    @property
+    def local_length(self) -> int:
+        return self.length // self.cp_size
+
+
+def build_plan(
+    cp_size: int,
+    layout: str,
+    batch: int,
+    length: int,
+    device: torch.device | str,
+    cu_seqlens: torch.Tensor | None = None,
+    *,
+    validate: bool = True,
+) -> TokenPlan:
+    """Build (uncached) the token plan; see :func:`get_plan` for the cached entry point."""
+    check_layout(layout)
+    if cu_seqlens is None:
+        check_seq_len(length, cp_size, layout)
+    else:
+        if batch != 1:
+            raise ValueError(f"packed input has batch 1, got {batch}")
+        if validate:
+            check_cu_seqlens(cu_seqlens, length, cp_size, layout)
+        cu_seqlens = cu_seqlens.to(device=device, non_blocking=True)
+    device = torch.device(device)
+    pos = positions(cp_size, layout, length=length, cu_seqlens=cu_seqlens, device=device)  # [cp, Ll]
+    local = length // cp_size
+    b = torch.arange(batch, device=device, dtype=torch.long).view(1, batch, 1)
+    scatter = (b * length + pos.view(cp_size, 1, local)).reshape(-1)  # rows (r, b, j) -> b*L + pos[r, j]
+    gather = torch.empty_like(scatter)
+    gather[scatter] = torch.arange(scatter.numel(), device=device, dtype=torch.long)
+    seq_idx = None
+    if cu_seqlens is not None:
+        t = torch.arange(length, device=device, dtype=torch.int32)
+        seq_idx = (torch.searchsorted(cu_seqlens, t, right=True) - 1).to(torch.int32).view(1, length)
+    return TokenPlan(cp_size, layout, batch, length, pos, gather, scatter, seq_idx, cu_seqlens)
+
+
+_CACHE: OrderedDict = OrderedDict()
+_CACHE_SIZE = 64
+
+
+def get_plan(
+    cp_size: int,
+    layout: str,
+    batch: int,
+    length: int,
+    device: torch.device | str,
+    cu_seqlens: torch.Tensor | None = None,
+) -> TokenPlan:
+    """Cached :func:`build_plan`. Packed plans are keyed on the ``cu_seqlens`` tensor object itself
+    (held by weak reference, and its in-place version counter), so a new batch's tensor never
+    reuses a stale plan, while every layer of one batch shares one."""
+    device = torch.device(device)
+    key = (cp_size, layout, batch, length, str(device), None if cu_seqlens is None else id(cu_seqlens))
+    hit = _CACHE.get(key)
+    if hit is not None:
+        ref, version, plan = hit
+        if ref is None or (ref() is cu_seqlens and cu_seqlens._version == version):
+            _CACHE.move_to_end(key)
+            return plan
+    plan = build_plan(cp_size, layout, batch, length, device, cu_seqlens)
+    ref = None if cu_seqlens is None else weakref.ref(cu_seqlens)
+    _CACHE[key] = (ref, None if cu_seqlens is None else cu_seqlens._version, plan)
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return plan
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
