@@ -16,6 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+# torch >= 2.13 renames all_gather_into_tensor (same arguments)
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 #: How many collectives of each kind were issued since the last ``COUNTS.clear()``.
 COUNTS: Counter = Counter()
 
@@ -69,7 +72,8 @@ def all_gather_into(output: torch.Tensor, input_: torch.Tensor, group) -> torch.
     if group is None or isinstance(group, LocalGroup) or group_size(group) == 1:
         output.copy_(input_.unsqueeze(0).expand_as(output))
     else:
-        dist.all_gather_into_tensor(output, input_.contiguous(), group=group)
+        flat = output.view(-1, *input_.shape[1:]) if input_.dim() else output
+        _all_gather_single(flat, input_.contiguous(), group=group)
     return output
 
 

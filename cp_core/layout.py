@@ -43,11 +43,11 @@ def check_seq_len(length: int, cp_size: int, layout: str, what: str = "sequence 
         )
 
 
-def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, cp_size: int, layout: str) -> None:
+def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, cp_size: int, layout: str) -> tuple[int, ...]:
     """Validate global padded cumulative document lengths; ``total`` = tokens of the global pack.
 
     Reads the values on the host (one small copy when ``cu_seqlens`` lives on a GPU): call it once
-    per batch (the token plans do, and cache the result), not per layer.
+    per batch (the token plans do, and cache the result), not per layer. Returns the values read.
     """
     if not isinstance(cu_seqlens, torch.Tensor):
         raise ValueError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
@@ -75,6 +75,7 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, cp_size: int, layout:
             f"cu_seqlens ends at {cu[-1]} but the packed batch holds {total} tokens "
             f"(local tokens x cp_size): cu_seqlens must be the GLOBAL padded cumulative lengths"
         )
+    return tuple(cu)
 
 
 def positions(

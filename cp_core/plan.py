@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,6 +36,8 @@ class TokenPlan:
     scatter: torch.Tensor  # [cp*batch*length/cp]
     seq_idx: torch.Tensor | None  # [batch, length] int32, packed input only
     cu_seqlens: torch.Tensor | None  # int32 on the data's device, packed input only
+    host_cu: tuple[int, ...] | None = None  # cu_seqlens read once on the host when it was validated
+    extras: dict = field(default_factory=dict, compare=False)  # per-strategy indices cached with the plan
 
     @property
     def local_length(self) -> int:
@@ -54,13 +56,14 @@ def build_plan(
 ) -> TokenPlan:
     """Build (uncached) the token plan; see :func:`get_plan` for the cached entry point."""
     check_layout(layout)
+    host_cu = None
     if cu_seqlens is None:
         check_seq_len(length, cp_size, layout)
     else:
         if batch != 1:
             raise ValueError(f"packed input has batch 1, got {batch}")
         if validate:
-            check_cu_seqlens(cu_seqlens, length, cp_size, layout)
+            host_cu = check_cu_seqlens(cu_seqlens, length, cp_size, layout)
         cu_seqlens = cu_seqlens.to(device=device, non_blocking=True)
     device = torch.device(device)
     pos = positions(cp_size, layout, length=length, cu_seqlens=cu_seqlens, device=device)  # [cp, Ll]
@@ -73,7 +76,7 @@ def build_plan(
     if cu_seqlens is not None:
         t = torch.arange(length, device=device, dtype=torch.int32)
         seq_idx = (torch.searchsorted(cu_seqlens, t, right=True) - 1).to(torch.int32).view(1, length)
-    return TokenPlan(cp_size, layout, batch, length, pos, gather, scatter, seq_idx, cu_seqlens)
+    return TokenPlan(cp_size, layout, batch, length, pos, gather, scatter, seq_idx, cu_seqlens, host_cu)
 
 
 _CACHE: OrderedDict = OrderedDict()

@@ -1,0 +1,263 @@
+"""Mamba2 mixer with context parallelism.
+
+Same parameters and math as mamba-ssm's ``Mamba2`` (so its checkpoints map 1:1): ``in_proj`` (no
+bias) -> ``[z | x | B | C | dt]``; depthwise causal ``conv1d`` (with bias) over ``xBC`` + SiLU;
+the SSD chunked scan with ``softplus(dt + dt_bias)``, ``A = -exp(A_log)`` and ``D``; gated RMSNorm
+``norm`` over groups of ``d_inner/n_groups`` of ``y * silu(z)``; ``out_proj`` (no bias).
+
+Context parallelism (``cp_group`` of size > 1), by ``strategy``:
+
+``"hidden"``
+    :class:`~cp_core.mamba_cp.MambaContextParallel` moves ``[x | B | C | dt]`` to head-sharded
+    global order before conv1d + SSD and ``y`` back after; ``z`` stays local, and the gated norm
+    runs after the return trip on whole groups (so ``n_groups < cp_size`` is exact).
+``"state_passing"``
+    the sequence stays sharded; conv1d takes a halo and the SSD's carried states are exchanged
+    (:mod:`cp_core.state_passing`). Any ``cp_size``.
+
+Packed documents: ``cu_seqlens`` is the GLOBAL padded cumulative lengths; neither the conv nor
+the SSD state crosses a document boundary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import comm, kernels
+from .kernels import conv_cuda, ssd_mamba
+from .layout import check_cu_seqlens, check_layout, check_seq_len
+from .mamba_cp import MambaContextParallel
+from .plan import get_plan
+from .regions import CONV1D, NORM_PROJ, SSM, region
+
+STRATEGIES = ("hidden", "state_passing")
+
+
+@dataclass(frozen=True)
+class Mamba2Config:
+    d_model: int
+    n_heads: int
+    head_dim: int
+    n_groups: int
+    d_state: int
+    d_conv: int = 4
+    chunk_size: int = 256
+    D_has_hdim: bool = False
+    norm_eps: float = 1e-5
+    dt_min: float = 1e-3
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    A_init_range: tuple[float, float] = (1.0, 16.0)
+
+    def __post_init__(self):
+        for name in ("d_model", "n_heads", "head_dim", "n_groups", "d_state", "d_conv", "chunk_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"Mamba2Config.{name} must be a positive int, got {v!r}")
+        if self.n_heads % self.n_groups:
+            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_groups {self.n_groups}")
+
+    @property
+    def d_inner(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        return self.d_inner + 2 * self.n_groups * self.d_state
+
+    @property
+    def d_in_proj(self) -> int:
+        return 2 * self.d_inner + 2 * self.n_groups * self.d_state + self.n_heads
+
+
+class GatedRMSNorm(nn.Module):
+    """``rmsnorm(y * silu(z))`` over groups of ``group_size`` channels, times ``weight`` (mamba-ssm's
+    ``RMSNormGated`` with ``norm_before_gate=False``); fp32 statistics."""
+
+    def __init__(self, d: int, group_size: int, eps: float, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d, device=device, dtype=dtype))
+        self.group_size, self.eps = group_size, eps
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        dtype = y.dtype
+        h = y.float() * F.silu(z.float())
+        hg = h.view(*h.shape[:-1], -1, self.group_size)
+        hg = hg * torch.rsqrt(hg.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (hg.view_as(h) * self.weight.float()).to(dtype)
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(
+        self,
+        config: Mamba2Config,
+        cp_group=None,
+        layout: str = "head_tail",
+        ssd_backend: str = "auto",
+        conv_backend: str = "auto",
+        device=None,
+        dtype=None,
+        *,
+        strategy: str = "hidden",
+        fused: bool = True,
+    ):
+        super().__init__()
+        check_layout(layout)
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        for kind, name, valid in (
+            ("ssd", ssd_backend, kernels.SSD_BACKENDS),
+            ("conv", conv_backend, kernels.CONV_BACKENDS),
+        ):
+            if name != "auto" and name not in valid:
+                raise ValueError(f"{kind}_backend must be 'auto' or one of {valid}, got {name!r}")
+        c = self.config = config
+        self.cp_group, self.layout, self.strategy, self.fused = cp_group, layout, strategy, fused
+        self.cp_size = comm.group_size(cp_group)
+        self.ssd_backend, self.conv_backend = ssd_backend, conv_backend
+        fk = {"device": device, "dtype": dtype}
+        self.in_proj = nn.Linear(c.d_model, c.d_in_proj, bias=False, **fk)
+        self.conv1d = nn.Conv1d(
+            c.conv_dim, c.conv_dim, c.d_conv, groups=c.conv_dim, padding=c.d_conv - 1, **fk
+        )
+        self.dt_bias = nn.Parameter(torch.empty(c.n_heads, **fk))
+        self.A_log = nn.Parameter(torch.empty(c.n_heads, **fk))
+        self.D = nn.Parameter(torch.empty(c.d_inner if c.D_has_hdim else c.n_heads, **fk))
+        self.norm = GatedRMSNorm(c.d_inner, c.d_inner // c.n_groups, c.norm_eps, **fk)
+        self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=False, **fk)
+        self.cp = None
+        if self.cp_size > 1 and strategy == "hidden":
+            self.cp = MambaContextParallel(
+                cp_group, c.n_heads, c.head_dim, c.n_groups, c.d_state, self, layout=layout, fused=fused
+            )
+        self.backends: dict[str, str] = {}
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """mamba-ssm's initialisation, drawn from ``generator`` (CPU) so every rank can build the same weights."""
+        c = self.config
+
+        def rand(*shape, like):
+            return torch.rand(*shape, generator=generator).to(like)
+
+        for lin in (self.in_proj, self.out_proj):
+            bound = 1 / math.sqrt(lin.in_features)
+            lin.weight.copy_(rand(*lin.weight.shape, like=lin.weight) * 2 * bound - bound)
+        bound = 1 / math.sqrt(c.d_conv)
+        self.conv1d.weight.copy_(rand(*self.conv1d.weight.shape, like=self.conv1d.weight) * 2 * bound - bound)
+        self.conv1d.bias.copy_(rand(c.conv_dim, like=self.conv1d.bias) * 2 * bound - bound)
+        u = torch.rand(c.n_heads, generator=generator, dtype=torch.float64)
+        dt = torch.exp(u * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min)).clamp(
+            min=c.dt_init_floor
+        )
+        self.dt_bias.copy_((dt + torch.log(-torch.expm1(-dt))).to(self.dt_bias))
+        lo, hi = c.A_init_range
+        a = torch.rand(c.n_heads, generator=generator, dtype=torch.float64) * (hi - lo) + lo
+        self.A_log.copy_(torch.log(a).to(self.A_log))
+        self.D.fill_(1.0)
+        self.norm.weight.fill_(1.0)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _backends(self, x: torch.Tensor, conv_w: torch.Tensor) -> tuple[str, str]:
+        ssd_name, conv_name = kernels.resolve_backends(x.device, self.ssd_backend, self.conv_backend)
+        if ssd_name == "mamba_ssm" and self.ssd_backend == "auto" and not ssd_mamba.supports(x)[0]:
+            ssd_name = "torch"
+        if (
+            conv_name == "causal_conv1d"
+            and self.conv_backend == "auto"
+            and not conv_cuda.supports(x, conv_w)[0]
+        ):
+            conv_name = "torch"
+        self.backends = {"ssd": ssd_name, "conv": conv_name}
+        return ssd_name, conv_name
+
+    def conv_ssd(self, xbcdt: torch.Tensor, conv_w, conv_b, dt_bias, A_log, D, seq_idx):
+        """conv1d + SiLU + SSD on ``[b, l, x|B|C|dt]`` with the (possibly sliced) parameters -> ``y [b, l, h*p]``."""
+        c = self.config
+        nh = dt_bias.shape[0]
+        hd = c.head_dim
+        ng = (xbcdt.shape[-1] - nh - nh * hd) // (2 * c.d_state)
+        ssd_name, conv_name = self._backends(xbcdt, conv_w)
+        xbc, dt = xbcdt.split([xbcdt.shape[-1] - nh, nh], dim=-1)
+        with region(CONV1D):
+            xbc = kernels.conv1d(xbc, conv_w, conv_b, seq_idx=seq_idx, activation="silu", backend=conv_name)
+        b, l = xbc.shape[:2]
+        x, B, C = xbc.split([nh * hd, ng * c.d_state, ng * c.d_state], dim=-1)
+        Dv = D.view(nh, hd) if D.numel() == nh * hd and c.D_has_hdim else D
+        with region(SSM):
+            y = kernels.ssd(
+                x.reshape(b, l, nh, hd),
+                dt,
+                -torch.exp(A_log.float()),
+                B.reshape(b, l, ng, c.d_state),
+                C.reshape(b, l, ng, c.d_state),
+                chunk_size=c.chunk_size,
+                D=Dv,
+                dt_bias=dt_bias,
+                dt_softplus=True,
+                seq_idx=seq_idx,
+                backend=ssd_name,
+            )
+        return y.reshape(b, l, nh * hd)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's shard ``[B, L/cp, d_model]`` (or packed ``[T/cp, d_model]`` with the global padded
+        ``cu_seqlens``) -> the output shard of the same shape."""
+        c = self.config
+        packed = cu_seqlens is not None
+        if hidden_states.dim() != (2 if packed else 3) or hidden_states.shape[-1] != c.d_model:
+            raise ValueError(
+                f"hidden_states must be {'[T/cp, d_model]' if packed else '[B, L/cp, d_model]'} with d_model "
+                f"{c.d_model}, got shape {tuple(hidden_states.shape)}"
+            )
+        length = hidden_states.shape[-2] * self.cp_size
+        batch = 1 if packed else hidden_states.shape[0]
+        if packed:
+            plan = get_plan(self.cp_size, self.layout, 1, length, hidden_states.device, cu_seqlens)
+        else:
+            check_seq_len(length, self.cp_size, self.layout)
+            plan = None
+        with region(NORM_PROJ):
+            zxbcdt = self.in_proj(hidden_states)
+        z, xbcdt = zxbcdt.split([c.d_inner, c.d_in_proj - c.d_inner], dim=-1)
+        if self.cp_size == 1:
+            seq_idx = plan.seq_idx if packed else None
+            y = self.conv_ssd(
+                xbcdt.view(batch, -1, xbcdt.shape[-1]),
+                self.conv1d.weight.squeeze(1),
+                self.conv1d.bias,
+                self.dt_bias,
+                self.A_log,
+                self.D,
+                seq_idx,
+            ).view(*z.shape)
+        elif self.strategy == "hidden":
+            if packed and not self.fused:
+                check_cu_seqlens(cu_seqlens, length, self.cp_size, self.layout)
+            cp = self.cp
+            xh = cp.pre_conv_ssm(xbcdt, cu_seqlens, with_z=False)
+            y = self.conv_ssd(
+                xh.view(batch, length, xh.shape[-1]),
+                cp.get_conv1d_weight(),
+                cp.get_conv1d_bias(),
+                cp.get_dt_bias(),
+                cp.get_A_log(),
+                cp.get_D(),
+                plan.seq_idx if packed else None,
+            )
+            y = cp.post_conv_ssm(y.view(*xh.shape[:-1], y.shape[-1]), cu_seqlens)
+        else:
+            from .state_passing import state_passing_conv_ssd
+
+            y = state_passing_conv_ssd(self, xbcdt, cu_seqlens, length)
+        with region(NORM_PROJ):
+            return self.out_proj(self.norm(y, z))

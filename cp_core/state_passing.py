@@ -1,0 +1,210 @@
+"""State-passing context parallelism for Mamba2: the sequence stays sharded, only SSD states and a conv halo move.
+
+Every document (a row of ``[B, L]`` input counts as one) is cut into ``nseg`` segments, ``2*cp``
+(head-tail: rank ``r`` owns segments ``r`` and ``2cp-1-r``) or ``cp`` (contiguous). A rank works on
+its *pieces* (its segments of every document), laid out as the rows of a left-padded
+``[R, Lmax]`` batch, so the SSD kernel runs them as independent sequences:
+
+1. conv1d: each piece is preceded by a halo, the ``d_conv-1`` tokens before it in its document
+   (zeros at the document start), looked up in an all-gather of every piece's last ``d_conv-1``
+   tokens; the kernel's zero padding then equals the true causal context.
+2. SSD from a zero initial state: local outputs ``y0`` and final states ``F`` (fp32), and the
+   segment's log-decay ``sum(A * dt)`` per head. A Mamba2 segment is affine in its initial state,
+   ``final = exp(logdecay) * initial + F``.
+3. One all-gather of ``(F, logdecay)``; an exclusive scan over each document's segments gives every
+   piece its true initial state ``h0`` (zero for the first segment: nothing crosses a document).
+4. Exact correction ``y_t += exp(cumsum(A dt)_t) * C_t . h0`` on the piece's tokens.
+
+Backward is autograd through the same steps; the all-gather's backward sums the gradients of every
+state and halo token back to the rank that owns it, so earlier segments receive the gradient of
+later segments' initial states. Bytes per layer: :func:`cp_core.cost.comm_bytes`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import comm, kernels
+from .layout import granule
+from .plan import TokenPlan, get_plan
+from .regions import CONV1D, LAYOUT, SSM, STATE_XCHG, region
+
+
+class _Pieces:
+    """Index maps between this rank's token stream and its left-padded piece rows (device tensors)."""
+
+    def __init__(self, doc_lens: list[int], cp: int, rank: int, layout: str, k: int, device):
+        nseg = granule(layout, cp)
+        nps = nseg // cp  # pieces per document on each rank: 2 (head-tail) or 1
+        n_docs = len(doc_lens)
+        seg = [n // nseg for n in doc_lens]
+        self.n_docs, self.nseg, self.nps, self.rows = n_docs, nseg, nps, n_docs * nps
+        self.lmax = max(seg + [0])
+        self.k = k
+        t_loc = sum(doc_lens) // cp
+        self.t_loc = t_loc
+        lc = self.lmax + k - 1  # conv row: [pad | halo (k-1) | piece]
+        dev = dict(device=device, dtype=torch.long)
+        seg_t = torch.tensor(seg, **dev)
+        starts = torch.tensor([0] + doc_lens, **dev).cumsum(0)[:-1]  # global document starts
+        lstart = starts // cp  # document starts in the local stream
+        row = torch.arange(self.rows, **dev)
+        d, s = row // nps, row % nps
+        m = seg_t[d]  # piece length of each row
+        chunk = (
+            torch.full_like(s, rank)
+            if layout == "contiguous"
+            else torch.where(s == 0, rank, 2 * cp - 1 - rank)
+        )
+        self.row_chunk = chunk
+        # stream -> rows (SSD layout, [R, Lmax]); pad slots point at an extra zero token (index t_loc)
+        col = torch.arange(self.lmax, **dev).view(1, -1)
+        o = col - (self.lmax - m).view(-1, 1)
+        self.valid = o >= 0  # [R, Lmax]
+        self.to_rows = torch.where(self.valid, (lstart[d] + s * m).view(-1, 1) + o, t_loc).reshape(-1)
+        # rows -> stream: stream token j sits at row-slot from_rows[j]
+        self.from_rows = torch.empty(t_loc, **dev)
+        flat = torch.arange(self.rows * self.lmax, **dev).view(self.rows, self.lmax)
+        self.from_rows[self.to_rows.view(self.rows, self.lmax)[self.valid]] = flat[self.valid]
+        # conv rows: the piece right-aligned, halo slots just before it
+        colc = torch.arange(lc, **dev).view(1, -1)
+        oc = colc - (lc - m).view(-1, 1)
+        halo_slot = oc + (k - 1)  # 0..k-2 inside the halo
+        is_tok, is_halo = oc >= 0, (oc < 0) & (halo_slot >= 0)
+        n_halo = self.rows * (k - 1)
+        self.to_conv = torch.where(
+            is_tok,
+            (lstart[d] + s * m).view(-1, 1) + oc,
+            torch.where(is_halo, t_loc + 1 + row.view(-1, 1) * (k - 1) + halo_slot, t_loc),
+        ).reshape(-1)
+        # halo lookup into the all-gathered tails [cp, R, k-1] (+1 zero slot at the end)
+        q = (starts[d] + chunk * m).view(-1, 1) + torch.arange(-(k - 1), 0, **dev).view(1, -1)  # [R, k-1]
+        in_doc = (q >= starts[d].view(-1, 1)) & (m.view(-1, 1) > 0)
+        mm = m.clamp_min(1).view(-1, 1)
+        c2 = (q - starts[d].view(-1, 1)).clamp_min(0) // mm
+        end = starts[d].view(-1, 1) + (c2 + 1) * mm - 1
+        e = end - q  # distance from the end of the source segment, < k-1
+        if layout == "contiguous":
+            owner, s2 = c2, torch.zeros_like(c2)
+        else:
+            owner = torch.where(c2 < cp, c2, 2 * cp - 1 - c2)
+            s2 = (c2 >= cp).long()
+        src_row = d.view(-1, 1) * nps + s2
+        self.halo_src = torch.where(
+            in_doc, (owner * self.rows + src_row) * (k - 1) + (k - 2 - e), cp * n_halo
+        )
+        self.halo_src = self.halo_src.reshape(-1)
+        # scan: for document d, segment c lives on rank owner(c), row d*nps + s(c)
+        cs = torch.arange(nseg, **dev)
+        if layout == "contiguous":
+            own_c, s_c = cs, torch.zeros_like(cs)
+        else:
+            own_c = torch.where(cs < cp, cs, 2 * cp - 1 - cs)
+            s_c = (cs >= cp).long()
+        docs = torch.arange(n_docs, **dev).view(-1, 1)
+        self.seg_src = (own_c.view(1, -1) * self.rows + docs * nps + s_c.view(1, -1)).reshape(-1)  # [D*nseg]
+        self.my_seg = d * nseg + chunk  # [R] index into [D*nseg]
+
+
+def _pieces(plan: TokenPlan | None, doc_lens, cp, rank, layout, k, device) -> _Pieces:
+    if plan is None:
+        return _Pieces(doc_lens, cp, rank, layout, k, device)
+    key = ("state_passing", rank, k)
+    if key not in plan.extras:
+        plan.extras[key] = _Pieces(doc_lens, cp, rank, layout, k, device)
+    return plan.extras[key]
+
+
+def _exclusive_scan(F_seg: torch.Tensor, ld_seg: torch.Tensor) -> torch.Tensor:
+    """``F_seg [D, nseg, H, P, N]``, ``ld_seg [D, nseg, H]`` -> initial state of every segment (same shape)."""
+    h = [torch.zeros_like(F_seg[:, 0])]
+    for c in range(1, F_seg.shape[1]):
+        h.append(torch.exp(ld_seg[:, c - 1])[..., None, None] * h[-1] + F_seg[:, c - 1])
+    return torch.stack(h, dim=1)
+
+
+def state_passing_conv_ssd(
+    mixer, xbcdt: torch.Tensor, cu_seqlens: torch.Tensor | None, length: int
+) -> torch.Tensor:
+    """conv1d + SSD of ``mixer`` on this rank's shard ``[B, L/cp, x|B|C|dt]`` (or packed ``[T/cp, ...]``)
+    with the state-passing strategy; returns ``y`` of shape ``[B, L/cp, d_inner]`` (or ``[T/cp, d_inner]``)."""
+    c = mixer.config
+    group, layout = mixer.cp_group, mixer.layout
+    cp, rank = comm.group_size(group), comm.group_rank(group)
+    k, nh, hd, ng, ns = c.d_conv, c.n_heads, c.head_dim, c.n_groups, c.d_state
+    dev = xbcdt.device
+    if cu_seqlens is None:
+        batch = xbcdt.shape[0]
+        plan = get_plan(cp, layout, batch, length, dev)
+        doc_lens = [length] * batch
+    else:
+        batch = 1
+        plan = get_plan(cp, layout, 1, length, dev, cu_seqlens)
+        cu = plan.host_cu
+        doc_lens = [cu[i + 1] - cu[i] for i in range(len(cu) - 1)]
+    pc = _pieces(plan, doc_lens, cp, rank, layout, k, dev)
+    stream = xbcdt.reshape(-1, xbcdt.shape[-1])  # [T_loc, conv_dim + nh]
+    xbc, dt = stream.split([c.conv_dim, nh], dim=-1)
+    R, lmax = pc.rows, pc.lmax
+    # 1. conv1d with a halo gathered from the owners of the preceding tokens
+    with region(LAYOUT):
+        tails_src = F.pad(xbc, (0, 0, 0, 1)).index_select(0, pc.to_rows)
+        tails = tails_src.view(R, lmax, -1)[:, max(lmax - (k - 1), 0) :]
+        if tails.shape[1] < k - 1:
+            tails = F.pad(tails, (0, 0, k - 1 - tails.shape[1], 0))
+    with region(STATE_XCHG):
+        all_tails = comm.all_gather(tails.contiguous(), group).reshape(-1, c.conv_dim)
+    with region(LAYOUT):
+        halo = F.pad(all_tails, (0, 0, 0, 1)).index_select(0, pc.halo_src)  # [R*(k-1), conv_dim]
+        conv_in = torch.cat([xbc, xbc.new_zeros(1, c.conv_dim), halo]).index_select(0, pc.to_conv)
+        conv_in = conv_in.view(R, lmax + k - 1, c.conv_dim)
+    ssd_name, conv_name = mixer._backends(conv_in, mixer.conv1d.weight)
+    with region(CONV1D):
+        xbc_rows = kernels.conv1d(
+            conv_in, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, backend=conv_name
+        )
+    valid = pc.valid.unsqueeze(-1)
+    xbc_rows = xbc_rows[:, k - 1 :] * valid  # padding must hold no state: zero it after the conv
+    with region(LAYOUT):
+        dt_rows = F.pad(dt, (0, 0, 0, 1)).index_select(0, pc.to_rows).view(R, lmax, nh)
+    x, B, C = xbc_rows.split([c.d_inner, ng * ns, ng * ns], dim=-1)
+    A = -torch.exp(mixer.A_log.float())
+    D = mixer.D.view(nh, hd) if c.D_has_hdim else mixer.D
+    # 2. local SSD from a zero state
+    with region(SSM):
+        y0, F_loc = kernels.ssd(
+            x.reshape(R, lmax, nh, hd),
+            dt_rows,
+            A,
+            B.reshape(R, lmax, ng, ns),
+            C.reshape(R, lmax, ng, ns),
+            chunk_size=c.chunk_size,
+            D=D,
+            dt_bias=mixer.dt_bias,
+            dt_softplus=True,
+            return_final_states=True,
+            backend=ssd_name,
+        )
+        a = F.softplus(dt_rows.float() + mixer.dt_bias.float()) * A * valid  # [R, Lmax, H], 0 on padding
+        acum = a.cumsum(1)
+        logdecay = acum[:, -1] if lmax else a.new_zeros(R, nh)
+    # 3. exchange (F, logdecay) of every piece, scan each document's segments
+    with region(STATE_XCHG):
+        payload = torch.cat([F_loc.float().reshape(R, -1), logdecay], dim=-1)
+        gathered = comm.all_gather(payload, group).reshape(cp * R, -1)
+    with region(SSM):
+        seg = gathered.index_select(0, pc.seg_src).view(pc.n_docs, pc.nseg, -1)
+        F_seg = seg[..., : nh * hd * ns].view(pc.n_docs, pc.nseg, nh, hd, ns)
+        h0_all = _exclusive_scan(F_seg, seg[..., nh * hd * ns :])
+        h0 = h0_all.reshape(pc.n_docs * pc.nseg, nh, hd, ns).index_select(0, pc.my_seg)  # [R, H, P, N]
+        # 4. y_t += exp(acum_t) * C_t . h0 (per group: heads of a group share C)
+        hg = nh // ng
+        corr = torch.einsum(
+            "rlgn,rgkn->rlgk", C.float().reshape(R, lmax, ng, ns), h0.reshape(R, ng, hg * hd, ns)
+        )
+        corr = corr.reshape(R, lmax, nh, hd) * torch.exp(acum)[..., None]
+        y = (y0.float() + corr).to(xbcdt.dtype).reshape(R * lmax, nh * hd)
+    with region(LAYOUT):
+        y = y.index_select(0, pc.from_rows)
+    return y.view(*xbcdt.shape[:-1], nh * hd)
