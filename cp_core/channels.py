@@ -12,9 +12,15 @@ and ``C`` those heads read. With ``n_groups >= cp`` a rank owns ``n_groups/cp`` 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
+
+from .kernels import gather_triton
+
+#: ``CP_CORE_PACK=torch`` forces the torch reference for pack/unpack (the benchmark's baseline).
+USE_TRITON = os.environ.get("CP_CORE_PACK", "auto") != "torch"
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,11 @@ class ChannelPlan:
     blocks: tuple[Block, ...]
     in_width: int
     local_width: int
+
+    @property
+    def replicated(self) -> bool:
+        """True when some block goes to several ranks (``n_groups < cp``)."""
+        return any(b.count != self.cp_size for b in self.blocks)
 
     @staticmethod
     def single(cp_size: int, local_width: int) -> ChannelPlan:
@@ -89,7 +100,26 @@ def mamba_channel_plan(
 
 
 def pack(x: torch.Tensor, plan: ChannelPlan) -> torch.Tensor:
-    """``x [N, in_width]`` -> send buffer ``[cp, N, local_width]``; slot ``r`` holds rank ``r``'s channels."""
+    """``x [N, in_width]`` -> send buffer ``[cp, N, local_width]``; slot ``r`` holds rank ``r``'s channels.
+    On CUDA one Triton kernel (:mod:`cp_core.kernels.gather_triton`); this torch code is its reference."""
+    if _fast(x):
+        return gather_triton.pack(x, plan)
+    return pack_torch(x, plan)
+
+
+def unpack(s: torch.Tensor, plan: ChannelPlan) -> torch.Tensor:
+    """Adjoint of :func:`pack`: ``[cp, N, local_width]`` -> ``[N, in_width]``, replicas summed."""
+    if _fast(s) and plan.replicated is False:
+        return gather_triton.unpack(s, plan)
+    return unpack_torch(s, plan)
+
+
+def _fast(t: torch.Tensor) -> bool:
+    return USE_TRITON and gather_triton.available(t)
+
+
+def pack_torch(x: torch.Tensor, plan: ChannelPlan) -> torch.Tensor:
+    """Reference :func:`pack`: one strided copy per block."""
     n = x.shape[0]
     cp, w_loc = plan.cp_size, plan.local_width
     out = x.new_empty((cp, n, w_loc))
@@ -100,8 +130,8 @@ def pack(x: torch.Tensor, plan: ChannelPlan) -> torch.Tensor:
     return out
 
 
-def unpack(s: torch.Tensor, plan: ChannelPlan) -> torch.Tensor:
-    """Adjoint of :func:`pack`: ``[cp, N, local_width]`` -> ``[N, in_width]``, replicas summed."""
+def unpack_torch(s: torch.Tensor, plan: ChannelPlan) -> torch.Tensor:
+    """Reference :func:`unpack`."""
     cp, n, w_loc = s.shape
     out = s.new_empty((n, plan.in_width))
     for b in plan.blocks:

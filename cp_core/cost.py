@@ -1,0 +1,46 @@
+"""Bytes each CP strategy moves per layer, per rank (the ``size`` of nccl-tests).
+
+For an all-to-all ``size`` is the send buffer of one rank (its own slice included); for an
+all-gather it is the gathered output. Either way a rank puts ``size * (cp-1)/cp`` bytes on the
+wire, which is why ``busbw = algbw * (cp-1)/cp`` for both. The backward pass moves the same again.
+"""
+
+from __future__ import annotations
+
+from .channels import check_heads
+
+
+def comm_bytes(
+    config,
+    cp_size: int,
+    local_tokens: int,
+    elem_size: int,
+    strategy: str = "hidden",
+    batch: int = 1,
+    *,
+    layout: str = "head_tail",
+    n_docs: int | None = None,
+) -> dict[str, int]:
+    """Bytes per rank per forward, by region name.
+
+    ``local_tokens``: tokens per sequence on one rank (``L/cp``), or of the local pack (``T/cp``);
+    ``n_docs``: documents in a pack (packed input; ``batch`` is then 1).
+    hidden: ``{"a2a_pre", "a2a_post"}`` (``z`` stays local: the mixer sends ``[x|B|C|dt]`` only);
+    state_passing: ``{"state_xchg"}`` (fp32 states ``[H, P, N]`` + log-decays ``[H]`` of every piece,
+    plus the conv halo: ``d_conv-1`` tokens of ``conv_dim`` channels per piece).
+    """
+    c = config
+    if cp_size <= 1:
+        return {"a2a_pre": 0, "a2a_post": 0} if strategy == "hidden" else {"state_xchg": 0}
+    n_loc = batch * local_tokens
+    if strategy == "hidden":
+        check_heads(c.n_heads, c.n_groups, cp_size)
+        groups_sent = max(c.n_groups, cp_size)  # replicated when n_groups < cp
+        pre_width = c.d_inner + 2 * groups_sent * c.d_state + c.n_heads
+        return {"a2a_pre": n_loc * pre_width * elem_size, "a2a_post": n_loc * c.d_inner * elem_size}
+    if strategy == "state_passing":
+        pieces = (n_docs if n_docs is not None else batch) * (2 if layout == "head_tail" else 1)
+        states = pieces * (c.n_heads * c.head_dim * c.d_state + c.n_heads) * 4
+        halo = pieces * (c.d_conv - 1) * c.conv_dim * elem_size
+        return {"state_xchg": cp_size * (states + halo)}
+    raise ValueError(f"unknown strategy {strategy!r}")

@@ -1,0 +1,214 @@
+"""Layout microbenchmark: the local work of pre_conv_ssm + post_conv_ssm, the collective left out.
+
+``python -m cpbench.layout_bench [--device cuda] [--nemo PATH/TO/context_parallel/mamba.py] [--out CSV]``
+
+One process plays rank 0 of a CP group of ``cp`` ranks. The all-to-all is replaced by nothing at
+all (the received buffer aliases the sent one: ``LocalGroup(copy=False)``), so what is timed is every
+copy, permutation and gather each path does around it. Paths:
+
+``fused``       cp_core's default: one pack, one row gather each way (``[z|x|B|C|dt]`` as in the seed API)
+``fused_noz``   the same without ``z`` (what :class:`~cp_core.mixer.Mamba2Mixer` sends)
+``seed``        cp_core's seed-semantics path (five all-to-alls, per-chunk reorders)
+``nemo``        NeMo AutoModel's ``context_parallel/mamba.py`` module, loaded from ``--nemo``, with its
+                ``_all_to_all`` replaced by the identity and a stand-in group object
+
+``floor``: two passes (read + write) over the pre bytes and two over the post bytes, at the
+device-to-device copy bandwidth measured in the same run (each direction must at least pack a
+send buffer and reorder what arrives). Times: median of ``--iters`` after ``--warmup`` (CUDA events
+on GPU, perf_counter on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import random
+import statistics
+import sys
+import time
+
+import torch
+
+from cp_core.comm import LocalGroup
+from cp_core.mamba_cp import MambaContextParallel
+
+
+def _timer(device: torch.device):
+    if device.type == "cuda":
+
+        def run(fn, warmup, iters):
+            for _ in range(warmup):
+                fn()
+            torch.cuda.synchronize()
+            times = []
+            for _ in range(iters):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b))
+            return statistics.median(times)
+
+    else:
+
+        def run(fn, warmup, iters):
+            for _ in range(warmup):
+                fn()
+            times = []
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+            return statistics.median(times)
+
+    return run
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, timer) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting read + write."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    ms = timer(lambda: dst.copy_(src), 3, 20)
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def pack_lengths(total: int, n_docs: int, granule: int, seed: int) -> list[int]:
+    """``n_docs`` document lengths (multiples of ``granule``) summing to ``total``, drawn from a seeded split."""
+    units = total // granule
+    rnd = random.Random(seed)
+    cuts = sorted(rnd.sample(range(1, units), n_docs - 1)) if n_docs > 1 else []
+    bounds = [0, *cuts, units]
+    return [granule * (b - a) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+class _FakeGroup:
+    def __init__(self, rank, size):
+        self._rank, self._size = rank, size
+
+    def size(self):
+        return self._size
+
+    def rank(self):
+        return self._rank
+
+
+def load_nemo(path: str):
+    spec = importlib.util.spec_from_file_location("nemo_mamba_cp", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod._all_to_all = lambda x, group: x  # leave the collective out, as for the other paths
+    return mod
+
+
+def bench_case(cp, seq_len, n_docs, shape, dtype, device, timer, warmup, iters, nemo=None, bw=None):
+    nh, hd, ng, ds = shape
+    d_inner = nh * hd
+    width = 2 * d_inner + 2 * ng * ds + nh
+    if n_docs is None:
+        proj = torch.randn(1, seq_len // cp, width, device=device, dtype=dtype)
+        cu = None
+    else:
+        cu = torch.tensor([0, *pack_lengths(seq_len, n_docs, 2 * cp, seed=n_docs)], dtype=torch.int32).cumsum(
+            0
+        )
+        cu = cu.to(torch.int32).to(device)
+        proj = torch.randn(seq_len // cp, width, device=device, dtype=dtype)
+    y_shape = (*proj.shape[:-2], seq_len, d_inner // cp)
+    y = torch.randn(y_shape, device=device, dtype=dtype)
+    group = LocalGroup(0, cp, copy=False)
+    rows = []
+    elem = proj.element_size()
+    pre_bytes = proj.numel() * elem
+    post_bytes = y.numel() * elem
+    floor = None if bw is None else (2 * 2 * pre_bytes + 2 * 2 * post_bytes) / bw * 1e3
+    paths = {
+        "fused": (MambaContextParallel(group, nh, hd, ng, ds, None), proj, True),
+        "fused_noz": (MambaContextParallel(group, nh, hd, ng, ds, None), proj[..., d_inner:], False),
+        "seed": (MambaContextParallel(group, nh, hd, ng, ds, None, fused=False), proj, True),
+    }
+    if nemo is not None:
+        paths["nemo"] = (nemo.MambaContextParallel(_FakeGroup(0, cp), nh, hd, ng, ds, None), proj, True)
+    want = None
+    for name, (ctx, inp, with_z) in paths.items():
+        kw = {} if name == "nemo" or with_z else {"with_z": False}
+        got = ctx.pre_conv_ssm(inp, cu, **kw)
+        if (
+            with_z
+        ):  # every path that takes [z|x|B|C|dt] must return the same tensor (the received data is fake
+            want = got if want is None else want  # but identical for all paths, so this checks the semantics)
+            same = torch.equal(got, want) and torch.equal(
+                ctx.post_conv_ssm(y, cu), paths["fused"][0].post_conv_ssm(y, cu)
+            )
+        else:
+            same = torch.equal(got, want[..., d_inner // cp :])
+        pre = timer(lambda ctx=ctx, inp=inp, kw=kw: ctx.pre_conv_ssm(inp, cu, **kw), warmup, iters)
+        post = timer(lambda ctx=ctx: ctx.post_conv_ssm(y, cu), warmup, iters)
+        fl = floor
+        if name == "fused_noz" and bw is not None:
+            fl = (2 * 2 * inp.numel() * elem + 2 * 2 * post_bytes) / bw * 1e3
+        rows.append(
+            dict(
+                cp=cp,
+                seq_len=seq_len,
+                docs=n_docs or 0,
+                path=name,
+                pre_ms=pre,
+                post_ms=post,
+                total_ms=pre + post,
+                floor_ms=fl,
+                x_floor=(pre + post) / fl if fl else float("nan"),
+                same_output=same,
+            )
+        )
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--cp", default="2,4,8")
+    ap.add_argument("--seq-len", default="32768,131072")
+    ap.add_argument(
+        "--docs", default="0,1,8,64,512", help="0 = BSHD [1, L], else packed THD with that many documents"
+    )
+    ap.add_argument("--shape", default="128,64,8,128", help="n_heads,head_dim,n_groups,d_state")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--nemo", default=None, help="path to NeMo AutoModel's context_parallel/mamba.py")
+    ap.add_argument("--out", default=None, help="write the rows as CSV here")
+    a = ap.parse_args(argv)
+    device = torch.device(a.device)
+    dtype = getattr(torch, a.dtype)
+    timer = _timer(device)
+    shape = tuple(int(v) for v in a.shape.split(","))
+    nemo = load_nemo(a.nemo) if a.nemo else None
+    bw = copy_bandwidth(device, 1 << 30 if device.type == "cuda" else 1 << 26, timer)
+    print(
+        f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; "
+        f"copy bandwidth (read+write) {bw / 1e12:.2f} TB/s",
+        flush=True,
+    )
+    rows = []
+    for L in (int(v) for v in a.seq_len.split(",")):
+        for cp in (int(v) for v in a.cp.split(",")):
+            for d in (int(v) for v in a.docs.split(",")):
+                rows += bench_case(cp, L, d or None, shape, dtype, device, timer, a.warmup, a.iters, nemo, bw)
+                for r in rows[-(4 if nemo else 3) :]:
+                    print(
+                        ",".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()),
+                        flush=True,
+                    )
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    df.attrs["copy_bw"] = bw
+    if a.out:
+        df.to_csv(a.out, index=False)
+    print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
