@@ -92,6 +92,25 @@ def all_reduce_(tensor: torch.Tensor, group) -> torch.Tensor:
     return tensor
 
 
+def send(tensor: torch.Tensor, dst: int, group) -> None:
+    """Point-to-point send to group rank ``dst`` (a :class:`LocalGroup` sends nothing)."""
+    COUNTS["send"] += 1
+    if isinstance(group, LocalGroup) or group is None:
+        return
+    dist.send(tensor.contiguous(), dst=dist.get_global_rank(group, dst), group=group)
+
+
+def recv(like: torch.Tensor, src: int, group) -> torch.Tensor:
+    """Point-to-point receive from group rank ``src`` into a new tensor shaped like ``like``.
+    A :class:`LocalGroup` returns a copy of ``like`` (same bytes moved, values not meaningful)."""
+    COUNTS["recv"] += 1
+    out = torch.empty_like(like)
+    if isinstance(group, LocalGroup) or group is None:
+        return out.copy_(like) if not isinstance(group, LocalGroup) or group.copy else like
+    dist.recv(out, src=dist.get_global_rank(group, src), group=group)
+    return out
+
+
 class _AllToAllFn(torch.autograd.Function):
     """Equal-split all-to-all along dim 0; its own inverse, so backward is another one."""
 

@@ -20,14 +20,17 @@ def comm_bytes(
     *,
     layout: str = "head_tail",
     n_docs: int | None = None,
+    state_exchange: str = "allgather",
 ) -> dict[str, int]:
     """Bytes per rank per forward, by region name.
 
     ``local_tokens``: tokens per sequence on one rank (``L/cp``), or of the local pack (``T/cp``);
     ``n_docs``: documents in a pack (packed input; ``batch`` is then 1).
     hidden: ``{"a2a_pre", "a2a_post"}`` (``z`` stays local: the mixer sends ``[x|B|C|dt]`` only);
-    state_passing: ``{"state_xchg"}`` (fp32 states ``[H, P, N]`` + log-decays ``[H]`` of every piece,
-    plus the conv halo: ``d_conv-1`` tokens of ``conv_dim`` channels per piece).
+    state_passing: ``{"state_xchg"}``: the conv halo (an all-gather of ``d_conv-1`` tokens of
+    ``conv_dim`` channels per piece) plus the states: with ``state_exchange="allgather"`` the gathered
+    fp32 states ``[H, P, N]`` and log-decays ``[H]`` of every piece; with ``"chain"`` the states this
+    rank sends point to point (one per piece; p2p bytes are wire bytes, no ``(cp-1)/cp`` factor).
     """
     c = config
     if cp_size <= 1:
@@ -40,7 +43,22 @@ def comm_bytes(
         return {"a2a_pre": n_loc * pre_width * elem_size, "a2a_post": n_loc * c.d_inner * elem_size}
     if strategy == "state_passing":
         pieces = (n_docs if n_docs is not None else batch) * (2 if layout == "head_tail" else 1)
-        states = pieces * (c.n_heads * c.head_dim * c.d_state + c.n_heads) * 4
-        halo = pieces * (c.d_conv - 1) * c.conv_dim * elem_size
-        return {"state_xchg": cp_size * (states + halo)}
+        state = c.n_heads * c.head_dim * c.d_state * 4
+        halo = cp_size * pieces * (c.d_conv - 1) * c.conv_dim * elem_size
+        if state_exchange == "chain":
+            return {"state_xchg": pieces * state + halo}
+        return {"state_xchg": cp_size * pieces * (state + c.n_heads * 4) + halo}
     raise ValueError(f"unknown strategy {strategy!r}")
+
+
+def wire_bytes(
+    nbytes: dict[str, int], cp_size: int, strategy: str = "hidden", state_exchange: str = "allgather"
+) -> int:
+    """Bytes one rank puts on the wire per forward: ``size*(cp-1)/cp`` for collectives, all of it for p2p."""
+    if cp_size <= 1:
+        return 0
+    total = 0
+    for name, b in nbytes.items():
+        p2p = strategy == "state_passing" and state_exchange == "chain" and name == "state_xchg"
+        total += b if p2p else b * (cp_size - 1) // cp_size
+    return total

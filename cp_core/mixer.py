@@ -13,7 +13,9 @@ Context parallelism (``cp_group`` of size > 1), by ``strategy``:
     runs after the return trip on whole groups (so ``n_groups < cp_size`` is exact).
 ``"state_passing"``
     the sequence stays sharded; conv1d takes a halo and the SSD's carried states are exchanged
-    (:mod:`cp_core.state_passing`). Any ``cp_size``.
+    (:mod:`cp_core.state_passing`), by one all-gather (``state_exchange="allgather"``, one step) or
+    along the chain of segment owners (``"chain"``, the fewest bytes, ``nseg-1`` sequential hops).
+    Any ``cp_size``.
 
 Packed documents: ``cu_seqlens`` is the GLOBAL padded cumulative lengths; neither the conv nor
 the SSD state crosses a document boundary.
@@ -105,6 +107,7 @@ class Mamba2Mixer(nn.Module):
         *,
         strategy: str = "hidden",
         fused: bool = True,
+        state_exchange: str = "allgather",
     ):
         super().__init__()
         check_layout(layout)
@@ -116,6 +119,9 @@ class Mamba2Mixer(nn.Module):
         ):
             if name != "auto" and name not in valid:
                 raise ValueError(f"{kind}_backend must be 'auto' or one of {valid}, got {name!r}")
+        if state_exchange not in ("allgather", "chain"):
+            raise ValueError(f"state_exchange must be 'allgather' or 'chain', got {state_exchange!r}")
+        self.state_exchange = state_exchange
         c = self.config = config
         self.cp_group, self.layout, self.strategy, self.fused = cp_group, layout, strategy, fused
         self.cp_size = comm.group_size(cp_group)

@@ -124,6 +124,69 @@ def _exclusive_scan(F_seg: torch.Tensor, ld_seg: torch.Tensor) -> torch.Tensor:
     return torch.stack(h, dim=1)
 
 
+class _ChainScan(torch.autograd.Function):
+    """Exclusive scan of segment states along the chain of owners, by point-to-point messages.
+
+    ``F [D, nps, H, P, N]`` (fp32 local final states of this rank's pieces, ``nps`` = 2 for head-tail:
+    segments ``r`` and ``2cp-1-r``; 1 for contiguous: segment ``r``), ``ld [D, nps, H]`` log-decays
+    -> ``h0``, the true initial state of each piece. Rank ``r`` receives the state entering segment
+    ``r`` from rank ``r-1``, passes segment ``r``'s final state to rank ``r+1``, and (head-tail) the
+    way back. Every rank sends one state per piece: the fewest bytes, over ``nseg-1`` sequential hops.
+    Backward runs the chain in reverse with the gradients."""
+
+    @staticmethod
+    def forward(ctx, F_loc, ld, group):
+        cp, r = comm.group_size(group), comm.group_rank(group)
+        e = torch.exp(ld)[..., None, None]
+        zero = torch.zeros_like(F_loc[:, 0])
+        h_a = comm.recv(zero, r - 1, group) if r > 0 else zero
+        out_a = e[:, 0] * h_a + F_loc[:, 0]
+        hs = [h_a]
+        if F_loc.shape[1] == 1:
+            if r < cp - 1:
+                comm.send(out_a, r + 1, group)
+        else:
+            if r < cp - 1:
+                comm.send(out_a, r + 1, group)
+                h_b = comm.recv(zero, r + 1, group)
+            else:
+                h_b = out_a
+            out_b = e[:, 1] * h_b + F_loc[:, 1]
+            if r > 0:
+                comm.send(out_b, r - 1, group)
+            hs.append(h_b)
+        h0 = torch.stack(hs, dim=1)
+        ctx.group = group
+        ctx.save_for_backward(h0, e)
+        return h0
+
+    @staticmethod
+    def backward(ctx, dh0):
+        group = ctx.group
+        cp, r = comm.group_size(group), comm.group_rank(group)
+        h0, e = ctx.saved_tensors
+        dh0 = dh0.contiguous()
+        zero = torch.zeros_like(dh0[:, 0])
+        d_out = [None, None]
+        if dh0.shape[1] == 1:
+            d_out[0] = comm.recv(zero, r + 1, group) if r < cp - 1 else zero
+            dh_a = dh0[:, 0] + e[:, 0] * d_out[0]
+        else:
+            d_out[1] = comm.recv(zero, r - 1, group) if r > 0 else zero
+            dh_b = dh0[:, 1] + e[:, 1] * d_out[1]
+            if r < cp - 1:
+                comm.send(dh_b, r + 1, group)
+                d_out[0] = comm.recv(zero, r + 1, group)
+            else:
+                d_out[0] = dh_b
+            dh_a = dh0[:, 0] + e[:, 0] * d_out[0]
+        if r > 0:
+            comm.send(dh_a, r - 1, group)
+        dF = torch.stack(d_out[: dh0.shape[1]], dim=1)
+        dld = (dF * e * h0).sum(dim=(-1, -2))
+        return dF, dld, None
+
+
 def state_passing_conv_ssd(
     mixer, xbcdt: torch.Tensor, cu_seqlens: torch.Tensor | None, length: int
 ) -> torch.Tensor:
@@ -190,14 +253,21 @@ def state_passing_conv_ssd(
         acum = a.cumsum(1)
         logdecay = acum[:, -1] if lmax else a.new_zeros(R, nh)
     # 3. exchange (F, logdecay) of every piece, scan each document's segments
-    with region(STATE_XCHG):
-        payload = torch.cat([F_loc.float().reshape(R, -1), logdecay], dim=-1)
-        gathered = comm.all_gather(payload, group).reshape(cp * R, -1)
+    if getattr(mixer, "state_exchange", "allgather") == "chain":
+        with region(STATE_XCHG):
+            h0 = _ChainScan.apply(
+                F_loc.float().view(pc.n_docs, pc.nps, nh, hd, ns), logdecay.view(pc.n_docs, pc.nps, nh), group
+            ).reshape(R, nh, hd, ns)
+    else:
+        with region(STATE_XCHG):
+            payload = torch.cat([F_loc.float().reshape(R, -1), logdecay], dim=-1)
+            gathered = comm.all_gather(payload, group).reshape(cp * R, -1)
+        with region(SSM):
+            seg = gathered.index_select(0, pc.seg_src).view(pc.n_docs, pc.nseg, -1)
+            F_seg = seg[..., : nh * hd * ns].view(pc.n_docs, pc.nseg, nh, hd, ns)
+            h0_all = _exclusive_scan(F_seg, seg[..., nh * hd * ns :])
+            h0 = h0_all.reshape(pc.n_docs * pc.nseg, nh, hd, ns).index_select(0, pc.my_seg)  # [R, H, P, N]
     with region(SSM):
-        seg = gathered.index_select(0, pc.seg_src).view(pc.n_docs, pc.nseg, -1)
-        F_seg = seg[..., : nh * hd * ns].view(pc.n_docs, pc.nseg, nh, hd, ns)
-        h0_all = _exclusive_scan(F_seg, seg[..., nh * hd * ns :])
-        h0 = h0_all.reshape(pc.n_docs * pc.nseg, nh, hd, ns).index_select(0, pc.my_seg)  # [R, H, P, N]
         # 4. y_t += exp(acum_t) * C_t . h0 (per group: heads of a group share C)
         hg = nh // ng
         corr = torch.einsum(

@@ -22,7 +22,17 @@ def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def build(cfg, group, layout, dtype, strategy="hidden", fused=True, device="cpu"):
-    m = Mamba2Mixer(cfg, cp_group=group, layout=layout, dtype=dtype, strategy=strategy, fused=fused, device=device)
+    strategy, _, exchange = strategy.partition(":")  # "state_passing:chain"
+    m = Mamba2Mixer(
+        cfg,
+        cp_group=group,
+        layout=layout,
+        dtype=dtype,
+        strategy=strategy,
+        fused=fused,
+        device=device,
+        state_exchange=exchange or "allgather",
+    )
     m.reset_parameters(torch.Generator().manual_seed(1234))
     with torch.no_grad():  # non-trivial D and norm weight, so their gradients are checked for real
         m.D.copy_(randn(m.D.shape, 5, dtype))
@@ -56,7 +66,17 @@ def _errors(got, want, cp, r, layout, cu):
 
 
 def parity_case(
-    group, cfg_kw, layout, batch, n_docs, dtype_name, strategy="hidden", fused=True, units=4, device="cpu", tol32=1e-5
+    group,
+    cfg_kw,
+    layout,
+    batch,
+    n_docs,
+    dtype_name,
+    strategy="hidden",
+    fused=True,
+    units=4,
+    device="cpu",
+    tol32=1e-5,
 ):
     """fp32: CP=N vs CP=1 to 1e-5 relative. bf16 (hidden): relative RMS <= 3e-3 against bf16 CP=1.
     bf16 (state passing, whose SSD splits the sequence differently): error against an fp32 layer with
@@ -79,12 +99,14 @@ def parity_case(
     errs = _errors(got, ref, cp, r, layout, cu)
     if dtype == torch.float32:
         bad = {k: v for k, v in errs.items() if not v <= tol32}
-    elif strategy == "hidden":
+    elif strategy.startswith("hidden"):
         bad = {k: v for k, v in errs.items() if not v <= 3e-3}
     else:
         m32 = build(cfg, None, layout, torch.float32, device=device)
         with torch.no_grad():
-            for p32, p16 in zip(m32.parameters(), build(cfg, None, layout, dtype, device=device).parameters(), strict=True):
+            for p32, p16 in zip(
+                m32.parameters(), build(cfg, None, layout, dtype, device=device).parameters(), strict=True
+            ):
                 p32.copy_(p16.float())
         ref32 = _run_layer(m32, x.float(), w.float(), cu)
         e_cp = _errors(got, ref32, cp, r, layout, cu)
@@ -132,20 +154,25 @@ def test_seed_path_parity_and_D_per_channel(ranks):
 # ----------------------------------------------------------------------------- state passing
 
 
+@pytest.mark.parametrize("exchange", ["allgather", "chain"])
 @pytest.mark.parametrize("layout", ["head_tail", "contiguous"])
 @pytest.mark.parametrize("fmt", ["bshd", "thd"])
 @pytest.mark.parametrize("cp", [2, 4])
-def test_state_passing_parity_fp32(ranks, cp, fmt, layout):
+def test_state_passing_parity_fp32(ranks, cp, fmt, layout, exchange):
     batch, n_docs = (2, None) if fmt == "bshd" else (1, 5)
-    check(ranks.run(parity_case, cp, small_cfg(4, 2), layout, batch, n_docs, "float32", "state_passing"))
+    strategy = f"state_passing:{exchange}"
+    check(ranks.run(parity_case, cp, small_cfg(4, 2), layout, batch, n_docs, "float32", strategy))
 
 
-def test_state_passing_any_cp_size_and_short_segments(ranks):
+@pytest.mark.parametrize("exchange", ["allgather", "chain"])
+def test_state_passing_any_cp_size_and_short_segments(ranks, exchange):
     """cp 8 > n_heads 4 (impossible for the hidden strategy); segments of 1 token, shorter than the conv halo."""
-    check(ranks.run(parity_case, 8, small_cfg(4, 1), "head_tail", 1, 6, "float32", "state_passing", units=2))
+    strategy = f"state_passing:{exchange}"
+    check(ranks.run(parity_case, 8, small_cfg(4, 1), "head_tail", 1, 6, "float32", strategy, units=2))
 
 
-def test_state_passing_parity_bf16(ranks):
+@pytest.mark.parametrize("exchange", ["allgather", "chain"])
+def test_state_passing_parity_bf16(ranks, exchange):
     cfg = small_cfg(4, 2)
     cfg["d_model"] = 32
-    check(ranks.run(parity_case, 4, cfg, "head_tail", 1, 5, "bfloat16", "state_passing"))
+    check(ranks.run(parity_case, 4, cfg, "head_tail", 1, 5, "bfloat16", f"state_passing:{exchange}"))

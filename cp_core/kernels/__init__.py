@@ -146,8 +146,19 @@ def ssd(
         name = "torch"
     impl = ssd_mamba.ssd_mamba if name == "mamba_ssm" else ssd_torch.ssd_torch
     return impl(
-        x, dt, A, B, C, chunk_size=chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus,
-        seq_idx=seq_idx, initial_states=initial_states, return_final_states=return_final_states, check=False,
+        x,
+        dt,
+        A,
+        B,
+        C,
+        chunk_size=chunk_size,
+        D=D,
+        dt_bias=dt_bias,
+        dt_softplus=dt_softplus,
+        seq_idx=seq_idx,
+        initial_states=initial_states,
+        return_final_states=return_final_states,
+        check=False,
     )
 
 
@@ -175,4 +186,3 @@ def conv1d(
         name = "torch"
     impl = conv_cuda.conv1d_cuda if name == "causal_conv1d" else conv1d_torch
     return impl(x, weight, bias, seq_idx=seq_idx, activation=activation, check=False)
-

@@ -1,10 +1,11 @@
 """One-pass channel pack / unpack for the hidden-parallel all-to-all, in Triton (CUDA only).
 
-Both directions are one "table gather":  ``out[a, n, b] = src[ra[a, b] * s_slab + n * s_n + jb[a, b]]``
-with a small int32 table ``(ra, jb)`` per (channel plan, direction). Consecutive ``b`` read
-consecutive ``jb`` inside each block of channels, so loads and stores are coalesced and the copy runs
-in one pass near the device's copy bandwidth (a strided ``copy_`` per block ran far below it).
-The portable reference is :func:`cp_core.channels.pack` / :func:`cp_core.channels.unpack`; the
+Both directions copy contiguous runs of channels between two row-major tensors:
+``out[dst_slab, n, dst_col + c] = src[src_slab, n, src_col + c]`` for ``c < width``, one run per
+(rank, block of ``[z|x|B|C|dt]``). A small int32 table lists the runs, cut into tiles of at most
+``BW`` channels; each program copies one tile for ``BN`` rows with contiguous, vectorisable loads
+and stores, so the whole pack is one pass near the device's copy bandwidth. The portable
+reference is :func:`cp_core.channels.pack_torch` / :func:`cp_core.channels.unpack_torch`; the GPU
 tests compare the two bit for bit.
 """
 
@@ -22,6 +23,9 @@ try:
 except ImportError:  # pragma: no cover - CPU installs without triton
     HAVE_TRITON = False
 
+BW = 256  # channels per tile
+BN = 32  # rows per program
+
 
 def available(t: torch.Tensor) -> bool:
     return HAVE_TRITON and t.is_cuda
@@ -30,54 +34,67 @@ def available(t: torch.Tensor) -> bool:
 if HAVE_TRITON:
 
     @triton.jit
-    def _table_gather(src, out, ra, jb, n_rows, width, s_slab, s_n, BN: tl.constexpr, BB: tl.constexpr):
-        a = tl.program_id(0)
-        rows = tl.program_id(1) * BN + tl.arange(0, BN)
-        cols = tl.program_id(2) * BB + tl.arange(0, BB)
-        cmask = cols < width
-        r = tl.load(ra + a * width + cols, mask=cmask, other=0).to(tl.int64)
-        j = tl.load(jb + a * width + cols, mask=cmask, other=0).to(tl.int64)
-        rmask = rows < n_rows
-        mask = rmask[:, None] & cmask[None, :]
-        offs = (r * s_slab + j)[None, :] + rows.to(tl.int64)[:, None] * s_n
-        vals = tl.load(src + offs, mask=mask)
-        dst = (a * n_rows + rows.to(tl.int64))[:, None] * width + cols[None, :]
-        tl.store(out + dst, vals, mask=mask)
+    def _copy_runs(
+        src, out, table, n_rows, s_slab, s_n, d_slab, d_n,
+        BN: tl.constexpr, BW: tl.constexpr, ALIGN: tl.constexpr,
+    ):  # fmt: skip
+        t = tl.program_id(0)
+        src_slab = tl.load(table + t * 5 + 0).to(tl.int64)
+        src_col = tl.load(table + t * 5 + 1).to(tl.int64)
+        dst_slab = tl.load(table + t * 5 + 2).to(tl.int64)
+        dst_col = tl.load(table + t * 5 + 3).to(tl.int64)
+        width = tl.load(table + t * 5 + 4)
+        rows = (tl.program_id(1) * BN + tl.arange(0, BN)).to(tl.int64)
+        cols = tl.arange(0, BW)
+        mask = (rows < n_rows)[:, None] & (cols < width)[None, :]
+        s_off = src_slab * s_slab + src_col
+        d_off = dst_slab * d_slab + dst_col
+        if ALIGN > 1:
+            s_off = tl.multiple_of(s_off, ALIGN)
+            d_off = tl.multiple_of(d_off, ALIGN)
+        s_ptr = src + s_off + rows[:, None] * s_n + cols[None, :]
+        d_ptr = out + d_off + rows[:, None] * d_n + cols[None, :]
+        tl.store(d_ptr, tl.load(s_ptr, mask=mask), mask=mask)
 
 
-def _launch(src, out, ra, jb, n_rows, width, s_slab, s_n, a_count):
-    if n_rows == 0 or width == 0:
-        return out
-    BB = 128 if width >= 128 else triton.next_power_of_2(width)
-    BN = max(1, 8192 // BB) if src.element_size() <= 2 else max(1, 4096 // BB)
-    grid = (a_count, triton.cdiv(n_rows, BN), triton.cdiv(width, BB))
-    _table_gather[grid](src, out, ra, jb, n_rows, width, s_slab, s_n, BN=BN, BB=BB, num_warps=4)
-    return out
+def _runs(plan, direction: str) -> list[tuple[int, int, int, int, int]]:
+    """``(src_slab, src_col, dst_slab, dst_col, width)`` for every run of channels."""
+    runs = []
+    for b in plan.blocks:
+        rep = plan.cp_size // b.count
+        for piece in range(b.count):
+            if direction == "pack":
+                runs += [(0, b.src + piece * b.width, piece * rep + k, b.dst, b.width) for k in range(rep)]
+            else:
+                runs.append((piece, b.dst, 0, b.src + piece * b.width, b.width))
+    return runs
 
 
 @functools.lru_cache(maxsize=64)
-def _tables(plan, direction: str, device: str):
-    """``(ra, jb)`` int32 tables for a :class:`~cp_core.channels.ChannelPlan`."""
-    cp, w_loc = plan.cp_size, plan.local_width
-    if direction == "pack":  # out[r, n, j] = x[n, col[r, j]]
-        col = torch.empty(cp, w_loc, dtype=torch.int32)
-        for b in plan.blocks:
-            rep = cp // b.count
-            for r in range(cp):
-                piece = r // rep
-                col[r, b.dst : b.dst + b.width] = torch.arange(
-                    b.src + piece * b.width, b.src + (piece + 1) * b.width
-                )
-        return torch.zeros_like(col).to(device), col.to(device)
-    # unpack (no replication): out[0, n, c] = s[rank(c), n, j(c)]
-    ra = torch.empty(1, plan.in_width, dtype=torch.int32)
-    jb = torch.empty(1, plan.in_width, dtype=torch.int32)
-    for b in plan.blocks:
-        for piece in range(b.count):
-            cols = slice(b.src + piece * b.width, b.src + (piece + 1) * b.width)
-            ra[0, cols] = piece
-            jb[0, cols] = torch.arange(b.dst, b.dst + b.width)
-    return ra.to(device), jb.to(device)
+def _table(plan, direction: str, device: str) -> tuple[torch.Tensor, int]:
+    tiles = []
+    for ss, sc, ds, dc, w in _runs(plan, direction):
+        for c in range(0, w, BW):
+            tiles.append((ss, sc + c, ds, dc + c, min(BW, w - c)))
+    table = torch.tensor(tiles, dtype=torch.int32).to(device)
+    align = 8
+    for _ss, sc, _ds, dc, _ in tiles:
+        while align > 1 and (sc % align or dc % align):
+            align //= 2
+    return table, align
+
+
+def _launch(src, out, plan, direction, n_rows, s_slab, s_n, d_slab, d_n):
+    table, align = _table(plan, direction, str(src.device))
+    for stride in (s_slab, s_n, d_slab, d_n):
+        while align > 1 and stride % align:
+            align //= 2
+    if n_rows:
+        grid = (table.shape[0], triton.cdiv(n_rows, BN))
+        _copy_runs[grid](
+            src, out, table, n_rows, s_slab, s_n, d_slab, d_n, BN=BN, BW=BW, ALIGN=align, num_warps=4
+        )
+    return out
 
 
 def pack(x: torch.Tensor, plan) -> torch.Tensor:
@@ -85,17 +102,13 @@ def pack(x: torch.Tensor, plan) -> torch.Tensor:
     n = x.shape[0]
     if x.stride(-1) != 1:
         x = x.contiguous()
-    ra, jb = _tables(plan, "pack", str(x.device))
     out = x.new_empty((plan.cp_size, n, plan.local_width))
-    return _launch(x, out, ra, jb, n, plan.local_width, 0, x.stride(0), plan.cp_size)
+    return _launch(x, out, plan, "pack", n, 0, x.stride(0), n * plan.local_width, plan.local_width)
 
 
 def unpack(s: torch.Tensor, plan) -> torch.Tensor:
     """Triton :func:`cp_core.channels.unpack` for plans without replication: ``[cp, N, local_width]`` -> ``[N, in_width]``."""
     cp, n, w_loc = s.shape
     s = s.contiguous()
-    ra, jb = _tables(plan, "unpack", str(s.device))
     out = s.new_empty((n, plan.in_width))
-    return _launch(s, out.view(1, n, plan.in_width), ra, jb, n, plan.in_width, n * w_loc, w_loc, 1).view(
-        n, -1
-    )
+    return _launch(s, out, plan, "unpack", n, n * w_loc, w_loc, 0, plan.in_width)

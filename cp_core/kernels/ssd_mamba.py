@@ -63,7 +63,10 @@ def _load():
         return None, f"mamba-ssm could not be located ({exc})"
     try:
         mod = _import_without_package_init()
-        return mod.mamba_chunk_scan_combined, "mamba-ssm's Triton kernels imported without the package __init__"
+        return (
+            mod.mamba_chunk_scan_combined,
+            "mamba-ssm's Triton kernels imported without the package __init__",
+        )
     except Exception as second:
         return None, (
             f"mamba-ssm is installed but its Triton SSD kernel failed to import ({first_error}; without the "
@@ -125,9 +128,19 @@ def ssd_mamba(
     if seq_idx is not None:
         seq_idx = seq_idx.to(torch.int32).contiguous()
     out = fn(
-        x.contiguous(), dt.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(), chunk_size,
-        D=_c(D), z=None, dt_bias=_c(dt_bias), initial_states=_c(initial_states), seq_idx=seq_idx,
-        dt_softplus=dt_softplus, return_final_states=return_final_states,
+        x.contiguous(),
+        dt.contiguous(),
+        A.contiguous(),
+        B.contiguous(),
+        C.contiguous(),
+        chunk_size,
+        D=_c(D),
+        z=None,
+        dt_bias=_c(dt_bias),
+        initial_states=_c(initial_states),
+        seq_idx=seq_idx,
+        dt_softplus=dt_softplus,
+        return_final_states=return_final_states,
     )
     if return_final_states:
         y, final_states = out

@@ -52,7 +52,9 @@ def _check_float(name: str, t: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {t.dtype}")
+        raise ValueError(
+            f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {t.dtype}"
+        )
 
 
 def check_seq_idx(seq_idx: torch.Tensor | None, b: int, l: int, device: torch.device) -> None:
@@ -109,8 +111,15 @@ def check_ssd_args(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, seq_idx=Non
             raise ValueError(
                 f"initial_states must have shape [b, h, p, n] = {[b, h, p, n]}, got {list(initial_states.shape)}"
             )
-    for name, t in (("dt", dt), ("A", A), ("B", B), ("C", C), ("D", D), ("dt_bias", dt_bias),
-                    ("initial_states", initial_states)):
+    for name, t in (
+        ("dt", dt),
+        ("A", A),
+        ("B", B),
+        ("C", C),
+        ("D", D),
+        ("dt_bias", dt_bias),
+        ("initial_states", initial_states),
+    ):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     check_seq_idx(seq_idx, b, l, x.device)
