@@ -114,6 +114,13 @@ def unpack(s: torch.Tensor, plan: ChannelPlan) -> torch.Tensor:
     return unpack_torch(s, plan)
 
 
+def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(0, idx)`` (rows of a 2-D tensor); one vectorised Triton kernel on CUDA."""
+    if _fast(x):
+        return gather_triton.gather_rows(x, idx)
+    return x.index_select(0, idx)
+
+
 def _fast(t: torch.Tensor) -> bool:
     return USE_TRITON and gather_triton.available(t)
 

@@ -33,6 +33,8 @@ def comm_bytes(
     rank sends point to point (one per piece; p2p bytes are wire bytes, no ``(cp-1)/cp`` factor).
     """
     c = config
+    if strategy == "state_passing_chain":
+        strategy, state_exchange = "state_passing", "chain"
     if cp_size <= 1:
         return {"a2a_pre": 0, "a2a_post": 0} if strategy == "hidden" else {"state_xchg": 0}
     n_loc = batch * local_tokens
@@ -57,6 +59,8 @@ def wire_bytes(
     """Bytes one rank puts on the wire per forward: ``size*(cp-1)/cp`` for collectives, all of it for p2p."""
     if cp_size <= 1:
         return 0
+    if strategy == "state_passing_chain":
+        strategy, state_exchange = "state_passing", "chain"
     total = 0
     for name, b in nbytes.items():
         p2p = strategy == "state_passing" and state_exchange == "chain" and name == "state_xchg"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import comm
-from .channels import ChannelPlan, pack, unpack
+from .channels import ChannelPlan, gather_rows, pack, unpack
 from .plan import TokenPlan
 from .regions import A2A_POST, A2A_PRE, LAYOUT, region
 
@@ -25,12 +25,12 @@ def _seq_to_heads(x2d: torch.Tensor, chan: ChannelPlan, tok: TokenPlan, group, a
     with region(a2a):
         recv = comm.all_to_all_single(torch.empty_like(send), send, group)
     with region(lay):
-        return recv.view(-1, chan.local_width).index_select(0, tok.gather)
+        return gather_rows(recv.view(-1, chan.local_width), tok.gather)
 
 
 def _heads_to_seq(y2d: torch.Tensor, chan: ChannelPlan, tok: TokenPlan, group, a2a: str, lay: str):
     with region(lay):
-        send = y2d.index_select(0, tok.scatter)
+        send = gather_rows(y2d, tok.scatter)
     with region(a2a):
         recv = comm.all_to_all_single(torch.empty_like(send), send, group)
     with region(lay):

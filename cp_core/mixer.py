@@ -37,7 +37,8 @@ from .mamba_cp import MambaContextParallel
 from .plan import get_plan
 from .regions import CONV1D, NORM_PROJ, SSM, region
 
-STRATEGIES = ("hidden", "state_passing")
+#: ``"state_passing_chain"`` is ``strategy="state_passing", state_exchange="chain"`` in one name.
+STRATEGIES = ("hidden", "state_passing", "state_passing_chain")
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,8 @@ class Mamba2Mixer(nn.Module):
         ):
             if name != "auto" and name not in valid:
                 raise ValueError(f"{kind}_backend must be 'auto' or one of {valid}, got {name!r}")
+        if strategy == "state_passing_chain":
+            strategy, state_exchange = "state_passing", "chain"
         if state_exchange not in ("allgather", "chain"):
             raise ValueError(f"state_exchange must be 'allgather' or 'chain', got {state_exchange!r}")
         self.state_exchange = state_exchange

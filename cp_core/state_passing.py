@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import comm, kernels
+from .channels import gather_rows
 from .layout import granule
 from .plan import TokenPlan, get_plan
 from .regions import CONV1D, LAYOUT, SSM, STATE_XCHG, region
@@ -62,11 +63,17 @@ class _Pieces:
         col = torch.arange(self.lmax, **dev).view(1, -1)
         o = col - (self.lmax - m).view(-1, 1)
         self.valid = o >= 0  # [R, Lmax]
-        self.to_rows = torch.where(self.valid, (lstart[d] + s * m).view(-1, 1) + o, t_loc).reshape(-1)
+        # every piece as long as the longest, in row order in the stream (always for [B, L] input):
+        # the rows are then a view of the stream and nothing is gathered or padded
+        self.uniform = all(v == self.lmax for v in seg) and self.rows * self.lmax == t_loc
+        # padding slots read token 0: any finite value will do (B is zeroed there after the conv, so
+        # padding adds nothing to the state, and its outputs are dropped)
+        self.to_rows = torch.where(self.valid, (lstart[d] + s * m).view(-1, 1) + o, 0).reshape(-1)
         # rows -> stream: stream token j sits at row-slot from_rows[j]
         self.from_rows = torch.empty(t_loc, **dev)
         flat = torch.arange(self.rows * self.lmax, **dev).view(self.rows, self.lmax)
         self.from_rows[self.to_rows.view(self.rows, self.lmax)[self.valid]] = flat[self.valid]
+        self.valid_f = self.valid.unsqueeze(-1)
         # conv rows: the piece right-aligned, halo slots just before it
         colc = torch.arange(lc, **dev).view(1, -1)
         oc = colc - (lc - m).view(-1, 1)
@@ -76,7 +83,7 @@ class _Pieces:
         self.to_conv = torch.where(
             is_tok,
             (lstart[d] + s * m).view(-1, 1) + oc,
-            torch.where(is_halo, t_loc + 1 + row.view(-1, 1) * (k - 1) + halo_slot, t_loc),
+            torch.where(is_halo, t_loc + row.view(-1, 1) * (k - 1) + halo_slot, 0),
         ).reshape(-1)
         # halo lookup into the all-gathered tails [cp, R, k-1] (+1 zero slot at the end)
         q = (starts[d] + chunk * m).view(-1, 1) + torch.arange(-(k - 1), 0, **dev).view(1, -1)  # [R, k-1]
@@ -210,28 +217,38 @@ def state_passing_conv_ssd(
     stream = xbcdt.reshape(-1, xbcdt.shape[-1])  # [T_loc, conv_dim + nh]
     xbc, dt = stream.split([c.conv_dim, nh], dim=-1)
     R, lmax = pc.rows, pc.lmax
+
+    def rows_of(t):  # stream [T_loc, C] -> left-padded rows [R, Lmax, C]
+        if pc.uniform:
+            return t.reshape(R, lmax, t.shape[-1])
+        return gather_rows(t, pc.to_rows).view(R, lmax, t.shape[-1])
+
     # 1. conv1d with a halo gathered from the owners of the preceding tokens
     with region(LAYOUT):
-        tails_src = F.pad(xbc, (0, 0, 0, 1)).index_select(0, pc.to_rows)
-        tails = tails_src.view(R, lmax, -1)[:, max(lmax - (k - 1), 0) :]
+        xbc_rows_in = rows_of(xbc)
+        tails = xbc_rows_in[:, max(lmax - (k - 1), 0) :]
         if tails.shape[1] < k - 1:
             tails = F.pad(tails, (0, 0, k - 1 - tails.shape[1], 0))
     with region(STATE_XCHG):
         all_tails = comm.all_gather(tails.contiguous(), group).reshape(-1, c.conv_dim)
     with region(LAYOUT):
-        halo = F.pad(all_tails, (0, 0, 0, 1)).index_select(0, pc.halo_src)  # [R*(k-1), conv_dim]
-        conv_in = torch.cat([xbc, xbc.new_zeros(1, c.conv_dim), halo]).index_select(0, pc.to_conv)
-        conv_in = conv_in.view(R, lmax + k - 1, c.conv_dim)
-    ssd_name, conv_name = mixer._backends(conv_in, mixer.conv1d.weight)
+        halo = F.pad(all_tails, (0, 0, 0, 1)).index_select(
+            0, pc.halo_src
+        )  # [R*(k-1), conv_dim], 0 off-document
+        if pc.uniform:
+            conv_in = torch.cat([halo.view(R, k - 1, c.conv_dim), xbc_rows_in], dim=1)
+        else:
+            conv_in = gather_rows(torch.cat([xbc, halo]), pc.to_conv).view(R, lmax + k - 1, c.conv_dim)
+    ssd_name, conv_name = mixer._backends(conv_in, mixer.conv1d.weight.squeeze(1))
     with region(CONV1D):
         xbc_rows = kernels.conv1d(
             conv_in, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, backend=conv_name
         )
-    valid = pc.valid.unsqueeze(-1)
-    xbc_rows = xbc_rows[:, k - 1 :] * valid  # padding must hold no state: zero it after the conv
+    x, B, C = xbc_rows[:, k - 1 :].split([c.d_inner, ng * ns, ng * ns], dim=-1)
+    if not pc.uniform:
+        B = B * pc.valid_f  # padding must add nothing to the state
     with region(LAYOUT):
-        dt_rows = F.pad(dt, (0, 0, 0, 1)).index_select(0, pc.to_rows).view(R, lmax, nh)
-    x, B, C = xbc_rows.split([c.d_inner, ng * ns, ng * ns], dim=-1)
+        dt_rows = rows_of(dt)
     A = -torch.exp(mixer.A_log.float())
     D = mixer.D.view(nh, hd) if c.D_has_hdim else mixer.D
     # 2. local SSD from a zero state
@@ -249,7 +266,9 @@ def state_passing_conv_ssd(
             return_final_states=True,
             backend=ssd_name,
         )
-        a = F.softplus(dt_rows.float() + mixer.dt_bias.float()) * A * valid  # [R, Lmax, H], 0 on padding
+        a = F.softplus(dt_rows.float() + mixer.dt_bias.float()) * A  # [R, Lmax, H]
+        if not pc.uniform:
+            a = a * pc.valid_f  # no decay accumulates over padding
         acum = a.cumsum(1)
         logdecay = acum[:, -1] if lmax else a.new_zeros(R, nh)
     # 3. exchange (F, logdecay) of every piece, scan each document's segments
@@ -268,13 +287,15 @@ def state_passing_conv_ssd(
             h0_all = _exclusive_scan(F_seg, seg[..., nh * hd * ns :])
             h0 = h0_all.reshape(pc.n_docs * pc.nseg, nh, hd, ns).index_select(0, pc.my_seg)  # [R, H, P, N]
     with region(SSM):
-        # 4. y_t += exp(acum_t) * C_t . h0 (per group: heads of a group share C)
+        # 4. y_t += exp(acum_t) * C_t . h0, in the activations' dtype (heads of a group share C)
         hg = nh // ng
+        dtype = y0.dtype
         corr = torch.einsum(
-            "rlgn,rgkn->rlgk", C.float().reshape(R, lmax, ng, ns), h0.reshape(R, ng, hg * hd, ns)
+            "rlgn,rgkn->rlgk", C.reshape(R, lmax, ng, ns), h0.to(dtype).reshape(R, ng, hg * hd, ns)
         )
-        corr = corr.reshape(R, lmax, nh, hd) * torch.exp(acum)[..., None]
-        y = (y0.float() + corr).to(xbcdt.dtype).reshape(R * lmax, nh * hd)
+        y = torch.addcmul(y0, corr.reshape(R, lmax, nh, hd), torch.exp(acum).to(dtype)[..., None])
+        y = y.reshape(R * lmax, nh * hd)
     with region(LAYOUT):
-        y = y.index_select(0, pc.from_rows)
+        if not pc.uniform:
+            y = gather_rows(y, pc.from_rows)
     return y.view(*xbcdt.shape[:-1], nh * hd)

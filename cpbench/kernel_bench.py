@@ -60,7 +60,9 @@ def main(argv=None):
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--max-torch-len", type=int, default=65536, help="skip the torch SSD above this length")
+    ap.add_argument(
+        "--max-torch-len", type=int, default=65536, help="skip the torch SSD and conv above this length"
+    )
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -120,6 +122,8 @@ def main(argv=None):
                     kernels.resolve_backends(dev, conv_backend=name)
                 except ValueError as e:
                     print(f"skip conv {name}: {e}")
+                    continue
+                if name == "torch" and L > a.max_torch_len:
                     continue
 
                 def cf(name=name, x=x, w=w, b=b, seq_idx=seq_idx):

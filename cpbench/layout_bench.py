@@ -164,6 +164,48 @@ def bench_case(cp, seq_len, n_docs, shape, dtype, device, timer, warmup, iters, 
     return rows
 
 
+def plot(csv: str, png: str) -> None:
+    """Bars of pre+post time per path for every case, with the copy floor marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    df = pd.read_csv(csv)
+    paths = list(dict.fromkeys(df["path"]))
+    lengths = sorted(df["seq_len"].unique())
+    fig, axes = plt.subplots(len(lengths), 1, figsize=(11, 3.6 * len(lengths)), squeeze=False)
+    for ax, L in zip(axes[:, 0], lengths, strict=True):
+        sub = df[df["seq_len"] == L]
+        cases = list(dict.fromkeys(zip(sub["cp"], sub["docs"], strict=True)))
+        w = 0.8 / len(paths)
+        for i, p in enumerate(paths):
+            vals = [
+                sub[(sub.cp == c) & (sub.docs == d) & (sub.path == p)]["total_ms"].median() for c, d in cases
+            ]
+            ax.bar([k + i * w for k in range(len(cases))], vals, w, label=p)
+        floors = [sub[(sub.cp == c) & (sub.docs == d)]["floor_ms"].iloc[0] for c, d in cases]
+        ax.scatter(
+            [k + 0.4 - w / 2 for k in range(len(cases))],
+            floors,
+            marker="_",
+            s=400,
+            color="k",
+            label="copy floor",
+        )
+        ax.set_xticks([k + 0.4 - w / 2 for k in range(len(cases))])
+        ax.set_xticklabels(
+            [f"cp {c}\n{'BSHD' if d == 0 else f'{d} docs'}" for c, d in cases], fontsize="x-small"
+        )
+        ax.set_yscale("log")
+        ax.set_ylabel("pre + post local work, ms")
+        ax.set_title(f"L = {L}", fontsize="medium")
+        ax.legend(fontsize="x-small", ncol=len(paths) + 1)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -178,7 +220,14 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--nemo", default=None, help="path to NeMo AutoModel's context_parallel/mamba.py")
     ap.add_argument("--out", default=None, help="write the rows as CSV here")
+    ap.add_argument(
+        "--plot", default=None, metavar="PNG", help="also draw the bars (from --out, or --from-csv)"
+    )
+    ap.add_argument("--from-csv", default=None, help="only plot this CSV of an earlier run")
     a = ap.parse_args(argv)
+    if a.from_csv:
+        plot(a.from_csv, a.plot or a.from_csv.replace(".csv", ".png"))
+        return 0
     device = torch.device(a.device)
     dtype = getattr(torch, a.dtype)
     timer = _timer(device)
@@ -206,6 +255,8 @@ def main(argv=None):
     df.attrs["copy_bw"] = bw
     if a.out:
         df.to_csv(a.out, index=False)
+        if a.plot:
+            plot(a.out, a.plot)
     print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     return 0
 

@@ -1,18 +1,34 @@
-import torch, triton
-from cp_core.channels import mamba_channel_plan, ChannelPlan, pack_torch, unpack_torch
-from cp_core.kernels import gather_triton as g
+"""Microbenchmark of the layout kernels on one GPU: channel pack/unpack and the row gather, Triton
+vs torch, at the Nemotron-like shape (cp 8, 16384 local tokens, bf16). Median of triton.testing.do_bench."""
+
+import torch
 from triton.testing import do_bench
+
+from cp_core.channels import mamba_channel_plan, pack_torch, unpack_torch
+from cp_core.kernels import gather_triton as g
+
+
+def bench(fn):
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
 for wz in (True, False):
     p = mamba_channel_plan(8, 128, 64, 8, 128, with_z=wz)
     x = torch.randn(16384, p.in_width, device="cuda", dtype=torch.bfloat16)
-    nb = x.numel() * 2 * 2
-    for name, f in (("triton", g.pack), ("torch", pack_torch)):
-        ms = do_bench(lambda: f(x, p), warmup=25, rep=100, return_mode="median")
-        print(f"pack with_z={wz} {name}: {ms:.3f} ms {nb / ms / 1e9:.0f} GB/s")
+    rw = 2 * x.numel() * x.element_size()  # bytes read + written by one pass
     s = g.pack(x, p)
-    idx = torch.randperm(s.shape[0] * s.shape[1], device="cuda")
-    ms = do_bench(lambda: s.view(-1, p.local_width).index_select(0, idx), warmup=25, rep=100, return_mode="median")
-    print(f"row gather: {ms:.3f} ms {nb / ms / 1e9:.0f} GB/s")
-    ms = do_bench(lambda: g.unpack(s, p), warmup=25, rep=100, return_mode="median")
-    ms2 = do_bench(lambda: unpack_torch(s, p), warmup=25, rep=100, return_mode="median")
-    print(f"unpack triton {ms:.3f} torch {ms2:.3f}")
+    assert torch.equal(s, pack_torch(x, p))
+    rows = s.view(-1, p.local_width)
+    idx = torch.randperm(rows.shape[0], device="cuda")
+    assert torch.equal(g.gather_rows(rows, idx), rows.index_select(0, idx))
+    for name, fn in (
+        ("pack triton", lambda: g.pack(x, p)),
+        ("pack torch", lambda: pack_torch(x, p)),
+        ("row gather triton", lambda: g.gather_rows(rows, idx)),
+        ("row gather index_select", lambda: rows.index_select(0, idx)),
+        ("unpack triton", lambda: g.unpack(s, p)),
+        ("unpack torch", lambda: unpack_torch(s, p)),
+        ("plain copy", lambda: x.clone()),
+    ):
+        ms = bench(fn)
+        print(f"with_z={wz!s:5} {name:24} {ms:7.3f} ms {rw / ms / 1e9:6.0f} GB/s (read+write)")

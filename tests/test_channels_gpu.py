@@ -25,3 +25,10 @@ def test_triton_pack_unpack_match_torch(cp, nh, hd, ng, ds, with_z, dtype):
     if not plan.replicated:
         s = torch.randn(cp, 1000, plan.local_width, device="cuda").to(dtype)
         assert torch.equal(gather_triton.unpack(s, plan), unpack_torch(s, plan))
+
+
+@pytest.mark.parametrize("width", [1, 6, 96, 2320, 5000])
+def test_triton_gather_rows_matches_index_select(width):
+    x = torch.randn(777, width, device="cuda").to(torch.bfloat16)
+    idx = torch.randint(0, 777, (1000,), device="cuda")
+    assert torch.equal(gather_triton.gather_rows(x, idx), x.index_select(0, idx))

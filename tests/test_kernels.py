@@ -56,14 +56,25 @@ def assert_rel_close(actual, expected, rtol, what=""):
     """Elementwise rtol, with an absolute floor of rtol times the largest |expected|."""
     expected = expected.to(torch.float64)
     atol = rtol * max(expected.abs().max().item(), 1e-30)
-    torch.testing.assert_close(actual.to(torch.float64), expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        actual.to(torch.float64), expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}"
+    )
 
 
 def run_ssd(fn, inp, chunk_size, seq_idx=None, **kw):
     return fn(
-        inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], chunk_size=chunk_size, D=inp["D"],
-        dt_bias=inp["dt_bias"], seq_idx=seq_idx, initial_states=inp["initial_states"],
-        return_final_states=True, **kw,
+        inp["x"],
+        inp["dt"],
+        inp["A"],
+        inp["B"],
+        inp["C"],
+        chunk_size=chunk_size,
+        D=inp["D"],
+        dt_bias=inp["dt_bias"],
+        seq_idx=seq_idx,
+        initial_states=inp["initial_states"],
+        return_final_states=True,
+        **kw,
     )
 
 
@@ -159,8 +170,10 @@ GRAD_NAMES = ("x", "dt", "A", "B", "C", "D", "dt_bias", "initial_states")
 
 
 def _grads(fn, inp, chunk_size, seq, gy, gf):
-    leaves = {k: v.detach().clone().requires_grad_(True) if isinstance(v, torch.Tensor) else v
-              for k, v in inp.items()}
+    leaves = {
+        k: v.detach().clone().requires_grad_(True) if isinstance(v, torch.Tensor) else v
+        for k, v in inp.items()
+    }
     y, fs = run_ssd(fn, leaves, chunk_size, seq)
     loss = (y * gy).sum() + (fs * gf).sum()
     names = [k for k in GRAD_NAMES if leaves[k] is not None]
@@ -192,8 +205,16 @@ def test_ssd_final_states_gradient_flows_alone():
     inp = f64(ssd_inputs(1, 19, 2, 2, 1, 3, seed=8, init=True))
     x = inp["x"].clone().requires_grad_(True)
     init = inp["initial_states"].clone().requires_grad_(True)
-    _, fs = ssd(x, inp["dt"], inp["A"], inp["B"], inp["C"], chunk_size=4, initial_states=init,
-                return_final_states=True)
+    _, fs = ssd(
+        x,
+        inp["dt"],
+        inp["A"],
+        inp["B"],
+        inp["C"],
+        chunk_size=4,
+        initial_states=init,
+        return_final_states=True,
+    )
     fs.sum().backward()
     assert x.grad.abs().sum() > 0 and init.grad.abs().sum() > 0
 
@@ -331,7 +352,9 @@ def test_conv_mixed_dtype_grads():
     w.requires_grad_(True)
     bb.requires_grad_(True)
     conv1d(xb, w, bb).float().square().sum().backward()
-    assert xb.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32 and bb.grad.dtype == torch.float32
+    assert (
+        xb.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32 and bb.grad.dtype == torch.float32
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -368,8 +391,9 @@ def test_resolve_explicit_fast_backend_on_cpu_raises(monkeypatch):
 
 def test_resolve_unavailable_package_says_why(monkeypatch):
     monkeypatch.setattr(ssd_mamba, "available", lambda: (False, "mamba-ssm is not installed"))
-    monkeypatch.setitem(kernels._OPS, "ssd", (SSD_BACKENDS, "CP_CORE_SSD_BACKEND", "mamba_ssm",
-                                              ssd_mamba.available))
+    monkeypatch.setitem(
+        kernels._OPS, "ssd", (SSD_BACKENDS, "CP_CORE_SSD_BACKEND", "mamba_ssm", ssd_mamba.available)
+    )
     with pytest.raises(ValueError, match="not installed"):
         resolve_backends("cuda", ssd_backend="mamba_ssm")
     assert resolve_backends("cuda", "auto", "torch")[0] == "torch"  # auto falls back
@@ -411,10 +435,12 @@ def _fake_mamba(root, init_body):
     (pkg / "__init__.py").write_text(init_body)
     (pkg / "ops" / "__init__.py").write_text("")
     (pkg / "ops" / "triton" / "__init__.py").write_text("")
-    (pkg / "ops" / "triton" / "ssd_combined.py").write_text(textwrap.dedent("""
+    (pkg / "ops" / "triton" / "ssd_combined.py").write_text(
+        textwrap.dedent("""
         def mamba_chunk_scan_combined(*args, **kwargs):
             return "fake"
-    """))
+    """)
+    )
 
 
 @pytest.mark.parametrize("broken_init", [True, False])

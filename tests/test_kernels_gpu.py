@@ -72,7 +72,10 @@ def ssd_case(dtype, *, docs, init, D_shape, seed):
 
     f32 = torch.float32
     inp = dict(
-        x=rnd(b, l, h, p), dt=rnd(b, l, h, scale=0.5, shift=-2.0), B=rnd(b, l, g, n), C=rnd(b, l, g, n),
+        x=rnd(b, l, h, p),
+        dt=rnd(b, l, h, scale=0.5, shift=-2.0),
+        B=rnd(b, l, g, n),
+        C=rnd(b, l, g, n),
         # parameters stay float32, as in a Mamba2 layer
         A=-torch.exp(torch.rand(h, generator=gen, device=dev) - 0.5),
         D=rnd(h, dt=f32) if D_shape == "h" else rnd(h, p, dt=f32),
@@ -94,9 +97,18 @@ def ssd_fwd_bwd(inp, seq, chunk, gy, gf, backend, upcast=False):
             continue
         leaves[k] = (v.double() if upcast else v).detach().clone().requires_grad_(True)
     y, fs = ssd(
-        leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"], chunk_size=chunk, D=leaves["D"],
-        dt_bias=leaves["dt_bias"], seq_idx=seq, initial_states=leaves["initial_states"],
-        return_final_states=True, backend=backend,
+        leaves["x"],
+        leaves["dt"],
+        leaves["A"],
+        leaves["B"],
+        leaves["C"],
+        chunk_size=chunk,
+        D=leaves["D"],
+        dt_bias=leaves["dt_bias"],
+        seq_idx=seq,
+        initial_states=leaves["initial_states"],
+        return_final_states=True,
+        backend=backend,
     )
     ((y.double() * gy.double()).sum() + (fs.double() * gf.double()).sum()).backward()
     grads = {k: v.grad for k, v in leaves.items() if v is not None}
@@ -132,13 +144,30 @@ def test_ssd_mamba_matches_torch(dtype, docs, init, D_shape):
 def test_ssd_torch_cuda_matches_cpu():
     need_cuda()
     inp, seq, chunk, gy, gf = ssd_case(torch.float32, docs=True, init=True, D_shape="h", seed=2)
-    y, fs = ssd(**{k: v for k, v in inp.items() if k in ("x", "dt", "A", "B", "C")}, chunk_size=chunk,
-                D=inp["D"], dt_bias=inp["dt_bias"], seq_idx=seq, initial_states=inp["initial_states"],
-                return_final_states=True, backend="torch")
+    y, fs = ssd(
+        **{k: v for k, v in inp.items() if k in ("x", "dt", "A", "B", "C")},
+        chunk_size=chunk,
+        D=inp["D"],
+        dt_bias=inp["dt_bias"],
+        seq_idx=seq,
+        initial_states=inp["initial_states"],
+        return_final_states=True,
+        backend="torch",
+    )
     cpu = {k: (v.cpu() if v is not None else None) for k, v in inp.items()}
-    yc, fsc = ssd(cpu["x"], cpu["dt"], cpu["A"], cpu["B"], cpu["C"], chunk_size=chunk, D=cpu["D"],
-                  dt_bias=cpu["dt_bias"], seq_idx=seq.cpu(), initial_states=cpu["initial_states"],
-                  return_final_states=True)
+    yc, fsc = ssd(
+        cpu["x"],
+        cpu["dt"],
+        cpu["A"],
+        cpu["B"],
+        cpu["C"],
+        chunk_size=chunk,
+        D=cpu["D"],
+        dt_bias=cpu["dt_bias"],
+        seq_idx=seq.cpu(),
+        initial_states=cpu["initial_states"],
+        return_final_states=True,
+    )
     assert rel_err(y.cpu(), yc) <= 1e-5 and rel_err(fs.cpu(), fsc) <= 1e-5
 
 

@@ -44,6 +44,8 @@ if HAVE_TRITON:
         dst_slab = tl.load(table + t * 5 + 2).to(tl.int64)
         dst_col = tl.load(table + t * 5 + 3).to(tl.int64)
         width = tl.load(table + t * 5 + 4)
+        if ALIGN > 1:  # a mask of known alignment keeps the loads and stores vectorised
+            width = tl.multiple_of(width, ALIGN)
         rows = (tl.program_id(1) * BN + tl.arange(0, BN)).to(tl.int64)
         cols = tl.arange(0, BW)
         mask = (rows < n_rows)[:, None] & (cols < width)[None, :]
@@ -78,8 +80,8 @@ def _table(plan, direction: str, device: str) -> tuple[torch.Tensor, int]:
             tiles.append((ss, sc + c, ds, dc + c, min(BW, w - c)))
     table = torch.tensor(tiles, dtype=torch.int32).to(device)
     align = 8
-    for _ss, sc, _ds, dc, _ in tiles:
-        while align > 1 and (sc % align or dc % align):
+    for _ss, sc, _ds, dc, w in tiles:
+        while align > 1 and (sc % align or dc % align or w % align):
             align //= 2
     return table, align
 
@@ -112,3 +114,37 @@ def unpack(s: torch.Tensor, plan) -> torch.Tensor:
     s = s.contiguous()
     out = s.new_empty((n, plan.in_width))
     return _launch(s, out, plan, "unpack", n, n * w_loc, w_loc, 0, plan.in_width)
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _gather_rows(src, out, idx, n_rows, width, BN: tl.constexpr, BW: tl.constexpr, ALIGN: tl.constexpr):
+        rows = tl.program_id(0) * BN + tl.arange(0, BN)
+        cols = tl.program_id(1) * BW + tl.arange(0, BW)
+        rmask = rows < n_rows
+        src_rows = tl.load(idx + rows, mask=rmask, other=0).to(tl.int64)
+        mask = rmask[:, None] & (cols < width)[None, :]
+        s_off = src_rows * width
+        d_off = rows.to(tl.int64) * width
+        if ALIGN > 1:
+            s_off = tl.multiple_of(s_off, ALIGN)
+            d_off = tl.multiple_of(d_off, ALIGN)
+        vals = tl.load(src + s_off[:, None] + cols[None, :], mask=mask)
+        tl.store(out + d_off[:, None] + cols[None, :], vals, mask=mask)
+
+
+def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(0, idx)`` for a contiguous 2-D ``x`` on CUDA, with vectorised row copies."""
+    x = x.contiguous()
+    n, width = idx.shape[0], x.shape[1]
+    out = x.new_empty((n, width))
+    if n and width:
+        align = 8
+        while align > 1 and width % align:
+            align //= 2
+        bw = min(1024, triton.next_power_of_2(width))
+        bn = max(1, 4096 // bw)
+        grid = (triton.cdiv(n, bn), triton.cdiv(width, bw))
+        _gather_rows[grid](x, out, idx, n, width, BN=bn, BW=bw, ALIGN=align, num_warps=4)
+    return out

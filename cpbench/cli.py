@@ -1,0 +1,324 @@
+"""The ``cpbench`` command line.
+
+::
+
+    cpbench sweep [SCENARIO] [--out DIR] [--nproc N] [--backend gloo|nccl|fake] [--fake-busbw GBPS]
+                  [--set TABLE.KEY=VALUE ...] [--profile nsys|torch] [--exec] [--dry-run] [--no-progress]
+    cpbench report RESULTS.csv [--group-by COLS] [--metrics COLS]
+    cpbench plot RESULTS.csv [--out DIR]
+    cpbench compare OLD.csv NEW.csv [--threshold 5%] [--only-changed] [--metric COL ...] [--ignore COLS]
+    cpbench nsys-import REPORT.nsys-rep|CSV [--csv OUT]
+    cpbench scenarios
+
+``SCENARIO`` is a TOML file (schema: :mod:`cpbench.scenario`) or the name of a scenario shipped in
+the package (``smoke``, ``packing``, ``heads``, ``long_context``, ``h100_node``); without one, the
+embedded ``smoke`` runs on the CPU over gloo in well under a minute.
+
+Exit codes: 0 success; 1 a case errored (sweep), a regression (compare), or a failed run;
+2 a user error (bad scenario, flag or CSV: one line on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cpbench", description="Benchmark context-parallel Mamba2 layers (cp_core)."
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("sweep", help="run a scenario's sweep and write results.csv + meta.json")
+    s.add_argument("scenario", nargs="?", help="scenario TOML file or embedded name (default: smoke)")
+    s.add_argument("--out", type=Path, help="results folder (default: results/<scenario>-<YYYYmmdd-HHMMSS>)")
+    s.add_argument(
+        "--nproc", type=int, help="local ranks to spawn (default: the largest cp_size); not under torchrun"
+    )
+    s.add_argument(
+        "--backend",
+        choices=("auto", "gloo", "nccl", "fake"),
+        help="process-group backend, or fake: one process, modeled communication (= --set run.backend=...)",
+    )
+    s.add_argument(
+        "--fake-busbw",
+        type=float,
+        metavar="GBPS",
+        help="busbw of the fake backend's model, GB/s (default 370, NVLink4 H100)",
+    )
+    s.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="TABLE.KEY=VALUE",
+        help="override a scenario value, parsed as TOML (repeatable): --set sweep.cp_size=[1,2]",
+    )
+    s.add_argument("--profile", choices=("nsys", "torch"), help="profile the measured iterations")
+    s.add_argument(
+        "--exec",
+        dest="exec_",
+        action="store_true",
+        help="with --profile nsys: re-launch under the printed nsys command",
+    )
+    s.add_argument("--dry-run", action="store_true", help="list the cases (and why some would be skipped)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    r = sub.add_parser("report", help="render a results CSV as a table")
+    r.add_argument("csv", type=Path)
+    r.add_argument(
+        "--group-by", nargs="+", action="extend", metavar="COLS", help="one table per value of these columns"
+    )
+    r.add_argument("--metrics", nargs="+", action="extend", metavar="COLS", help="columns to show")
+
+    pl = sub.add_parser("plot", help="PNG figures of a results CSV")
+    pl.add_argument("csv", type=Path)
+    pl.add_argument("--out", type=Path, help="folder for the PNGs (default: <csv folder>/plots)")
+
+    c = sub.add_parser("compare", help="compare two results CSVs case by case; exit 1 on a regression")
+    c.add_argument("old", type=Path)
+    c.add_argument("new", type=Path)
+    c.add_argument("--threshold", default="5%", help="relative change that counts (default 5%%)")
+    c.add_argument("--only-changed", action="store_true", help="show only regressions and improvements")
+    c.add_argument(
+        "--metric", nargs="+", action="extend", metavar="COL", help="metric column(s) (default layer_ms)"
+    )
+    c.add_argument(
+        "--ignore",
+        action="append",
+        metavar="COLS",
+        help="key columns left out of the join (e.g. scenario,device)",
+    )
+
+    n = sub.add_parser("nsys-import", help="region columns from an nsys report or nvtx_gpu_proj_sum CSV")
+    n.add_argument("report", type=Path)
+    n.add_argument("--csv", type=Path, help="also write the columns as a one-row CSV")
+
+    sub.add_parser("scenarios", help="list the scenarios shipped in the package")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------- sweep
+
+
+def _sweep(args) -> int:
+    from .launcher import LaunchOptions, launch, under_torchrun
+    from .scenario import load_scenario
+
+    overrides = list(args.overrides)
+    if args.backend:
+        overrides.append(f'run.backend="{args.backend}"')
+    if args.fake_busbw is not None:
+        overrides.append(f"run.fake_busbw_gbps={args.fake_busbw!r}")
+    scenario = load_scenario(args.scenario, overrides)
+    if args.nproc is not None and args.nproc < 1:
+        raise UserError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.exec_ and args.profile != "nsys":
+        raise UserError("--exec goes with --profile nsys")
+    if args.dry_run:
+        return _dry_run(scenario, args)
+    if args.profile == "nsys":
+        code = _nsys(scenario, args)
+        if code is not None:
+            return code
+    command = ["cpbench", *args.argv]
+    opts = LaunchOptions(
+        out_dir=args.out,
+        nproc=args.nproc,
+        backend=None,
+        profile=args.profile,
+        progress=not args.no_progress,
+        command=command,
+    )
+    if under_torchrun() and args.nproc is not None:
+        if args.nproc != int(os.environ["WORLD_SIZE"]):
+            raise UserError(
+                f"--nproc {args.nproc} contradicts torchrun's WORLD_SIZE={os.environ['WORLD_SIZE']}"
+            )
+    return launch(scenario, opts)
+
+
+def _dry_run(scenario, args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    if scenario.run.backend == "fake":
+        world = None
+    elif "WORLD_SIZE" in os.environ:
+        world = int(os.environ["WORLD_SIZE"])
+    else:
+        world = args.nproc or max(scenario.sweep.cp_size)
+    t = Table(
+        title=f"{scenario.name}: {len(scenario.cases())} cases (world size {world or 'fake'})",
+        title_justify="left",
+    )
+    for col in ("case", "description", "runs?"):
+        t.add_column(col)
+    for case in scenario.cases():
+        reason = case.skip_reason(world)
+        t.add_row(str(case.index), case.describe(), "yes" if reason is None else f"skipped: {reason}")
+    Console().print(t)
+    return 0
+
+
+def _nsys(scenario, args) -> int | None:
+    """Print the nsys command for this sweep; with --exec, become it. ``None``: go on and run the sweep."""
+    import torch
+
+    from . import nsys
+    from .launcher import under_torchrun
+    from .results import default_out_dir
+
+    if nsys.under_nsys():
+        return None
+    out = args.out or default_out_dir(scenario.name)
+    sweep_args = ["sweep"] + ([args.scenario] if args.scenario else [])
+    sweep_args += ["--out", str(out), "--profile", "nsys"]
+    for o in args.overrides:
+        sweep_args += ["--set", o]
+    if args.backend:
+        sweep_args += ["--backend", args.backend]
+    if args.fake_busbw is not None:
+        sweep_args += ["--fake-busbw", repr(args.fake_busbw)]
+    if args.nproc:
+        sweep_args += ["--nproc", str(args.nproc)]
+    if under_torchrun():
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        nodes = max(1, int(os.environ["WORLD_SIZE"]) // local)
+        launcher = ["torchrun", "--nproc-per-node", str(local)]
+        if nodes > 1:
+            launcher += ["--nnodes", str(nodes), "<rendezvous flags as launched>"]
+        program = [*launcher, "-m", "cpbench", *sweep_args]
+    else:
+        program = [sys.executable, "-m", "cpbench", *sweep_args]
+    n_cases = sum(c.skip_reason(None) is None for c in scenario.cases())
+    cmd = nsys.profile_command(Path(out), program, n_cases)
+    if args.exec_ and under_torchrun():  # every rank says so, before any of them starts
+        raise UserError("--exec cannot re-launch ranks started by torchrun: run the printed command instead")
+    if under_torchrun() and os.environ.get("RANK", "0") != "0":
+        return None  # rank 0 prints the command
+    if args.exec_:
+        args.out = out
+        nsys.exec_under_nsys(cmd)
+    print(
+        f"cpbench: to capture the measured iterations with Nsight Systems:\n  {nsys.format_command(cmd)}",
+        file=sys.stderr,
+    )
+    if not torch.cuda.is_available():
+        print("cpbench: warning: no CUDA device: cudaProfilerStart/Stop are skipped here", file=sys.stderr)
+    args.out = out
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- the others
+
+
+def _report(args) -> int:
+    from .report import render, split_list
+    from .results import read_results
+
+    df = read_results(args.csv)
+    render(df, group_by=split_list(args.group_by), metrics=split_list(args.metrics) or None)
+    return 0
+
+
+def _plot(args) -> int:
+    from .plot import plot_all
+    from .results import read_results
+
+    df = read_results(args.csv)
+    out = args.out or args.csv.parent / "plots"
+    files = plot_all(df, out)
+    if not files:
+        print("cpbench: nothing to plot (no ok case with timings)", file=sys.stderr)
+        return 0
+    for f in files:
+        print(f)
+    return 0
+
+
+def _compare(args) -> int:
+    from . import compare
+    from .report import split_list
+    from .results import read_results
+
+    threshold = compare.parse_threshold(args.threshold)
+    old, new = read_results(args.old), read_results(args.new)
+    cmp = compare.compare(
+        old,
+        new,
+        metrics=split_list(args.metric) or ["layer_ms"],
+        threshold=threshold,
+        ignore=split_list(args.ignore),
+        names=(str(args.old), str(args.new)),
+    )
+    compare.render(cmp, only_changed=args.only_changed, threshold=threshold)
+    return 1 if cmp.regressions else 0
+
+
+def _nsys_import(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from . import nsys
+    from .results import ResultsWriter
+
+    cols = nsys.import_report(args.report)
+    t = Table(
+        title=f"{args.report}: {cols.get('iterations', 0):g} iterations (GPU-projected NVTX ranges)",
+        title_justify="left",
+    )
+    t.add_column("region")
+    t.add_column("ms / iteration", justify="right")
+    t.add_column("instances / iteration", justify="right")
+    for k, v in cols.items():
+        if k.endswith("_ms"):
+            name = k[:-3]
+            t.add_row(name, f"{v:.3f}", f"{cols.get(name + '_count', float('nan')):g}")
+    Console().print(t)
+    if args.csv:
+        w = ResultsWriter(args.csv, columns=list(cols))
+        w.append(cols)
+    return 0
+
+
+def _scenarios(args) -> int:
+    from .scenario import embedded_scenarios, load_scenario
+
+    for path in embedded_scenarios():
+        s = load_scenario(str(path))
+        print(f"{path.stem:14s} {len(s.cases()):4d} cases  {s.description}")
+    return 0
+
+
+def _warning(message, category, filename, lineno, file=None, line=None):
+    print(f"cpbench: warning: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    args.argv = argv
+    warnings.showwarning = _warning
+    handlers = {
+        "sweep": _sweep,
+        "report": _report,
+        "plot": _plot,
+        "compare": _compare,
+        "nsys-import": _nsys_import,
+        "scenarios": _scenarios,
+    }
+    try:
+        return handlers[args.command](args)
+    except UserError as e:
+        print(f"cpbench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cpbench: interrupted", file=sys.stderr)
+        return 130

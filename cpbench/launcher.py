@@ -1,0 +1,262 @@
+"""How a sweep gets its ranks: torchrun, local spawn, or one process (the fake backend).
+
+* **torchrun** (``WORLD_SIZE`` in the environment): the launched ranks are used as they are, one
+  node or many: ``torchrun --nproc-per-node 8 -m cpbench sweep scenarios/h100_node.toml``. NCCL
+  on GPUs (``torch.cuda.set_device(LOCAL_RANK)``), gloo on CPU.
+* **spawn** (no ``WORLD_SIZE``): cpbench starts ``--nproc`` local ranks itself (default: the
+  largest cp_size of the sweep) with ``torch.multiprocessing`` (spawn), rendezvous at
+  127.0.0.1 on a free port; gloo on CPU, NCCL with one GPU per rank. One rank runs in-process.
+* **fake** (``--backend fake``): one process, no process group; each case runs rank 0's real work
+  with ``cp_core.comm.LocalGroup(0, cp_size)`` on the local device (GPU if available) and the
+  communication is modeled (see :mod:`cpbench.metrics`).
+
+Each cp_size of the sweep is realised as CP subgroups of the world (``world / cp`` replicas of
+``cp`` consecutive ranks), all created once, collectively, before the first case. Every process
+group gets ``run.timeout_s``: a rank that dies or hangs ends the run with a message instead of
+hanging it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .scenario import Scenario
+from .sweep import DistEnv, Sweep, SweepAborted
+
+
+@dataclass
+class LaunchOptions:
+    out_dir: Path | None = None  # None: results/<scenario>-<stamp>
+    nproc: int | None = None
+    backend: str | None = None  # None: the scenario's run.backend
+    profile: str | None = None
+    progress: bool = True
+    command: list[str] | None = None
+
+
+def under_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def resolve_device(scenario: Scenario) -> torch.device:
+    want = scenario.run.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise UserError(f'{scenario.source}: run.device = "cuda" but no CUDA device is available')
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(want)
+
+
+def resolve_backend(requested: str | None, scenario: Scenario, device: torch.device) -> str:
+    backend = requested or scenario.run.backend
+    if backend == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise UserError("backend nccl needs CUDA devices (run.device is cpu or no GPU is available)")
+    if backend == "gloo" and device.type == "cuda":
+        raise UserError("backend gloo runs the layer on the CPU: use --set run.device=cpu, or nccl on GPUs")
+    return backend
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _make_groups(scenario: Scenario, world: int, timeout: datetime.timedelta) -> dict[int, object]:
+    """CP subgroups of every cp_size of the sweep that tiles the world (collective: all ranks call it)."""
+    import torch.distributed as dist
+
+    groups: dict[int, object] = {1: None}
+    for cp in sorted(set(scenario.sweep.cp_size)):
+        if cp == 1 or cp > world or world % cp:
+            continue
+        groups[cp], _ = dist.new_subgroups(group_size=cp, timeout=timeout)
+    return groups
+
+
+def _hosts(env: DistEnv) -> list[str]:
+    return sorted(set(env.all_gather(socket.gethostname())))
+
+
+def _set_threads(nproc_local: int) -> None:
+    n = max(1, (os.cpu_count() or 1) // max(1, nproc_local))
+    torch.set_num_threads(n)
+
+
+def _run_rank(scenario: Scenario, env: DistEnv, out_dir: Path | None, opts: LaunchOptions) -> int:
+    """One rank's whole sweep, in rank 0's results folder."""
+    from .results import default_out_dir
+
+    # every rank takes rank 0's folder (collective: all ranks call it, given a folder or not)
+    out_dir = Path(env.all_gather(str(out_dir or default_out_dir(scenario.name)))[0])
+    env.hosts = _hosts(env)
+    sweep = Sweep(scenario, env, out_dir, profile=opts.profile, command=opts.command, progress=opts.progress)
+    code = sweep.run()
+    if env.rank == 0:
+        _finish(sweep)
+    return code
+
+
+def _finish(sweep: Sweep) -> None:
+    from .report import print_sweep_summary
+
+    print_sweep_summary(sweep.rows, sweep.out_dir)
+
+
+def _init_world(
+    backend: str, rank: int, world: int, timeout_s: float, init_method: str | None = None
+) -> None:
+    import torch.distributed as dist
+
+    kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)}
+    if init_method is not None:
+        kwargs.update(init_method=init_method, rank=rank, world_size=world)
+    dist.init_process_group(backend, **kwargs)
+
+
+def _teardown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:
+            pass
+
+
+def _spawned_rank(
+    local_rank: int,
+    nproc: int,
+    port: int,
+    scenario: Scenario,
+    backend: str,
+    device_type: str,
+    out_dir: str,
+    opts: LaunchOptions,
+    codes,
+) -> None:
+    """Entry point of a spawned rank (module level: spawn pickles it by name)."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _set_threads(nproc)
+    device = torch.device("cuda", local_rank) if device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    try:
+        _init_world(backend, local_rank, nproc, scenario.run.timeout_s, f"tcp://127.0.0.1:{port}")
+        timeout = datetime.timedelta(seconds=scenario.run.timeout_s)
+        groups = _make_groups(scenario, nproc, timeout)
+        env = DistEnv(
+            local_rank, nproc, backend, device, groups, distributed=True, timeout_s=scenario.run.timeout_s
+        )
+        code = _run_rank(scenario, env, Path(out_dir), opts)
+        if local_rank == 0:
+            codes.put(code)
+    except SweepAborted as e:
+        print(f"cpbench: error: {e}", file=sys.stderr, flush=True)
+        os._exit(1)
+    except Exception:
+        print(f"cpbench: rank {local_rank} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        os._exit(1)
+    _teardown()
+
+
+def launch(scenario: Scenario, opts: LaunchOptions) -> int:
+    """Run the sweep; the exit code (0: every case ok or skipped, 1: a case errored or the run failed)."""
+    from .results import default_out_dir
+
+    if under_torchrun():
+        return _launch_torchrun(scenario, opts)
+    device = resolve_device(scenario)
+    backend = resolve_backend(opts.backend, scenario, device)
+    out_dir = opts.out_dir or default_out_dir(scenario.name)
+    if backend == "fake":
+        from cp_core.comm import LocalGroup
+
+        groups = {cp: (LocalGroup(0, cp) if cp > 1 else None) for cp in scenario.sweep.cp_size}
+        env = DistEnv(0, 1, "fake", device, groups, distributed=False, timeout_s=scenario.run.timeout_s)
+        return _run_rank(scenario, env, out_dir, opts)
+    nproc = opts.nproc or max(scenario.sweep.cp_size)
+    if nproc < 1:
+        raise UserError(f"--nproc must be >= 1, got {nproc}")
+    if device.type == "cuda" and nproc > torch.cuda.device_count():
+        raise UserError(
+            f"--nproc {nproc} > {torch.cuda.device_count()} visible GPUs: one rank per GPU "
+            f"(use torchrun for several nodes, or --backend fake to project one GPU to cp_size N)"
+        )
+    if nproc == 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        env = DistEnv(0, 1, backend, device, {1: None}, distributed=False, timeout_s=scenario.run.timeout_s)
+        return _run_rank(scenario, env, out_dir, opts)
+    return _spawn(scenario, opts, nproc, backend, device, out_dir)
+
+
+def _spawn(
+    scenario: Scenario, opts: LaunchOptions, nproc: int, backend: str, device: torch.device, out_dir: Path
+) -> int:
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    codes = ctx.SimpleQueue()
+    port = free_port()
+    try:
+        mp.start_processes(
+            _spawned_rank,
+            args=(nproc, port, scenario, backend, device.type, str(out_dir), opts, codes),
+            nprocs=nproc,
+            join=True,
+            start_method="spawn",
+        )
+    except mp.ProcessExitedException as e:
+        how = f"signal {e.signal_name}" if e.signal_name else f"exit code {e.exit_code}"
+        print(
+            f"cpbench: error: rank {e.error_index} ended with {how}; the run stopped "
+            f"(results so far: {out_dir / 'results.csv'})",
+            file=sys.stderr,
+        )
+        return 1
+    except mp.ProcessRaisedException as e:
+        print(f"cpbench: error: rank {e.error_index} failed: {e}", file=sys.stderr)
+        return 1
+    return codes.get() if not codes.empty() else 1
+
+
+def _launch_torchrun(scenario: Scenario, opts: LaunchOptions) -> int:
+    rank = int(os.environ["RANK"])
+    world = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    device = resolve_device(scenario)
+    backend = resolve_backend(opts.backend, scenario, device)
+    if backend == "fake":
+        raise UserError("--backend fake runs in one process: do not launch it with torchrun")
+    if opts.nproc is not None and opts.nproc != world:
+        raise UserError(f"--nproc {opts.nproc} contradicts torchrun's WORLD_SIZE={world}")
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        _set_threads(local_world)
+    try:
+        _init_world(backend, rank, world, scenario.run.timeout_s)
+        groups = _make_groups(scenario, world, datetime.timedelta(seconds=scenario.run.timeout_s))
+        env = DistEnv(
+            rank, world, backend, device, groups, distributed=True, timeout_s=scenario.run.timeout_s
+        )
+        return _run_rank(scenario, env, opts.out_dir, opts)
+    except SweepAborted as e:
+        print(f"cpbench: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        _teardown()

@@ -1,0 +1,220 @@
+"""Nsight Systems: the ``nsys profile`` command of a sweep, and ``nvtx_gpu_proj_sum`` read back.
+
+``cpbench sweep --profile nsys`` wraps each case's measured iterations in
+``cudaProfilerStart/Stop`` (inside an NVTX range ``case N: ...``), so
+
+    nsys profile -t cuda,nvtx -c cudaProfilerApi --capture-range-end=<end> -o <out>/cpbench ...
+
+captures the measured iterations and nothing else (no warmup, no Triton autotuning). ``<end>`` is
+``stop`` for a sweep of one case and ``repeat`` for several (nsys then writes one report per case,
+``cpbench.1.nsys-rep``, ``cpbench.2.nsys-rep``, ... in the order the cases ran), so that every case
+is captured rather than only the first. ``--exec`` re-launches cpbench under that command.
+
+``cpbench nsys-import REPORT.nsys-rep`` runs ``nsys stats --report nvtx_gpu_proj_sum --format csv``
+on a report (or reads a CSV already exported that way) and turns the NVTX ranges of domain
+``cpbench`` into the region columns of ``results.csv``: ``{region}_ms`` is the region's total
+GPU-projected time divided by the number of measured iterations (the instances of ``layer_fwd``),
+i.e. the mean per iteration, of the sum of its occurrences; ``{region}_count`` is the number of
+instances per iteration. Column names are matched loosely (nsys versions differ): the range name is
+``Range`` or ``Name``; times are ``Total Proj Time`` / ``Proj Med`` / ... with a unit in parentheses
+(ns by default); instances are ``Range Instances`` or ``Instances``; a ``domain:`` prefix on a range
+name is removed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+UNDER_NSYS_ENV = "CPBENCH_UNDER_NSYS"
+_UNITS = {"ns": 1e-9, "us": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def profile_command(out_dir: Path, program: list[str], n_cases: int) -> list[str]:
+    """``nsys profile ... <program>``; ``program`` is the command that runs the sweep."""
+    end = "stop" if n_cases <= 1 else "repeat"
+    return [
+        "nsys",
+        "profile",
+        "-t",
+        "cuda,nvtx",
+        "-c",
+        "cudaProfilerApi",
+        f"--capture-range-end={end}",
+        "--force-overwrite=true",
+        "-o",
+        str(Path(out_dir) / "cpbench"),
+        *program,
+    ]
+
+
+def format_command(cmd: list[str]) -> str:
+    return " ".join(shlex.quote(c) for c in cmd)
+
+
+def exec_under_nsys(cmd: list[str]) -> None:
+    """Replace this process by ``cmd`` (an ``nsys profile`` command); a UserError if nsys is absent."""
+    if shutil.which(cmd[0]) is None:
+        raise UserError(
+            "--exec: nsys is not on PATH (install Nsight Systems, or run the printed command where it is)"
+        )
+    os.environ[UNDER_NSYS_ENV] = "1"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvp(cmd[0], cmd)
+
+
+def under_nsys() -> bool:
+    return os.environ.get(UNDER_NSYS_ENV) == "1"
+
+
+# ----------------------------------------------------------------------------------------------- import
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[^a-z]", "", name.lower().split("(")[0])
+
+
+def _unit(name: str) -> float:
+    m = re.search(r"\(([^)]*)\)", name)
+    return _UNITS.get(m.group(1).strip(), 1e-9) if m else 1e-9
+
+
+def _float(v: str) -> float:
+    v = (v or "").strip().replace(",", "")
+    try:
+        return float(v)
+    except ValueError:
+        return float("nan")
+
+
+def region_name(raw: str) -> str | None:
+    """``cpbench:a2a_pre`` / ``:a2a_pre`` / ``a2a_pre`` -> ``a2a_pre``; ``None`` for the case ranges."""
+    name = raw.strip()
+    if re.match(r"^(?:[\w.-]*:)?case \d+:", name):
+        return None
+    if ":" in name:
+        name = name.split(":", 1)[1] if not name.startswith(":") else name[1:]
+    return name.strip() or None
+
+
+def parse_nvtx_gpu_proj_sum(text: str, source: str = "<csv>") -> list[dict[str, Any]]:
+    """Rows ``{"range", "total_s", "instances", "med_s"}`` of an ``nvtx_gpu_proj_sum`` CSV export."""
+    lines = text.splitlines()
+    start = None
+    for i, line in enumerate(lines):
+        cells = [_norm(c) for c in next(csv.reader([line]), [])]
+        if ("range" in cells or "name" in cells) and any(
+            c.startswith(("totalproj", "projavg", "projmed")) for c in cells
+        ):
+            start = i
+            break
+    if start is None:
+        raise UserError(
+            f"{source}: no nvtx_gpu_proj_sum table found (expected a CSV header with Range and "
+            f"Total Proj Time columns, as written by `nsys stats --report nvtx_gpu_proj_sum --format csv`)"
+        )
+    body = []
+    for line in lines[start:]:
+        if not line.strip():
+            break
+        body.append(line)
+    reader = csv.reader(io.StringIO("\n".join(body)))
+    header = next(reader)
+    idx = {_norm(h): (i, _unit(h)) for i, h in enumerate(header)}
+
+    def col(*names):
+        for n in names:
+            if n in idx:
+                return idx[n]
+        return None
+
+    c_range = col("range", "name")
+    c_total = col("totalprojtime", "totalprojectedtime", "totalproj")
+    c_inst = col("rangeinstances", "instances", "numranges", "count")
+    c_med = col("projmed", "projmedian", "medproj")
+    c_avg = col("projavg", "projmean", "avgproj")
+    if c_range is None or (c_total is None and c_avg is None):
+        raise UserError(
+            f"{source}: the nvtx_gpu_proj_sum header lacks a range name or a projected time column"
+        )
+    rows = []
+    for rec in reader:
+        if len(rec) <= c_range[0]:
+            continue
+        inst = _float(rec[c_inst[0]]) if c_inst and len(rec) > c_inst[0] else float("nan")
+        if c_total is not None and len(rec) > c_total[0]:
+            total = _float(rec[c_total[0]]) * c_total[1]
+        else:
+            total = _float(rec[c_avg[0]]) * c_avg[1] * inst
+        med = _float(rec[c_med[0]]) * c_med[1] if c_med and len(rec) > c_med[0] else float("nan")
+        rows.append({"range": rec[c_range[0]], "total_s": total, "instances": inst, "med_s": med})
+    return rows
+
+
+def to_region_columns(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The results.csv region columns from parsed rows (see the module docstring)."""
+    per: dict[str, dict[str, float]] = {}
+    for r in rows:
+        name = region_name(r["range"])
+        if name is None:
+            continue
+        p = per.setdefault(name, {"total_s": 0.0, "instances": 0.0})
+        p["total_s"] += r["total_s"]
+        p["instances"] += r["instances"] if r["instances"] == r["instances"] else 0.0
+    iters = per.get("layer_fwd", {}).get("instances", 0.0)
+    out: dict[str, float] = {"iterations": iters}
+    for name, p in per.items():
+        n = iters or p["instances"] or 1.0
+        out[f"{name}_ms"] = p["total_s"] / n * 1e3
+        out[f"{name}_count"] = p["instances"] / n
+    return out
+
+
+def stats_csv(report: Path) -> str:
+    """``nsys stats --report nvtx_gpu_proj_sum --format csv`` of a report, as text."""
+    if shutil.which("nsys") is None:
+        raise UserError(
+            f"{report}: reading a report needs nsys on PATH; or pass the CSV that "
+            f"`nsys stats --report nvtx_gpu_proj_sum --format csv -o -` printed"
+        )
+    cmd = [
+        "nsys",
+        "stats",
+        "--report",
+        "nvtx_gpu_proj_sum",
+        "--format",
+        "csv",
+        "--output",
+        "-",
+        "--force-export=true",
+        str(report),
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise UserError(f"{report}: nsys stats failed ({res.returncode}): {res.stderr.strip()[-400:]}")
+    return res.stdout
+
+
+def import_report(path: str | Path) -> dict[str, float]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    if path.suffix in (".nsys-rep", ".qdrep", ".sqlite"):
+        text = stats_csv(path)
+    else:
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: cannot read: {e}") from None
+    return to_region_columns(parse_nvtx_gpu_proj_sum(text, str(path)))

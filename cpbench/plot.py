@@ -1,0 +1,288 @@
+"""``cpbench plot RESULTS.csv``: PNG figures of a sweep (matplotlib, Agg backend).
+
+* ``regions-<group>.png``: time per region vs seq_len, one panel per cp_size, stacked bars of the
+  layer's regions (``other`` = the layer time not covered by any region; regions are taken as
+  disjoint), for each combination of the other axes that vary (path, pass, packing, ...);
+* ``busbw.png``: the layer's all-to-all busbw vs message size, against the microbenchmark at the
+  same sizes on the same groups (measured rows only);
+* ``scaling-<group>.png``: layer time vs cp_size, one line per seq_len, with the ideal ``1/cp``
+  line from each line's smallest cp_size;
+* ``strategy-bytes.png`` (when the ``strategy`` axis holds both ``hidden`` and ``state_passing``):
+  bytes per rank per layer forward vs seq_len for both strategies, one colour per cp_size, with
+  the crossover (where the cheaper strategy changes) marked.
+
+At most :data:`MAX_GROUPS` figures of each per-group kind are drawn.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+from .scenario import CASE_KEY
+
+MAX_GROUPS = 24
+NOT_REGIONS = {"layer", "comm", "layer_fwd", "layer_bwd"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _slug(parts: dict) -> str:
+    s = "-".join(f"{k}_{v}" for k, v in parts.items()) or "all"
+    return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", s)[:150]
+
+
+def region_columns(df) -> list[str]:
+    """Region names with a time column holding at least one number (layer totals excluded)."""
+    out = []
+    for c in df.columns:
+        if not c.endswith("_ms") or c.endswith(("_min_ms", "_iqr_ms")):
+            continue
+        name = c[:-3]
+        if name in NOT_REGIONS or df[c].isna().all():
+            continue
+        out.append(name)
+    return out
+
+
+def _group_cols(df, exclude: set[str]) -> list[str]:
+    keys = [c for c in CASE_KEY if c in df.columns and c not in ("docs", "density") and c not in exclude]
+    return [c for c in keys if df[c].nunique(dropna=False) > 1]
+
+
+def _groups(df, cols):
+    if not cols:
+        yield {}, df
+        return
+    for i, (k, g) in enumerate(df.groupby(cols, sort=True, dropna=False)):
+        if i >= MAX_GROUPS:
+            break
+        k = k if isinstance(k, tuple) else (k,)
+        yield dict(zip(cols, k, strict=True)), g
+
+
+def plot_regions(df, out: Path) -> list[Path]:
+    plt = _plt()
+    regions = region_columns(df)
+    files = []
+    for gkey, g in _groups(df, _group_cols(df, {"cp_size", "seq_len"})):
+        cps = sorted(g["cp_size"].unique())
+        cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"] + list(plt.get_cmap("tab20").colors)
+        color = {r: cycle[i % len(cycle)] for i, r in enumerate(regions)}
+        legend: dict[str, object] = {}
+        fig, axes = plt.subplots(1, len(cps), figsize=(4.5 * len(cps), 4), squeeze=False, sharey=True)
+        for ax, cp in zip(axes[0], cps, strict=True):
+            sub = g[g["cp_size"] == cp].sort_values("seq_len")
+            xs = list(range(len(sub)))
+            bottom = [0.0] * len(sub)
+            for r in regions:
+                vals = [0.0 if (v != v) else float(v) for v in sub[f"{r}_ms"]]
+                if not any(vals):
+                    continue
+                legend[r] = ax.bar(xs, vals, bottom=bottom, label=r, color=color[r])
+                bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+            other = [
+                max(0.0, float(t) - b) if t == t else 0.0
+                for t, b in zip(sub["layer_ms"], bottom, strict=True)
+            ]
+            legend["other"] = ax.bar(xs, other, bottom=bottom, label="other", color="lightgray")
+            ax.set_xticks(xs, [str(int(s)) for s in sub["seq_len"]], rotation=45)
+            ax.set_title(f"cp_size {cp}")
+            ax.set_xlabel("seq_len (tokens)")
+        axes[0][0].set_ylabel("time per iteration (ms)")
+        fig.legend(list(legend.values()), list(legend), loc="center right", fontsize="small")
+        fig.subplots_adjust(right=0.8)
+        fig.suptitle("regions " + (", ".join(f"{k}={v}" for k, v in gkey.items()) or ""), fontsize="medium")
+        fig.tight_layout(rect=(0, 0, 0.82, 1))
+        path = out / f"regions-{_slug(gkey)}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        files.append(path)
+    return files
+
+
+def plot_busbw(df, out: Path) -> list[Path]:
+    plt = _plt()
+    if "comm_model" in df.columns:
+        df = df[df["comm_model"].isin(["measured", ""])]
+    a2a = sorted(
+        {
+            c[: -len("_busbw_GBps")]
+            for c in df.columns
+            if c.endswith("_busbw_GBps") and not c.endswith("_bench_busbw_GBps") and c.startswith("a2a")
+        }
+    )
+    points, bench = [], []
+    for _, row in df.iterrows():
+        for r in a2a:
+            b, bw = row.get(f"{r}_bytes"), row.get(f"{r}_busbw_GBps")
+            if _num(b) and _num(bw):
+                points.append((row["cp_size"], float(b), float(bw)))
+            bb = row.get(f"{r}_bench_busbw_GBps")
+            if _num(b) and _num(bb):
+                bench.append((row["cp_size"], float(b), float(bb)))
+    if not points:
+        return []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for cp in sorted({p[0] for p in points}):
+        pts = [(b, bw) for c, b, bw in points if c == cp]
+        line = ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=f"layer, cp {cp}", s=18)
+        bpts = sorted({(b, bw) for c, b, bw in bench if c == cp})
+        if bpts:
+            ax.plot(
+                [p[0] for p in bpts],
+                [p[1] for p in bpts],
+                "--",
+                color=line.get_facecolor()[0],
+                label=f"all_to_all_single, cp {cp}",
+            )
+    ax.set_xscale("log")
+    ax.set_xlabel("message size per rank (bytes)")
+    ax.set_ylabel("busbw (GB/s)")
+    ax.set_title("all-to-all busbw: layer vs microbenchmark")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    path = out / "busbw.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]
+
+
+def plot_scaling(df, out: Path) -> list[Path]:
+    plt = _plt()
+    files = []
+    for gkey, g in _groups(df, _group_cols(df, {"cp_size", "seq_len"})):
+        if g["cp_size"].nunique() < 2:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for L in sorted(g["seq_len"].unique()):
+            sub = g[g["seq_len"] == L].sort_values("cp_size")
+            sub = sub[sub["layer_ms"].notna()]
+            if not len(sub):
+                continue
+            cps, ts = list(sub["cp_size"]), list(sub["layer_ms"])
+            line = ax.plot(cps, ts, "o-", label=f"L={int(L)}")[0]
+            ax.plot(cps, [ts[0] * cps[0] / c for c in cps], ":", color=line.get_color())
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("cp_size")
+        ax.set_ylabel("layer time (ms)")
+        ax.set_title(
+            "scaling (dotted: ideal 1/cp) " + ", ".join(f"{k}={v}" for k, v in gkey.items()), fontsize="small"
+        )
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        path = out / f"scaling-{_slug(gkey)}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        files.append(path)
+    return files
+
+
+def crossovers(xs: list[float], a: list[float], b: list[float]) -> list[float]:
+    """x where ``a - b`` changes sign between consecutive points, interpolated on log-log axes
+    (where a power law such as bytes ~ seq_len is a straight line)."""
+    out = []
+    logs = all(v > 0 for v in (*a, *b))
+    for i in range(len(xs) - 1):
+        if logs:
+            d0 = math.log(a[i]) - math.log(b[i])
+            d1 = math.log(a[i + 1]) - math.log(b[i + 1])
+        else:
+            d0, d1 = a[i] - b[i], a[i + 1] - b[i + 1]
+        if d0 == 0:
+            out.append(xs[i])
+        elif d0 * d1 < 0:
+            f = d0 / (d0 - d1)
+            lx = math.log(xs[i]) + f * (math.log(xs[i + 1]) - math.log(xs[i]))
+            out.append(math.exp(lx))
+    return out
+
+
+def plot_strategy(df_all, out: Path) -> list[Path]:
+    if "strategy" not in df_all.columns:
+        return []
+    strategies = set(df_all["strategy"])
+    if "hidden" not in strategies or len(strategies) < 2 or "comm_bytes_fwd" not in df_all.columns:
+        return []
+    from .report import strategy_crossover
+
+    plt = _plt()
+    df = df_all[df_all["comm_bytes_fwd"].notna() & (df_all["cp_size"] > 1)]
+    if not len(df):
+        return []
+    # one packing (state passing's bytes depend on the number of documents): BSHD when present
+    packings = list(dict.fromkeys(df["packing"])) if "packing" in df.columns else []
+    packing = "none" if "none" in packings else (packings[0] if packings else None)
+    if packing is not None:
+        df = df[df["packing"] == packing]
+    cross = strategy_crossover(df)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = {"hidden": "o-", "state_passing": "s--", "state_passing_chain": "^:"}
+    for i, cp in enumerate(sorted(df["cp_size"].unique())):
+        for strat in sorted(set(df["strategy"]), key=lambda v: (v != "hidden", v)):
+            sub = df[(df["cp_size"] == cp) & (df["strategy"] == strat)]
+            sub = sub.groupby("seq_len", sort=True)["comm_bytes_fwd"].first()
+            if len(sub):
+                ax.plot(
+                    list(sub.index),
+                    list(sub.values),
+                    styles.get(strat, "x-."),
+                    color=colors[i % len(colors)],
+                    label=f"{strat}, cp {cp}",
+                )
+        if cross is not None:
+            for row in cross[cross["cp_size"] == cp].itertuples(index=False):
+                x = float(row[-1])
+                ax.axvline(
+                    x, color=colors[i % len(colors)], alpha=0.5, lw=1, ls=styles.get(row[1], "-")[1:] or "-"
+                )
+                ax.annotate(
+                    f"cp {cp} {row[1]}: L*≈{x:.0f}",
+                    (x, ax.get_ylim()[0]),
+                    fontsize="xx-small",
+                    va="bottom",
+                    rotation=90,
+                )
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("seq_len (tokens)")
+    ax.set_ylabel("bytes per rank per layer forward")
+    ax.set_title(f"communication volume: hidden vs state passing (packing {packing})", fontsize="medium")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    path = out / "strategy-bytes.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]
+
+
+def _num(v) -> bool:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(f) and f > 0
+
+
+def plot_all(df, out_dir: str | Path) -> list[Path]:
+    """Every figure that the data supports; returns the files written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ok = df[df["status"] == "ok"] if "status" in df.columns else df
+    files: list[Path] = []
+    if len(ok):
+        files += plot_regions(ok, out)
+        files += plot_busbw(ok, out)
+        files += plot_scaling(ok, out)
+    files += plot_strategy(df, out)
+    return files

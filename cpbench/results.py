@@ -1,0 +1,276 @@
+"""The results of a sweep: ``results.csv`` (one row per case) and ``meta.json`` (where it ran).
+
+``results.csv`` is written by rank 0 only, one row APPENDED per finished case, flushed and
+fsync'ed, so a crash or a kill loses at most the case that was running. The header holds the
+case key (:data:`cpbench.scenario.CASE_KEY`), the status, and the measured columns; region
+columns are open-ended (``{region}_ms``, ``{region}_min_ms``, ``{region}_iqr_ms``...). When a row
+brings a column the header lacks, the file is rewritten whole (to a temporary file, fsync'ed,
+then renamed over the old one), so the file is never half old, half new.
+
+:func:`read_results` reads such a file back; a trailing partial line (the process was killed
+while writing it) is dropped with a :class:`PartialRowWarning`; any other malformed line is an
+error naming the line.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import sys
+import warnings
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .errors import ResultsError
+from .scenario import CASE_KEY
+
+STATUS_COLUMNS = ("status", "error")
+#: Work and run columns written for every case (measured ones follow, see cpbench.metrics).
+CASE_COLUMNS = (
+    "case",
+    "tokens",
+    "real_tokens",
+    "real_density",
+    "d_model",
+    "head_dim",
+    "d_state",
+    "d_conv",
+    "chunk_size",
+    "warmup",
+    "iters",
+    "comm_model",
+)
+HEADLINE_COLUMNS = (
+    "layer_ms",
+    "layer_min_ms",
+    "layer_iqr_ms",
+    "comm_ms",
+    "comm_min_ms",
+    "comm_iqr_ms",
+    "comm_bytes_fwd",
+    "comm_bytes_bwd",
+    "comm_bytes",
+    "algbw_GBps",
+    "busbw_GBps",
+    "bench_busbw_GBps",
+    "busbw_pct",
+    "tokens_per_s",
+    "peak_mem_GiB",
+    "ssd_backend",
+    "conv_backend",
+    "n_collectives",
+    "wall_s",
+)
+KNOWN_REGIONS = (
+    "layer_fwd",
+    "layer_bwd",
+    "a2a_pre",
+    "a2a_post",
+    "state_xchg",
+    "layout",
+    "conv1d",
+    "ssm",
+    "norm_proj",
+)
+#: The columns a file needs to be read as cpbench results.
+REQUIRED_COLUMNS = (*CASE_KEY, "status")
+
+
+def base_columns() -> list[str]:
+    cols = [*CASE_KEY, *STATUS_COLUMNS, *CASE_COLUMNS, *HEADLINE_COLUMNS]
+    for r in KNOWN_REGIONS:
+        cols += [f"{r}_ms", f"{r}_min_ms", f"{r}_iqr_ms"]
+    return cols
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else ""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    s = str(v)
+    # one physical line per row: a partial trailing line is then always detectable
+    return s.replace("\r", " ").replace("\n", " | ")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class ResultsWriter:
+    """Append rows to a CSV as cases finish; every row is flushed and fsync'ed before returning."""
+
+    def __init__(self, path: str | Path, columns: Sequence[str] | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.columns: list[str] = list(columns) if columns is not None else base_columns()
+        self.rows: list[dict[str, Any]] = []
+        self._write_all()
+
+    def _line(self, row: Mapping[str, Any]) -> str:
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerow([_cell(row.get(c)) for c in self.columns])
+        return buf.getvalue()
+
+    def _write_all(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            f.write(self._line({c: c for c in self.columns}))
+            for r in self.rows:
+                f.write(self._line(r))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        _fsync_dir(self.path.parent)
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        row = dict(row)
+        self.rows.append(row)
+        new = [k for k in row if k not in self.columns]
+        if new:
+            self.columns += new
+            self._write_all()
+            return
+        with open(self.path, "a", newline="") as f:
+            f.write(self._line(row))
+            f.flush()
+            os.fsync(f.fileno())
+
+
+class PartialRowWarning(UserWarning):
+    """The results file ends in a partial row (the run was killed while writing it): it was ignored."""
+
+
+def read_results(path: str | Path):
+    """A results CSV as a pandas DataFrame (complete rows only); see the module docstring."""
+    import pandas as pd
+
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ResultsError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ResultsError(f"{path}: not a text (UTF-8) file") from None
+    if not text.strip():
+        raise ResultsError(f"{path}: empty file, not a cpbench results CSV")
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    elif len(lines) > 1:
+        warnings.warn(
+            f"{path}: ignoring the partial last line {len(lines)} (the run was probably interrupted "
+            f"while writing it): {lines[-1][:60]!r}",
+            PartialRowWarning,
+            stacklevel=2,
+        )
+        lines.pop()
+    else:
+        raise ResultsError(f"{path}: the header line is incomplete: not a cpbench results CSV")
+    try:
+        records = list(csv.reader(lines))
+    except csv.Error as e:
+        raise ResultsError(f"{path}: not a valid CSV: {e}") from None
+    header = records[0]
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise ResultsError(f"{path}: not a cpbench results CSV: missing column(s) {', '.join(missing)}")
+    for i, rec in enumerate(records[1:], start=2):
+        if len(rec) != len(header):
+            raise ResultsError(f"{path}: line {i} has {len(rec)} fields, the header has {len(header)}")
+    df = pd.read_csv(io.StringIO("\n".join(lines) + "\n"), keep_default_na=True)
+    for c in ("error", "ssd_backend", "conv_backend", "comm_model", "packing"):
+        if c in df.columns:
+            df[c] = df[c].astype("object").fillna("").astype(str)
+    return df
+
+
+# ----------------------------------------------------------------------------------------------- meta.json
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _run(cmd: list[str], cwd: str | None = None) -> str | None:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=cwd, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+def environment() -> dict[str, Any]:
+    """Host, accelerator and library versions (``None`` where absent). Never imports mamba_ssm."""
+    import torch
+
+    env: dict[str, Any] = {
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "gpu": None,
+        "gpu_count": 0,
+        "driver": None,
+        "nccl": None,
+    }
+    if torch.cuda.is_available():
+        env["gpu_count"] = torch.cuda.device_count()
+        env["gpu"] = torch.cuda.get_device_name(0)
+        try:
+            env["nccl"] = ".".join(str(x) for x in torch.cuda.nccl.version())
+        except Exception:  # a build without NCCL
+            env["nccl"] = None
+        env["driver"] = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+        if env["driver"]:
+            env["driver"] = env["driver"].splitlines()[0].strip()
+    for dist in ("triton", "mamba-ssm", "causal-conv1d", "nvtx", "pandas", "rich"):
+        env[dist.replace("-", "_")] = _version(dist)
+    repo = str(Path(__file__).resolve().parent.parent)
+    env["git_commit"] = _run(["git", "rev-parse", "HEAD"], cwd=repo)
+    dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo)
+    env["git_dirty"] = bool(dirty) if env["git_commit"] else None
+    return env
+
+
+def write_meta(path: str | Path, meta: Mapping[str, Any]) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=False, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def default_out_dir(scenario_name: str, root: str | Path = "results", now: datetime | None = None) -> Path:
+    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+    return Path(root) / f"{scenario_name}-{stamp}"

@@ -1,0 +1,317 @@
+"""One case on one rank: build the layer and its inputs, warm up, time the measured iterations.
+
+The work is split so the sweep can make every rank agree before anything can diverge:
+
+* :func:`setup_case` builds the ``cp_core.mixer.Mamba2Mixer`` (a ``ValueError`` from its
+  constructor is an impossible combination: :class:`CaseSkipped`), this rank's local input shard
+  (random: values do not change the timing; generated directly in its local shape), the global
+  padded ``cu_seqlens`` of packed cases (:mod:`cpbench.packing`), and the output gradient;
+* :func:`run_iterations` runs ``warmup`` untimed then ``iters`` timed iterations. Each one starts
+  with a device synchronize and a tiny all-reduce over the CP group (so ranks enter the layer
+  together and a collective's time is not another rank's lateness), then ``layer_fwd``
+  (``mixer(x, cu_seqlens)``; under ``torch.no_grad`` for the ``fwd`` pass) and for ``fwd+bwd``
+  ``layer_bwd`` (``out.backward(grad)``), then a synchronize, then the timer's events are read;
+* :func:`a2a_microbench` times ``dist.all_to_all_single`` with equal splits at a given message
+  size on the same group: the achievable baseline of the layer's all-to-alls.
+
+Profilers: ``nsys`` wraps the measured iterations in ``torch.cuda.profiler.start()/stop()``
+(cudaProfilerStart/Stop, for ``nsys profile -c cudaProfilerApi``) inside an NVTX range naming the
+case; ``torch`` runs them under ``torch.profiler.profile`` and writes one Chrome/Perfetto trace per
+case and rank, the regions appearing as ``record_function`` ranges of the same names.
+
+Fault injection for tests of the harness: ``CPBENCH_FAULT=RANK:CASE:WHAT`` makes global rank RANK,
+at case index CASE, ``raise`` in setup, ``exit`` (the process dies) or ``hang`` (sleeps).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .metrics import NAN
+from .packing import batch_cu_seqlens
+from .scenario import Case, Scenario
+from .timing import RegionTimer, synchronize
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CaseSkipped(Exception):
+    """The layer refused the combination (``ValueError`` from its constructor): the reason."""
+
+
+@dataclass
+class RankContext:
+    """Where one rank runs a case."""
+
+    device: torch.device
+    group: Any  # torch ProcessGroup, cp_core.comm.LocalGroup, or None (cp_size 1)
+    rank: int = 0  # global rank
+    profile: str | None = None  # None | "nsys" | "torch"
+    trace_dir: Path | None = None
+    timer: RegionTimer | None = None
+    real_group: bool = False  # group is a torch.distributed group (barriers and microbenchmarks use it)
+
+
+@dataclass
+class Prepared:
+    case: Case
+    mixer: Any
+    config: Any
+    x: torch.Tensor
+    cu_seqlens: torch.Tensor | None
+    grad: torch.Tensor | None
+    real_tokens: int
+    extra: dict = field(default_factory=dict)
+
+
+def fault_point(rank: int, case_index: int, where: str) -> None:
+    spec = os.environ.get("CPBENCH_FAULT")
+    if not spec:
+        return
+    try:
+        r, c, what = spec.split(":")
+        r, c = int(r), int(c)
+    except ValueError:
+        return
+    if r != rank or c != case_index:
+        return
+    if what == "raise" and where == "setup":
+        raise RuntimeError(f"injected fault (CPBENCH_FAULT={spec})")
+    if what == "exit" and where == "start":
+        os._exit(3)
+    if what == "hang" and where == "run":
+        while True:
+            time.sleep(1)
+
+
+def mixer_config(scenario: Scenario, case: Case):
+    from cp_core.mixer import Mamba2Config
+
+    lay = scenario.layer
+    return Mamba2Config(
+        d_model=lay.d_model,
+        n_heads=case.n_heads,
+        head_dim=lay.head_dim,
+        n_groups=case.n_groups,
+        d_state=lay.d_state,
+        d_conv=lay.d_conv,
+        chunk_size=lay.chunk_size,
+    )
+
+
+def case_cu_seqlens(scenario: Scenario, case: Case, device=None) -> tuple[torch.Tensor | None, int]:
+    """``(cu_seqlens or None, real tokens)`` of a case: packs are the same on every rank and cp_size."""
+    if not case.packing.packed:
+        return None, case.tokens
+    return batch_cu_seqlens(
+        case.seq_len,
+        case.packing.docs,
+        case.packing.density,
+        case.pack_granule,
+        count=case.batch,
+        seed=scenario.run.seed,
+        device=device,
+    )
+
+
+def comm_bytes_of(scenario: Scenario, case: Case, config=None) -> dict[str, int]:
+    """Bytes per rank per forward of each communication region (cp_core.cost.comm_bytes)."""
+    from cp_core.cost import comm_bytes
+
+    if case.cp_size == 1:
+        return {}
+    config = config if config is not None else mixer_config(scenario, case)
+    elem = torch.empty((), dtype=DTYPES[case.dtype]).element_size()
+    extra = {}
+    params = inspect.signature(comm_bytes).parameters
+    if "layout" in params:
+        extra["layout"] = case.layout
+    if "n_docs" in params and case.packing.packed:
+        cu, _ = case_cu_seqlens(scenario, case)
+        extra["n_docs"] = cu.numel() - 1
+    out = comm_bytes(
+        config, case.cp_size, case.local_tokens, elem, strategy=case.strategy, batch=case.comm_batch, **extra
+    )
+    return {k: int(v) for k, v in out.items() if v}
+
+
+def setup_case(scenario: Scenario, case: Case, ctx: RankContext) -> Prepared:
+    from cp_core.mixer import Mamba2Mixer
+
+    fault_point(ctx.rank, case.index, "setup")
+    dtype = DTYPES[case.dtype]
+    config = mixer_config(scenario, case)
+    torch.manual_seed(scenario.run.seed)  # the same (replicated) parameters on every rank
+    try:
+        mixer = Mamba2Mixer(
+            config,
+            cp_group=ctx.group,
+            layout=case.layout,
+            device=ctx.device,
+            dtype=dtype,
+            strategy=case.strategy,
+            fused=case.path == "fused",
+        )
+    except ValueError as e:
+        raise CaseSkipped(str(e)) from None
+    cu, real_tokens = case_cu_seqlens(scenario, case, device=ctx.device)
+    shape = (
+        (case.local_tokens, scenario.layer.d_model)
+        if cu is not None
+        else (
+            case.batch,
+            case.seq_len // case.cp_size,
+            scenario.layer.d_model,
+        )
+    )
+    gen = torch.Generator(device=ctx.device)
+    gen.manual_seed(scenario.run.seed * 1_000_003 + ctx.rank)
+    x = torch.randn(shape, generator=gen, device=ctx.device, dtype=dtype)
+    grad = None
+    if case.backward:
+        x.requires_grad_(True)
+        grad = torch.randn(shape, generator=gen, device=ctx.device, dtype=dtype)
+    return Prepared(case, mixer, config, x, cu, grad, real_tokens)
+
+
+def _group_sync(ctx: RankContext) -> None:
+    """Synchronize the device, then line the group's ranks up (outside every timed region)."""
+    synchronize(ctx.device)
+    if ctx.real_group:
+        import torch.distributed as dist
+
+        t = torch.zeros(1, device=ctx.device)
+        dist.all_reduce(t, group=ctx.group)
+        synchronize(ctx.device)
+
+
+def _step(p: Prepared, timer: RegionTimer) -> None:
+    if p.case.backward:
+        with timer("layer_fwd"):
+            out = p.mixer(p.x, p.cu_seqlens) if p.cu_seqlens is not None else p.mixer(p.x)
+        with timer("layer_bwd"):
+            out.backward(p.grad)
+    else:
+        with torch.no_grad(), timer("layer_fwd"):
+            out = p.mixer(p.x, p.cu_seqlens) if p.cu_seqlens is not None else p.mixer(p.x)
+    del out
+
+
+def _clear_grads(p: Prepared) -> None:
+    p.x.grad = None
+    for param in p.mixer.parameters():
+        param.grad = None
+
+
+def run_iterations(p: Prepared, scenario: Scenario, ctx: RankContext) -> dict[str, Any]:
+    """Warm up, then time ``iters`` iterations; the rank's payload for :func:`cpbench.metrics.aggregate`."""
+    from cp_core.comm import COUNTS
+
+    from .timing import installed
+
+    run = scenario.run
+    timer = ctx.timer or RegionTimer(ctx.device, record_function=ctx.profile == "torch")
+    cuda = ctx.device.type == "cuda"
+    fault_point(ctx.rank, p.case.index, "run")
+    with installed(timer):
+        for _ in range(run.warmup):
+            _group_sync(ctx)
+            timer.start_iteration(measure=False)
+            _step(p, timer)
+            synchronize(ctx.device)
+            timer.stop_iteration()
+            _clear_grads(p)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(ctx.device)
+        regions: dict[str, list[float]] = {}
+        n_coll = 0
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(timer.mark(f"case {p.case.index}: {p.case.describe()}"))
+            prof = None
+            if ctx.profile == "torch":
+                acts = [torch.profiler.ProfilerActivity.CPU]
+                if cuda:
+                    acts.append(torch.profiler.ProfilerActivity.CUDA)
+                prof = stack.enter_context(torch.profiler.profile(activities=acts))
+            if ctx.profile == "nsys" and cuda:
+                torch.cuda.profiler.start()
+                stack.callback(torch.cuda.profiler.stop)
+            for it in range(run.iters):
+                _group_sync(ctx)
+                COUNTS.clear()
+                timer.start_iteration(measure=True)
+                _step(p, timer)
+                synchronize(ctx.device)
+                times = timer.stop_iteration()
+                n_coll = sum(COUNTS.values())
+                for name in set(regions) | set(times):
+                    regions.setdefault(name, [0.0] * it).append(times.get(name, 0.0))
+                _clear_grads(p)
+        if prof is not None and ctx.trace_dir is not None:
+            ctx.trace_dir.mkdir(parents=True, exist_ok=True)
+            prof.export_chrome_trace(str(ctx.trace_dir / f"case{p.case.index:04d}-rank{ctx.rank}.json"))
+    backends = dict(getattr(p.mixer, "backends", {}) or {})
+    peak = float(torch.cuda.max_memory_allocated(ctx.device)) if cuda else NAN
+    return {
+        "iters": run.iters,
+        "regions": regions,
+        "peak_mem_bytes": peak,
+        "backends": backends,
+        "n_collectives": n_coll,
+    }
+
+
+def a2a_microbench(nbytes: int, ctx: RankContext, *, warmup: int = 5, iters: int = 20) -> list[float]:
+    """Seconds of each of ``iters`` equal-split ``all_to_all_single`` of ``nbytes`` per rank on the group."""
+    import torch.distributed as dist
+
+    cp = dist.get_world_size(ctx.group)
+    numel = -(-nbytes // cp) * cp
+    src = torch.empty(numel, dtype=torch.uint8, device=ctx.device)
+    dst = torch.empty_like(src)
+    cuda = ctx.device.type == "cuda"
+    for _ in range(warmup):
+        dist.all_to_all_single(dst, src, group=ctx.group)
+    _group_sync(ctx)
+    out = []
+    if cuda:
+        events = []
+        for _ in range(iters):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            dist.all_to_all_single(dst, src, group=ctx.group)
+            b.record()
+            events.append((a, b))
+        synchronize(ctx.device)
+        out = [a.elapsed_time(b) / 1e3 for a, b in events]
+    else:
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            dist.all_to_all_single(dst, src, group=ctx.group)
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def release(p: Prepared | None, device: torch.device, oom: bool = False) -> None:
+    """Drop a case's tensors; after an out-of-memory error, also return the cached blocks."""
+    if p is not None:
+        p.mixer = p.x = p.grad = p.cu_seqlens = None
+    if device.type == "cuda":
+        if oom:
+            import gc
+
+            gc.collect()
+            torch.cuda.empty_cache()
+
+
+def is_oom(exc: BaseException) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(exc, oom)) or "out of memory" in str(exc).lower()
