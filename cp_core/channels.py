@@ -114,9 +114,25 @@ def unpack(s: torch.Tensor, plan: ChannelPlan) -> torch.Tensor:
     return unpack_torch(s, plan)
 
 
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, idx):
+        ctx.save_for_backward(idx)
+        ctx.n = x.shape[0]
+        return gather_triton.gather_rows(x, idx)
+
+    @staticmethod
+    def backward(ctx, g):
+        (idx,) = ctx.saved_tensors
+        return g.new_zeros((ctx.n, g.shape[1])).index_add_(0, idx, g), None
+
+
 def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``x.index_select(0, idx)`` (rows of a 2-D tensor); one vectorised Triton kernel on CUDA."""
+    """``x.index_select(0, idx)`` (rows of a 2-D tensor); one vectorised Triton kernel on CUDA
+    (differentiable in ``x``: the gradient is scattered back with ``index_add_``)."""
     if _fast(x):
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _GatherRows.apply(x, idx)
         return gather_triton.gather_rows(x, idx)
     return x.index_select(0, idx)
 

@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 
 from . import comm, kernels
-from .channels import gather_rows
 from .layout import granule
 from .plan import TokenPlan, get_plan
 from .regions import CONV1D, LAYOUT, SSM, STATE_XCHG, region
@@ -221,7 +220,7 @@ def state_passing_conv_ssd(
     def rows_of(t):  # stream [T_loc, C] -> left-padded rows [R, Lmax, C]
         if pc.uniform:
             return t.reshape(R, lmax, t.shape[-1])
-        return gather_rows(t, pc.to_rows).view(R, lmax, t.shape[-1])
+        return t.index_select(0, pc.to_rows).view(R, lmax, t.shape[-1])
 
     # 1. conv1d with a halo gathered from the owners of the preceding tokens
     with region(LAYOUT):
@@ -238,7 +237,7 @@ def state_passing_conv_ssd(
         if pc.uniform:
             conv_in = torch.cat([halo.view(R, k - 1, c.conv_dim), xbc_rows_in], dim=1)
         else:
-            conv_in = gather_rows(torch.cat([xbc, halo]), pc.to_conv).view(R, lmax + k - 1, c.conv_dim)
+            conv_in = torch.cat([xbc, halo]).index_select(0, pc.to_conv).view(R, lmax + k - 1, c.conv_dim)
     ssd_name, conv_name = mixer._backends(conv_in, mixer.conv1d.weight.squeeze(1))
     with region(CONV1D):
         xbc_rows = kernels.conv1d(
@@ -297,5 +296,5 @@ def state_passing_conv_ssd(
         y = y.reshape(R * lmax, nh * hd)
     with region(LAYOUT):
         if not pc.uniform:
-            y = gather_rows(y, pc.from_rows)
+            y = y.index_select(0, pc.from_rows)
     return y.view(*xbcdt.shape[:-1], nh * hd)

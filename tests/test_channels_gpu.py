@@ -32,3 +32,14 @@ def test_triton_gather_rows_matches_index_select(width):
     x = torch.randn(777, width, device="cuda").to(torch.bfloat16)
     idx = torch.randint(0, 777, (1000,), device="cuda")
     assert torch.equal(gather_triton.gather_rows(x, idx), x.index_select(0, idx))
+
+
+def test_gather_rows_is_differentiable():
+    from cp_core.channels import gather_rows
+
+    x = torch.randn(50, 24, device="cuda", requires_grad=True)
+    idx = torch.randint(0, 50, (80,), device="cuda")
+    w = torch.randn(80, 24, device="cuda")
+    (gather_rows(x, idx) * w).sum().backward()
+    want = torch.zeros(50, 24, device="cuda").index_add_(0, idx, w)
+    torch.testing.assert_close(x.grad, want)
