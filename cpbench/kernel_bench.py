@@ -13,27 +13,17 @@ For each (L, cp): the SSD forward and forward+backward of that shard, and the co
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 
 import torch
 
 from cp_core import kernels
 
+from .timing import median_ms
+
 
 def timed(fn, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return median_ms(fn, torch.device("cuda"), warmup, iters)
 
 
 def ssd_inputs(L, nh, hd, ng, ds, dtype, device, grad):

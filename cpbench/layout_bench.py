@@ -23,46 +23,18 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import random
-import statistics
 import sys
-import time
 
 import torch
 
 from cp_core.comm import LocalGroup
 from cp_core.mamba_cp import MambaContextParallel
 
+from .timing import median_ms
+
 
 def _timer(device: torch.device):
-    if device.type == "cuda":
-
-        def run(fn, warmup, iters):
-            for _ in range(warmup):
-                fn()
-            torch.cuda.synchronize()
-            times = []
-            for _ in range(iters):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b))
-            return statistics.median(times)
-
-    else:
-
-        def run(fn, warmup, iters):
-            for _ in range(warmup):
-                fn()
-            times = []
-            for _ in range(iters):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-            return statistics.median(times)
-
-    return run
+    return lambda fn, warmup, iters: median_ms(fn, device, warmup, iters)
 
 
 def copy_bandwidth(device: torch.device, nbytes: int, timer) -> float:

@@ -138,3 +138,28 @@ def installed(timer: RegionTimer) -> Iterator[RegionTimer]:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def median_ms(fn, device: torch.device, warmup: int, iters: int) -> float:
+    """Median time of ``fn()`` in ms over ``iters`` calls after ``warmup`` calls: CUDA events on a GPU
+    (each call bracketed by its own pair of events), ``time.perf_counter`` on CPU."""
+    import statistics
+    import time
+
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
