@@ -26,7 +26,6 @@ at case index CASE, ``raise`` in setup, ``exit`` (the process dies) or ``hang`` 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
 import time
 from dataclasses import dataclass, field
@@ -130,15 +129,13 @@ def comm_bytes_of(scenario: Scenario, case: Case, config=None) -> dict[str, int]
         return {}
     config = config if config is not None else mixer_config(scenario, case)
     elem = torch.empty((), dtype=DTYPES[case.dtype]).element_size()
-    extra = {}
-    params = inspect.signature(comm_bytes).parameters
-    if "layout" in params:
-        extra["layout"] = case.layout
-    if "n_docs" in params and case.packing.packed:
+    n_docs = None
+    if case.packing.packed:
         cu, _ = case_cu_seqlens(scenario, case)
-        extra["n_docs"] = cu.numel() - 1
+        n_docs = cu.numel() - 1
     out = comm_bytes(
-        config, case.cp_size, case.local_tokens, elem, strategy=case.strategy, batch=case.comm_batch, **extra
+        config, case.cp_size, case.local_tokens, elem, strategy=case.strategy, batch=case.comm_batch,
+        layout=case.layout, n_docs=n_docs,
     )
     return {k: int(v) for k, v in out.items() if v}
 

@@ -176,3 +176,20 @@ def test_state_passing_parity_bf16(ranks, exchange):
     cfg = small_cfg(4, 2)
     cfg["d_model"] = 32
     check(ranks.run(parity_case, 4, cfg, "head_tail", 1, 5, "bfloat16", f"state_passing:{exchange}"))
+
+
+def test_projection_mode_runs_every_strategy_in_one_process():
+    """LocalGroup: rank 0's real work at cp 4 in one process, shapes preserved (values are not meaningful)."""
+    from cp_core.comm import COUNTS, LocalGroup
+
+    cfg = Mamba2Config(**small_cfg(8, 4))
+    for strategy in ("hidden", "state_passing", "state_passing_chain"):
+        for cu in (None, cu_from_lengths([16, 0, 32])):
+            m = Mamba2Mixer(cfg, cp_group=LocalGroup(0, 4), strategy=strategy)
+            x = torch.randn(12, 16) if cu is not None else torch.randn(2, 8, 16)
+            x.requires_grad_()
+            COUNTS.clear()
+            y = m(x, cu)
+            y.sum().backward()
+            assert y.shape == x.shape and torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+            assert sum(COUNTS.values()) > 0  # the collectives ran, as local copies
