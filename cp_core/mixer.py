@@ -32,10 +32,11 @@ from torch import nn
 
 from . import comm, kernels
 from .kernels import conv_cuda, ssd_mamba
-from .layout import check_cu_seqlens, check_layout, check_seq_len
+from .layout import check_layout, check_seq_len
 from .mamba_cp import MambaContextParallel
 from .plan import get_plan
 from .regions import CONV1D, NORM_PROJ, SSM, region
+from .state_passing import state_passing_conv_ssd
 
 #: ``"state_passing_chain"`` is ``strategy="state_passing", state_exchange="chain"`` in one name.
 STRATEGIES = ("hidden", "state_passing", "state_passing_chain")
@@ -250,8 +251,6 @@ class Mamba2Mixer(nn.Module):
                 seq_idx,
             ).view(*z.shape)
         elif self.strategy == "hidden":
-            if packed and not self.fused:
-                check_cu_seqlens(cu_seqlens, length, self.cp_size, self.layout)
             cp = self.cp
             xh = cp.pre_conv_ssm(xbcdt, cu_seqlens, with_z=False)
             y = self.conv_ssd(
@@ -265,8 +264,6 @@ class Mamba2Mixer(nn.Module):
             )
             y = cp.post_conv_ssm(y.view(*xh.shape[:-1], y.shape[-1]), cu_seqlens)
         else:
-            from .state_passing import state_passing_conv_ssd
-
             y = state_passing_conv_ssd(self, xbcdt, cu_seqlens, length)
         with region(NORM_PROJ):
             return self.out_proj(self.norm(y, z))
