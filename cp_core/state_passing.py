@@ -13,7 +13,8 @@ its *pieces* (its segments of every document), laid out as the rows of a left-pa
    ``final = exp(logdecay) * initial + F``.
 3. One all-gather of ``(F, logdecay)``; an exclusive scan over each document's segments gives every
    piece its true initial state ``h0`` (zero for the first segment: nothing crosses a document).
-4. Exact correction ``y_t += exp(cumsum(A dt)_t) * C_t . h0`` on the piece's tokens.
+4. Exact correction ``y_t += exp(cumsum(A dt)_t) * C_t . h0`` on the piece's tokens, in fp32
+   (:mod:`cp_core.kernels.correction`: one fused Triton pass on CUDA beside a torch reference).
 
 Backward is autograd through the same steps; the all-gather's backward sums the gradients of every
 state and halo token back to the rank that owns it, so earlier segments receive the gradient of
@@ -123,11 +124,19 @@ def _pieces(plan: TokenPlan | None, doc_lens, cp, rank, layout, k, device) -> _P
 
 
 def _exclusive_scan(F_seg: torch.Tensor, ld_seg: torch.Tensor) -> torch.Tensor:
-    """``F_seg [D, nseg, H, P, N]``, ``ld_seg [D, nseg, H]`` -> initial state of every segment (same shape)."""
-    h = [torch.zeros_like(F_seg[:, 0])]
-    for c in range(1, F_seg.shape[1]):
-        h.append(torch.exp(ld_seg[:, c - 1])[..., None, None] * h[-1] + F_seg[:, c - 1])
-    return torch.stack(h, dim=1)
+    """``F_seg [D, nseg, H, P, N]``, ``ld_seg [D, nseg, H]`` -> initial state of every segment (same shape).
+
+    ``h_c = sum_{j<c} exp(ld_{j+1} + ... + ld_{c-1}) F_j``: one batched product with the ``[nseg, nseg]``
+    weights per (document, head), whose exponents are formed in float64 (differences of long sums)."""
+    D, nseg, H = ld_seg.shape
+    cum = ld_seg.double().cumsum(1)  # [D, nseg, H], inclusive
+    expo = cum[:, :-1].unsqueeze(2) - cum.unsqueeze(1)  # [D, c-1 (=0..nseg-2), j, H] : sum_{j<i<=c-1} ld_i
+    below = (
+        torch.ones(nseg - 1, nseg, dtype=torch.bool, device=ld_seg.device).tril().view(1, nseg - 1, nseg, 1)
+    )
+    w = torch.where(below, torch.exp(expo.clamp_max(0)), 0.0).to(F_seg.dtype)  # [D, nseg-1, nseg, H]
+    h = torch.einsum("dcjh,djhk->dchk", w, F_seg.flatten(3))  # states entering segments 1..nseg-1
+    return torch.cat([torch.zeros_like(F_seg[:, :1]), h.view(D, nseg - 1, *F_seg.shape[2:])], dim=1)
 
 
 class _ChainScan(torch.autograd.Function):
@@ -265,11 +274,12 @@ def state_passing_conv_ssd(
             return_final_states=True,
             backend=ssd_name,
         )
-        a = F.softplus(dt_rows.float() + mixer.dt_bias.float()) * A  # [R, Lmax, H]
+        # decay from the piece start, time last ([R, H, Lmax]: an inner-dimension scan is fast)
+        a = (F.softplus(dt_rows.float() + mixer.dt_bias.float()) * A).transpose(1, 2)
         if not pc.uniform:
-            a = a * pc.valid_f  # no decay accumulates over padding
-        acum = a.cumsum(1)
-        logdecay = acum[:, -1] if lmax else a.new_zeros(R, nh)
+            a = a * pc.valid.unsqueeze(1)  # no decay accumulates over padding
+        acum = a.contiguous().cumsum(-1)
+        logdecay = acum[..., -1] if lmax else a.new_zeros(R, nh)
     # 3. exchange (F, logdecay) of every piece, scan each document's segments
     if getattr(mixer, "state_exchange", "allgather") == "chain":
         with region(STATE_XCHG):
@@ -286,14 +296,8 @@ def state_passing_conv_ssd(
             h0_all = _exclusive_scan(F_seg, seg[..., nh * hd * ns :])
             h0 = h0_all.reshape(pc.n_docs * pc.nseg, nh, hd, ns).index_select(0, pc.my_seg)  # [R, H, P, N]
     with region(SSM):
-        # 4. y_t += exp(acum_t) * C_t . h0, in the activations' dtype (heads of a group share C)
-        hg = nh // ng
-        dtype = y0.dtype
-        corr = torch.einsum(
-            "rlgn,rgkn->rlgk", C.reshape(R, lmax, ng, ns), h0.to(dtype).reshape(R, ng, hg * hd, ns)
-        )
-        y = torch.addcmul(y0, corr.reshape(R, lmax, nh, hd), torch.exp(acum).to(dtype)[..., None])
-        y = y.reshape(R * lmax, nh * hd)
+        # 4. y_t += exp(acum_t) * C_t . h0, formed in fp32 and rounded once (one fused pass on CUDA)
+        y = kernels.state_correction(y0, C.reshape(R, lmax, ng, ns), h0, acum).reshape(R * lmax, nh * hd)
     with region(LAYOUT):
         if not pc.uniform:
             y = y.index_select(0, pc.from_rows)

@@ -358,6 +358,71 @@ def test_conv_mixed_dtype_grads():
 
 
 # ----------------------------------------------------------------------------------------------------
+# carried-state correction (state-passing CP)
+
+
+@pytest.mark.parametrize("g, D_shape", [(1, "h"), (2, "hp"), (4, None)])
+def test_zero_state_ssd_plus_correction_equals_ssd_with_initial_state(g, D_shape):
+    """The identity state passing rests on: SSD(h0) = SSD(0) + exp(cumsum(A dt)) C . h0, exactly (float64)."""
+    from cp_core.kernels.correction import state_correction
+
+    inp = f64(ssd_inputs(2, 27, 4, 3, g, 5, seed=11, init=True, D_shape=D_shape))
+    y_ref, f_ref = run_ssd(ssd, inp, 8)
+    y0, f0 = run_ssd(ssd, {**inp, "initial_states": None}, 8)
+    a = torch.nn.functional.softplus(inp["dt"] + inp["dt_bias"]) * inp["A"]  # [b, l, h]
+    acum = a.transpose(1, 2).cumsum(-1)
+    y = state_correction(y0, inp["C"], inp["initial_states"], acum, backend="torch")
+    assert_rel_close(y, y_ref, 1e-12, "output")
+    # and the final state is affine in the initial one: F(h0) = exp(sum A dt) h0 + F(0)
+    assert_rel_close(
+        torch.exp(acum[..., -1])[..., None, None] * inp["initial_states"] + f0, f_ref, 1e-12, "final"
+    )
+
+
+def test_state_correction_torch_matches_naive_loop():
+    from cp_core.kernels.correction import state_correction_torch
+
+    gen = torch.Generator().manual_seed(3)
+    R, L, H, P, G, N = 2, 5, 4, 3, 2, 6
+    y0, C = torch.randn(R, L, H, P, generator=gen), torch.randn(R, L, G, N, generator=gen)
+    h0, acum = torch.randn(R, H, P, N, generator=gen), -torch.rand(R, H, L, generator=gen)
+    y = state_correction_torch(y0, C, h0, acum)
+    ref = y0.double().clone()
+    for r in range(R):
+        for t in range(L):
+            for h in range(H):
+                ref[r, t, h] += torch.exp(acum[r, h, t].double()) * (
+                    h0[r, h].double() @ C[r, t, h // (H // G)].double()
+                )
+    assert_rel_close(y, ref, 1e-6)
+    yb = state_correction_torch(y0.bfloat16(), C.bfloat16(), h0, acum)
+    assert yb.dtype == torch.bfloat16  # formed in fp32, rounded once
+
+
+@pytest.mark.parametrize(
+    "shapes, match",
+    [
+        (((1, 4, 2, 3), (1, 4, 3, 5), (1, 2, 3, 5), (1, 2, 4)), "G dividing H"),
+        (((1, 4, 2, 3), (1, 4, 1, 5), (1, 2, 3, 4), (1, 2, 4)), "h0 must be"),
+        (((1, 4, 2, 3), (1, 4, 1, 5), (1, 2, 3, 5), (1, 4, 2)), "acum must be"),
+    ],
+)
+def test_state_correction_validation(shapes, match):
+    from cp_core.kernels.correction import state_correction
+
+    with pytest.raises(ValueError, match=match):
+        state_correction(*(torch.zeros(s) for s in shapes))
+    with pytest.raises(ValueError, match="backend must be"):
+        state_correction(
+            *(torch.zeros(s) for s in ((1, 4, 2, 3), (1, 4, 1, 5), (1, 2, 3, 5), (1, 2, 4))), backend="x"
+        )
+    with pytest.raises(ValueError, match="triton correction needs"):
+        state_correction(
+            *(torch.zeros(s) for s in ((1, 4, 2, 3), (1, 4, 1, 5), (1, 2, 3, 5), (1, 2, 4))), backend="triton"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
 # backends
 
 

@@ -231,3 +231,30 @@ def test_conv_torch_cuda_matches_cpu(dtype):
     assert rel_err(y.cpu(), yc) <= tol
     for g, r in zip(grads, gc, strict=True):
         assert rel_err(g.cpu(), r) <= tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "R, L, H, P, G, N", [(2, 1000, 32, 64, 2, 128), (3, 77, 4, 16, 1, 16), (1, 5, 6, 12, 3, 20)]
+)
+def test_state_correction_triton_matches_torch(dtype, R, L, H, P, G, N):
+    """The fused Triton correction (forward and the three gradients) against the fp32 torch reference."""
+    need_cuda()
+    from cp_core.kernels.correction import state_correction
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    y0 = torch.randn(R, L, H, P, device="cuda", generator=gen).to(dtype)
+    C = torch.randn(R, L, 3 * G * N, device="cuda", generator=gen).to(dtype)[..., G * N : 2 * G * N]
+    C = C.reshape(R, L, G, N)  # strided, as the mixer passes it
+    h0 = torch.randn(R, H, P, N, device="cuda", generator=gen) / N**0.5
+    acum = -torch.rand(R, H, L, device="cuda", generator=gen).cumsum(-1) * 0.05
+    gy = torch.randn(R, L, H, P, device="cuda", generator=gen).to(dtype)
+    res = []
+    for backend in ("torch", "triton"):
+        ts = [t.clone().requires_grad_() for t in (y0, C, h0, acum)]
+        y = state_correction(*ts, backend=backend)
+        y.backward(gy)
+        res.append([y] + [t.grad for t in ts])
+    tol = 2e-3 if dtype == torch.float32 else 1e-2  # tf32 dots; one bf16 rounding of y and dC
+    for name, a, b in zip(("y", "dy0", "dC", "dh0", "dacum"), *res, strict=True):
+        assert a.dtype == b.dtype and rel_err(a, b) < tol, (name, rel_err(a, b))

@@ -1,4 +1,4 @@
-"""The Triton layout kernels run on CPU under Triton's interpreter (``TRITON_INTERPRET=1``) and must equal
+"""The Triton kernels (layout, state correction) run on CPU under Triton's interpreter (``TRITON_INTERPRET=1``) and must equal
 the torch references bit for bit. This covers them without a GPU; the GPU tests cover the compiled kernels."""
 
 import os
@@ -33,6 +33,26 @@ SCRIPT = textwrap.dedent(
         xr = torch.randn(50, width).to(torch.bfloat16)
         idx = torch.randint(0, 50, (70,))
         assert torch.equal(g.gather_rows(xr, idx), xr.index_select(0, idx))
+    from cp_core.kernels.correction import state_correction_torch
+    from cp_core.kernels.correction_triton import state_correction_triton
+
+    def rel(a, b):
+        return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+    for R, L, H, P, G, N, dtype, tol in [(2, 37, 4, 4, 2, 8, torch.float32, 1e-5), (1, 64, 2, 5, 1, 3, torch.float32, 1e-5),
+                                         (3, 130, 8, 16, 2, 16, torch.bfloat16, 1e-2), (1, 1, 2, 4, 2, 4, torch.float32, 1e-5)]:
+        y0 = torch.randn(R, L, H, P).to(dtype)
+        C = torch.randn(R, L, 3 * G * N).to(dtype)[..., G * N : 2 * G * N].reshape(R, L, G, N)  # strided, like the mixer's
+        h0, acum = torch.randn(R, H, P, N), -torch.rand(R, H, L).cumsum(-1) * 0.1
+        gy = torch.randn(R, L, H, P).to(dtype)
+        res = []
+        for fn in (state_correction_torch, state_correction_triton):
+            ts = [t.clone().requires_grad_() for t in (y0, C, h0, acum)]
+            y = fn(*ts)
+            y.backward(gy)
+            res.append([y] + [t.grad for t in ts])
+        for name, a, b in zip(("y", "dy0", "dC", "dh0", "dacum"), *res):
+            assert a.dtype == b.dtype and rel(a, b) <= tol, (R, L, H, P, G, N, dtype, name, rel(a, b))
     print("ok")
     """
 )

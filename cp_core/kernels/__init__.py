@@ -7,6 +7,8 @@ ssd        ``"torch"``           :mod:`.ssd_torch`, chunked SSD in torch (any de
 ssd        ``"mamba_ssm"``       :mod:`.ssd_mamba`, mamba-ssm's Triton ``mamba_chunk_scan_combined``
 conv1d     ``"torch"``           :mod:`.conv_torch`, shifted multiply-adds in torch (any device)
 conv1d     ``"causal_conv1d"``   :mod:`.conv_cuda`, causal-conv1d's CUDA ``causal_conv1d_fn``
+state_corr ``"torch"``           :mod:`.correction`, carried-state correction in fp32 torch
+state_corr ``"triton"``          :mod:`.correction_triton`, the same fused in one Triton pass
 =========  ====================  ===============================================================
 
 ``backend="auto"`` picks the fast kernel when the tensors are on CUDA and the package imports, else
@@ -30,13 +32,15 @@ import os
 
 import torch
 
-from . import conv_cuda, conv_torch, reference, ssd_mamba, ssd_torch  # noqa: F401  (submodules)
+from . import conv_cuda, conv_torch, correction, reference, ssd_mamba, ssd_torch  # noqa: F401  (submodules)
 from .conv_torch import check_conv_args, conv1d_torch
+from .correction import state_correction
 from .ssd_torch import check_ssd_args
 
 __all__ = [
     "ssd",
     "conv1d",
+    "state_correction",
     "resolve_backends",
     "SSD_BACKENDS",
     "CONV_BACKENDS",
