@@ -121,7 +121,8 @@ class RankError(Exception):
 
 def verdict(ok: bool, group) -> bool:
     """The group's verdict: True only if every rank's ``ok`` is True (so all ranks agree and none hangs)."""
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    nccl = dist.get_backend(group) == "nccl"
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device="cuda" if nccl else "cpu")
     if dist.get_world_size(group) > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
     return bool(flag.item())

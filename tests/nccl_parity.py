@@ -1,0 +1,85 @@
+"""Mixer parity CP=N vs CP=1 over a real multi-process group: NCCL with one GPU per rank, or gloo on CPU.
+
+    torchrun --nproc-per-node 8 tests/nccl_parity.py          # NCCL: cp 2/4/8 on 8 GPUs
+    torchrun --nproc-per-node 2 tests/nccl_parity.py --cpu    # gloo on CPU (the CPU suite runs this)
+
+The checks are those of tests/test_mixer_parity.py (``parity_case``: forward output, input gradient and
+every parameter gradient summed over the group; fp32 to ``--tol32`` relative, default 2e-3 for the
+Triton kernels' tf32 dots; bf16 as in the CPU tests) for every cp <= world size, BSHD and packed
+documents, both layouts, the hidden strategy and state passing with both exchanges, fp32 and bf16.
+A case of cp ranks runs on ranks 0..cp-1 (a subgroup); the others wait. Rank 0 prints one line per
+case and a summary; the exit status is 1 if any case failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_mixer_parity import parity_case  # noqa: E402
+
+CFG = dict(d_model=64, n_heads=8, head_dim=16, n_groups=2, d_state=16, d_conv=4, chunk_size=16)
+STRATEGIES = ("hidden", "state_passing", "state_passing:chain")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cpu", action="store_true", help="gloo on CPU instead of NCCL on GPUs")
+    ap.add_argument("--cp", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
+    ap.add_argument("--tol32", type=float, default=2e-3)
+    args = ap.parse_args(argv)
+    if args.cpu:
+        dist.init_process_group("gloo")
+        device = "cpu"
+    else:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+        device = f"cuda:{local}"
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cps = [c for c in args.cp if 2 <= c <= world]
+    groups = {c: dist.new_group(list(range(c))) for c in cps}  # every rank takes part in new_group
+    failed = total = 0
+    cases = itertools.product(cps, ("bshd", "thd"), ("head_tail", "contiguous"), args.strategies, args.dtypes)
+    for cp, fmt, layout, strategy, dtype in cases:
+        if rank < cp:
+            batch, n_docs = (2, None) if fmt == "bshd" else (1, 5)
+            t0 = time.perf_counter()
+            ok, bad, worst = parity_case(
+                groups[cp],
+                CFG,
+                layout,
+                batch,
+                n_docs,
+                dtype,
+                strategy,
+                units=8,
+                device=device,
+                tol32=args.tol32,
+            )
+            total += 1
+            failed += not ok
+            if rank == 0:
+                verdict = "ok  " if ok else "FAIL"
+                line = f"{verdict} cp {cp} {fmt} {layout:10s} {strategy:19s} {dtype:8s} worst rel. error {worst:.2e}"
+                print(f"{line} ({time.perf_counter() - t0:.1f} s){'' if ok else f'  {bad}'}", flush=True)
+        dist.barrier()
+    if rank == 0:
+        backend = dist.get_backend()
+        where = torch.cuda.get_device_name() if device != "cpu" else "CPU"
+        print(f"{total - failed} passed, {failed} failed ({backend}, {world} ranks, {where})", flush=True)
+    dist.destroy_process_group()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
