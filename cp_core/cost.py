@@ -29,8 +29,9 @@ def comm_bytes(
     hidden: ``{"a2a_pre", "a2a_post"}`` (``z`` stays local: the mixer sends ``[x|B|C|dt]`` only);
     state_passing: ``{"state_xchg"}``: the conv halo (an all-gather of ``d_conv-1`` tokens of
     ``conv_dim`` channels per piece) plus the states: with ``state_exchange="allgather"`` the gathered
-    fp32 states ``[H, P, N]`` and log-decays ``[H]`` of every piece; with ``"chain"`` the states this
-    rank sends point to point (one per piece; p2p bytes are wire bytes, no ``(cp-1)/cp`` factor).
+    fp32 states ``[H, P, N]`` and log-decays ``[H]`` of every piece; with ``"chain"`` the states the busiest
+    rank sends point to point (two per document with head-tail at cp > 2, else one; p2p bytes are
+    wire bytes, no ``(cp-1)/cp`` factor).
     """
     c = config
     if strategy == "state_passing_chain":
@@ -48,7 +49,11 @@ def comm_bytes(
         state = c.n_heads * c.head_dim * c.d_state * 4
         halo = cp_size * pieces * (c.d_conv - 1) * c.conv_dim * elem_size
         if state_exchange == "chain":
-            return {"state_xchg": pieces * state + halo}
+            # the busiest rank's sends: with head-tail, ranks 1..cp-2 pass one state each way per
+            # document and the end ranks one; with contiguous segments every rank but the last one
+            docs = pieces // 2 if layout == "head_tail" else pieces
+            sends = 2 if layout == "head_tail" and cp_size > 2 else 1
+            return {"state_xchg": docs * sends * state + halo}
         return {"state_xchg": cp_size * pieces * (state + c.n_heads * 4) + halo}
     raise ValueError(f"unknown strategy {strategy!r}")
 

@@ -198,3 +198,46 @@ def test_projection_mode_runs_every_strategy_in_one_process():
             y.sum().backward()
             assert y.shape == x.shape and torch.isfinite(y).all() and torch.isfinite(x.grad).all()
             assert sum(COUNTS.values()) > 0  # the collectives ran, as local copies
+
+
+def chain_bytes_case(group, layout, batch, n_docs):
+    """Bytes this rank really sends point to point in the chain exchange (forward), and the busiest
+    rank's figure from cp_core.cost (state part: the model's total less the halo all-gather)."""
+    from cp_core.cost import comm_bytes
+
+    cp = comm.group_size(group)
+    cfg = Mamba2Config(**small_cfg(4, 2))
+    g = granule(layout, cp)
+    if n_docs is None:
+        x, cu = randn((batch, 3 * g, cfg.d_model), 31, torch.float32), None
+    else:
+        cu = cu_from_lengths(doc_lengths(n_docs, g, 7, max_units=4))
+        x = randn((int(cu[-1]), cfg.d_model), 31, torch.float32)
+    m = build(cfg, group, layout, torch.float32, "state_passing:chain")
+    sent = []
+    real_send = comm.send
+    comm.send = lambda t, dst, grp: (sent.append(t.numel() * t.element_size()), real_send(t, dst, grp))[1]
+    try:
+        with torch.no_grad():
+            xl = shard(x, comm.group_rank(group), cp, layout, cu)
+            m(xl, cu)
+    finally:
+        comm.send = real_send
+    busiest = torch.tensor([sum(sent)])
+    dist.all_reduce(busiest, op=dist.ReduceOp.MAX, group=group)
+    local = xl.shape[-2]
+    docs = n_docs if n_docs is not None else batch
+    pieces = docs * (2 if layout == "head_tail" else 1)
+    halo = cp * pieces * (cfg.d_conv - 1) * cfg.conv_dim * 4
+    model = comm_bytes(
+        cfg, cp, local, 4, "state_passing_chain", 1 if cu is not None else batch, layout=layout, n_docs=n_docs
+    )
+    return int(busiest), model["state_xchg"] - halo
+
+
+@pytest.mark.parametrize("layout", ["head_tail", "contiguous"])
+@pytest.mark.parametrize("cp, batch, n_docs", [(2, 2, None), (4, 1, 3), (8, 1, None)])
+def test_chain_bytes_model_matches_what_is_sent(ranks, cp, batch, n_docs, layout):
+    res = ranks.run(chain_bytes_case, cp, layout, batch, n_docs)
+    sent, model = res[0]
+    assert sent > 0 and sent == model, (sent, model)
