@@ -9,26 +9,16 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 
 import torch
 
 from cp_core.kernels import correction_triton as ct
 from cp_core.kernels.correction import state_correction_torch
+from cpbench.timing import median_ms
 
 
-def med(fn, iters=20, warmup=3):
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        out.append(a.elapsed_time(b))
-    return statistics.median(out)
+def med(fn):
+    return median_ms(fn, torch.device("cuda"), warmup=3, iters=20)
 
 
 def main(argv=None):

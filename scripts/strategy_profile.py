@@ -10,29 +10,15 @@ Nemotron-H-like layer, times fwd and fwd+bwd with CUDA events (median of ``--ite
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from cp_core.comm import LocalGroup
 from cp_core.mixer import Mamba2Config, Mamba2Mixer
+from cpbench.timing import median_ms
 
 CFG = dict(d_model=4096, n_heads=128, head_dim=64, n_groups=8, d_state=128, d_conv=4, chunk_size=256)
-
-
-def timed(fn, warmup, iters):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def _fwd(m, x):
@@ -68,8 +54,10 @@ def main(argv=None):
             )
             g = torch.randn_like(x)
 
-            f = timed(lambda m=m, x=x: _fwd(m, x), args.warmup, args.iters)
-            fb = timed(lambda m=m, x=x, g=g: m(x).backward(g), args.warmup, args.iters)
+            f = median_ms(lambda m=m, x=x: _fwd(m, x), torch.device("cuda"), args.warmup, args.iters)
+            fb = median_ms(
+                lambda m=m, x=x, g=g: m(x).backward(g), torch.device("cuda"), args.warmup, args.iters
+            )
             base.setdefault("f", f)
             base.setdefault("fb", fb)
             say(
