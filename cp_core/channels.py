@@ -25,13 +25,20 @@ USE_TRITON = os.environ.get("CP_CORE_PACK", "auto") != "torch"
 
 @dataclass(frozen=True)
 class Block:
-    """``count`` pieces of ``width`` channels starting at ``src``; piece ``i`` goes to ranks
-    ``[i*rep, (i+1)*rep)`` (``rep = cp/count``) at offset ``dst`` of their local width."""
+    """``count`` pieces of ``width`` channels, piece ``i`` starting at ``src + i*step``; piece ``i`` goes
+    to ranks ``[i*rep, (i+1)*rep)`` (``rep = cp/count``) at offset ``dst`` of their local width.
+    ``stride`` 0 means ``step = width`` (back-to-back pieces); a head chunk of an overlapped layer
+    takes every rank's ``j``-th sub-range, ``stride`` apart."""
 
     src: int
     count: int
     width: int
     dst: int
+    stride: int = 0
+
+    @property
+    def step(self) -> int:
+        return self.stride or self.width
 
 
 @dataclass(frozen=True)
@@ -47,9 +54,12 @@ class ChannelPlan:
         return any(b.count != self.cp_size for b in self.blocks)
 
     @staticmethod
-    def single(cp_size: int, local_width: int) -> ChannelPlan:
-        """Rank ``r`` owns channels ``[r*w, (r+1)*w)`` of a ``cp*w`` wide tensor."""
-        return ChannelPlan(cp_size, (Block(0, cp_size, local_width, 0),), cp_size * local_width, local_width)
+    def single(cp_size: int, local_width: int, chunk: tuple[int, int] = (0, 1)) -> ChannelPlan:
+        """Rank ``r`` owns channels ``[r*w, (r+1)*w)`` of a ``cp*w`` wide tensor; with ``chunk=(j, k)``
+        only the ``j``-th of ``k`` equal sub-ranges of each rank's channels."""
+        j, k = chunk
+        w = local_width // k
+        return ChannelPlan(cp_size, (Block(j * w, cp_size, w, 0, local_width),), cp_size * local_width, w)
 
 
 def check_heads(num_heads: int, n_groups: int, cp_size: int) -> None:
@@ -76,11 +86,34 @@ def local_groups(n_groups: int, cp_size: int) -> int:
     return max(n_groups // cp_size, 1)
 
 
+def check_chunks(n_groups: int, cp_size: int, chunks: int) -> None:
+    """Head chunks of an overlapped layer hold whole groups: ``chunks`` must divide the local groups."""
+    if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
+        raise ValueError(f"overlap_chunks must be a positive int, got {chunks!r}")
+    g_loc = n_groups // cp_size if n_groups >= cp_size else 0
+    if chunks > 1 and (g_loc == 0 or g_loc % chunks):
+        raise ValueError(
+            f"overlap_chunks {chunks} must divide the groups each rank holds (n_groups {n_groups} / cp_size "
+            f"{cp_size} = {n_groups / cp_size:g}): a head chunk holds whole groups of B/C"
+        )
+
+
 def mamba_channel_plan(
-    cp_size: int, num_heads: int, head_dim: int, n_groups: int, d_state: int, *, with_z: bool = True
+    cp_size: int,
+    num_heads: int,
+    head_dim: int,
+    n_groups: int,
+    d_state: int,
+    *,
+    with_z: bool = True,
+    chunk: tuple[int, int] = (0, 1),
 ) -> ChannelPlan:
-    """Plan for ``[z | x | B | C | dt]`` (or ``[x | B | C | dt]`` with ``with_z=False``)."""
+    """Plan for ``[z | x | B | C | dt]`` (or ``[x | B | C | dt]`` with ``with_z=False``). ``chunk=(j, k)``:
+    only the ``j``-th of ``k`` head chunks of every rank (its heads, their groups, their ``dt``)."""
     check_heads(num_heads, n_groups, cp_size)
+    j, k = chunk
+    if k > 1:
+        check_chunks(n_groups, cp_size, k)
     d_inner = num_heads * head_dim
     gcount = min(n_groups, cp_size)
     widths = [(d_inner, cp_size)] if with_z else []
@@ -93,10 +126,18 @@ def mamba_channel_plan(
     blocks, src, dst = [], 0, 0
     for total, count in widths:
         w = total // count
-        blocks.append(Block(src, count, w, dst))
+        wc = w // k
+        blocks.append(Block(src + j * wc, count, wc, dst, w if k > 1 else 0))
         src += total
-        dst += w
+        dst += wc
     return ChannelPlan(cp_size, tuple(blocks), src, dst)
+
+
+def _pieces(t: torch.Tensor, b: Block) -> torch.Tensor:
+    """The ``[N, count, width]`` strided view of block ``b``'s pieces in the 2-D ``t``."""
+    n = t.shape[0]
+    s0, s1 = t.stride()
+    return t.as_strided((n, b.count, b.width), (s0, b.step * s1, s1), t.storage_offset() + b.src * s1)
 
 
 def pack(x: torch.Tensor, plan: ChannelPlan) -> torch.Tensor:
@@ -107,11 +148,13 @@ def pack(x: torch.Tensor, plan: ChannelPlan) -> torch.Tensor:
     return pack_torch(x, plan)
 
 
-def unpack(s: torch.Tensor, plan: ChannelPlan) -> torch.Tensor:
-    """Adjoint of :func:`pack`: ``[cp, N, local_width]`` -> ``[N, in_width]``, replicas summed."""
+def unpack(s: torch.Tensor, plan: ChannelPlan, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Adjoint of :func:`pack`: ``[cp, N, local_width]`` -> ``[N, in_width]``, replicas summed. With ``out``
+    (``[N, in_width]``, last dim contiguous, e.g. a column slice of a wider buffer) only the plan's
+    channels are written there (a head chunk fills its columns of the layer's buffer)."""
     if _fast(s) and plan.replicated is False:
-        return gather_triton.unpack(s, plan)
-    return unpack_torch(s, plan)
+        return gather_triton.unpack(s, plan, out)
+    return unpack_torch(s, plan, out)
 
 
 class _GatherRows(torch.autograd.Function):
@@ -148,18 +191,19 @@ def pack_torch(x: torch.Tensor, plan: ChannelPlan) -> torch.Tensor:
     out = x.new_empty((cp, n, w_loc))
     for b in plan.blocks:
         rep = cp // b.count
-        src = x[:, b.src : b.src + b.count * b.width].reshape(n, b.count, 1, b.width).permute(1, 2, 0, 3)
+        src = _pieces(x, b).unsqueeze(2).permute(1, 2, 0, 3)
         out.view(b.count, rep, n, w_loc)[..., b.dst : b.dst + b.width].copy_(src)
     return out
 
 
-def unpack_torch(s: torch.Tensor, plan: ChannelPlan) -> torch.Tensor:
+def unpack_torch(s: torch.Tensor, plan: ChannelPlan, out: torch.Tensor | None = None) -> torch.Tensor:
     """Reference :func:`unpack`."""
     cp, n, w_loc = s.shape
-    out = s.new_empty((n, plan.in_width))
+    if out is None:
+        out = s.new_empty((n, plan.in_width))
     for b in plan.blocks:
         rep = cp // b.count
         v = s.view(b.count, rep, n, w_loc)[..., b.dst : b.dst + b.width]
         v = v[:, 0] if rep == 1 else v.sum(1)
-        out[:, b.src : b.src + b.count * b.width].view(n, b.count, b.width).copy_(v.permute(1, 0, 2))
+        _pieces(out, b).copy_(v.permute(1, 0, 2))
     return out

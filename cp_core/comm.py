@@ -10,6 +10,7 @@ Every collective of ``cp_core`` goes through this module, so that
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from dataclasses import dataclass
 
@@ -21,6 +22,26 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 
 #: How many collectives of each kind were issued since the last ``COUNTS.clear()``.
 COUNTS: Counter = Counter()
+
+_SUPPRESSED = False
+
+
+@contextlib.contextmanager
+def suppressed():
+    """Inside the block every collective of every group moves nothing (as ``LocalGroup(copy=False)``: the
+    received buffer aliases the sent one; values are not meaningful). Every rank of a group must enter it
+    together. A benchmark times the layer with and without it: the difference is the communication that
+    compute did not hide (the *exposed* communication)."""
+    global _SUPPRESSED
+    previous, _SUPPRESSED = _SUPPRESSED, True
+    try:
+        yield
+    finally:
+        _SUPPRESSED = previous
+
+
+def _skip(group) -> bool:
+    return _SUPPRESSED or (isinstance(group, LocalGroup) and not group.copy)
 
 
 @dataclass(frozen=True)
@@ -62,7 +83,7 @@ def group_rank(group) -> int:
 def all_to_all_single(output: torch.Tensor, input_: torch.Tensor, group) -> torch.Tensor:
     """Equal-split ``all_to_all_single`` along dim 0 (no autograd)."""
     COUNTS["all_to_all"] += 1
-    if isinstance(group, LocalGroup) and not group.copy:
+    if _skip(group):
         return input_
     if group is None or isinstance(group, LocalGroup) or group_size(group) == 1:
         output.copy_(input_)
@@ -74,7 +95,7 @@ def all_to_all_single(output: torch.Tensor, input_: torch.Tensor, group) -> torc
 def all_gather_into(output: torch.Tensor, input_: torch.Tensor, group) -> torch.Tensor:
     """``output[r] = input_ of rank r``; ``output`` has a new leading dim of size cp."""
     COUNTS["all_gather"] += 1
-    if isinstance(group, LocalGroup) and not group.copy:
+    if _skip(group):
         return input_.unsqueeze(0).expand_as(output)
     if group is None or isinstance(group, LocalGroup) or group_size(group) == 1:
         output.copy_(input_.unsqueeze(0).expand_as(output))
@@ -87,7 +108,7 @@ def all_gather_into(output: torch.Tensor, input_: torch.Tensor, group) -> torch.
 def all_reduce_(tensor: torch.Tensor, group) -> torch.Tensor:
     """In-place sum over the group."""
     COUNTS["all_reduce"] += 1
-    if not (group is None or isinstance(group, LocalGroup) or group_size(group) == 1):
+    if not (_SUPPRESSED or group is None or isinstance(group, LocalGroup) or group_size(group) == 1):
         dist.all_reduce(tensor, group=group)
     return tensor
 
@@ -95,7 +116,7 @@ def all_reduce_(tensor: torch.Tensor, group) -> torch.Tensor:
 def send(tensor: torch.Tensor, dst: int, group) -> None:
     """Point-to-point send to group rank ``dst`` (a :class:`LocalGroup` sends nothing)."""
     COUNTS["send"] += 1
-    if isinstance(group, LocalGroup) or group is None:
+    if _SUPPRESSED or isinstance(group, LocalGroup) or group is None:
         return
     dist.send(tensor.contiguous(), dst=dist.get_global_rank(group, dst), group=group)
 
@@ -105,6 +126,8 @@ def recv(like: torch.Tensor, src: int, group) -> torch.Tensor:
     A :class:`LocalGroup` returns a copy of ``like`` (same bytes moved, values not meaningful)."""
     COUNTS["recv"] += 1
     out = torch.empty_like(like)
+    if _SUPPRESSED:
+        return like
     if isinstance(group, LocalGroup) or group is None:
         return out.copy_(like) if not isinstance(group, LocalGroup) or group.copy else like
     dist.recv(out, src=dist.get_global_rank(group, src), group=group)

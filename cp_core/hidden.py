@@ -28,13 +28,13 @@ def _seq_to_heads(x2d: torch.Tensor, chan: ChannelPlan, tok: TokenPlan, group, a
         return gather_rows(recv.view(-1, chan.local_width), tok.gather)
 
 
-def _heads_to_seq(y2d: torch.Tensor, chan: ChannelPlan, tok: TokenPlan, group, a2a: str, lay: str):
+def _heads_to_seq(y2d: torch.Tensor, chan: ChannelPlan, tok: TokenPlan, group, a2a: str, lay: str, out=None):
     with region(lay):
         send = gather_rows(y2d, tok.scatter)
     with region(a2a):
         recv = comm.all_to_all_single(torch.empty_like(send), send, group)
     with region(lay):
-        return unpack(recv.view(chan.cp_size, -1, chan.local_width), chan)
+        return unpack(recv.view(chan.cp_size, -1, chan.local_width), chan, out)
 
 
 class _Pre(torch.autograd.Function):

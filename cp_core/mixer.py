@@ -23,19 +23,24 @@ the SSD state crosses a document boundary.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import comm, kernels
+from .channels import ChannelPlan, check_chunks, local_groups, mamba_channel_plan
 from .kernels import conv_cuda, ssd_mamba
+from .kernels.conv_ssd import ConvSSDSpec, conv_ssd, fused_available
+from .kernels.norm import gated_norm_out_proj, gated_rmsnorm_torch
+from .kernels.norm import resolve as resolve_norm
 from .layout import check_layout, check_seq_len
 from .mamba_cp import MambaContextParallel
+from .pipeline import CoreSpec, layer_core
 from .plan import get_plan
-from .regions import CONV1D, NORM_PROJ, SSM, region
+from .regions import NORM_PROJ, region
 from .state_passing import state_passing_conv_ssd
 
 #: ``"state_passing_chain"`` is ``strategy="state_passing", state_exchange="chain"`` in one name.
@@ -81,7 +86,8 @@ class Mamba2Config:
 
 class GatedRMSNorm(nn.Module):
     """``rmsnorm(y * silu(z))`` over groups of ``group_size`` channels, times ``weight`` (mamba-ssm's
-    ``RMSNormGated`` with ``norm_before_gate=False``); fp32 statistics."""
+    ``RMSNormGated`` with ``norm_before_gate=False``); fp32 statistics. The module holds the parameter;
+    the layer calls the fused kernels of :mod:`cp_core.kernels.norm`, and this forward is the reference."""
 
     def __init__(self, d: int, group_size: int, eps: float, device=None, dtype=None):
         super().__init__()
@@ -89,11 +95,7 @@ class GatedRMSNorm(nn.Module):
         self.group_size, self.eps = group_size, eps
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        dtype = y.dtype
-        h = y.float() * F.silu(z.float())
-        hg = h.view(*h.shape[:-1], -1, self.group_size)
-        hg = hg * torch.rsqrt(hg.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (hg.view_as(h) * self.weight.float()).to(dtype)
+        return gated_rmsnorm_torch(y, z, self.weight, self.eps, self.group_size)
 
 
 class Mamba2Mixer(nn.Module):
@@ -110,6 +112,7 @@ class Mamba2Mixer(nn.Module):
         strategy: str = "hidden",
         fused: bool = True,
         state_exchange: str = "allgather",
+        overlap_chunks: int = 1,
     ):
         super().__init__()
         check_layout(layout)
@@ -145,7 +148,13 @@ class Mamba2Mixer(nn.Module):
             self.cp = MambaContextParallel(
                 cp_group, c.n_heads, c.head_dim, c.n_groups, c.d_state, self, layout=layout, fused=fused
             )
+        if self.cp_size > 1 and strategy == "hidden":
+            check_chunks(c.n_groups, self.cp_size, overlap_chunks)
+        elif not isinstance(overlap_chunks, int) or isinstance(overlap_chunks, bool) or overlap_chunks < 1:
+            raise ValueError(f"overlap_chunks must be a positive int, got {overlap_chunks!r}")
+        self.overlap_chunks = overlap_chunks
         self.backends: dict[str, str] = {}
+        self._specs: dict = {}
         self.reset_parameters()
 
     @torch.no_grad()
@@ -188,40 +197,120 @@ class Mamba2Mixer(nn.Module):
         self.backends = {"ssd": ssd_name, "conv": conv_name}
         return ssd_name, conv_name
 
-    def conv_ssd(self, xbcdt: torch.Tensor, conv_w, conv_b, dt_bias, A_log, D, seq_idx):
-        """conv1d + SiLU + SSD on ``[b, l, x|B|C|dt]`` with the (possibly sliced) parameters -> ``y [b, l, h*p]``."""
+    def _conv_spec(self, x: torch.Tensor, nh: int, ng: int, conv_w: torch.Tensor) -> ConvSSDSpec:
+        """conv1d + SSD of ``nh`` heads and ``ng`` groups: mamba-ssm's and causal-conv1d's kernels called
+        directly when both backends are the fast ones, else autograd through the chosen backends."""
         c = self.config
-        nh = dt_bias.shape[0]
-        hd = c.head_dim
-        ng = (xbcdt.shape[-1] - nh - nh * hd) // (2 * c.d_state)
-        ssd_name, conv_name = self._backends(xbcdt, conv_w)
-        xbc, dt = xbcdt.split([xbcdt.shape[-1] - nh, nh], dim=-1)
-        with region(CONV1D):
-            xbc = kernels.conv1d(xbc, conv_w, conv_b, seq_idx=seq_idx, activation="silu", backend=conv_name)
-        b, l = xbc.shape[:2]
-        x, B, C = xbc.split([nh * hd, ng * c.d_state, ng * c.d_state], dim=-1)
-        Dv = D.view(nh, hd) if D.numel() == nh * hd and c.D_has_hdim else D
-        with region(SSM):
-            y = kernels.ssd(
-                x.reshape(b, l, nh, hd),
-                dt,
-                -torch.exp(A_log.float()),
-                B.reshape(b, l, ng, c.d_state),
-                C.reshape(b, l, ng, c.d_state),
-                chunk_size=c.chunk_size,
-                D=Dv,
-                dt_bias=dt_bias,
-                dt_softplus=True,
-                seq_idx=seq_idx,
-                backend=ssd_name,
+        ssd_name, conv_name = self._backends(x, conv_w)
+        fused = ssd_name == "mamba_ssm" and conv_name == "causal_conv1d" and fused_available()[0]
+        spec = ConvSSDSpec(
+            nh, c.head_dim, ng, c.d_state, c.chunk_size, "fused" if fused else "autograd", ssd_name, conv_name
+        )
+        self.backends["conv_ssd"] = spec.backend
+        return spec
+
+    def _local_params(self):
+        """This rank's ``conv_w [c, k]``, ``conv_b``, ``dt_bias``, ``A`` (fp32), ``D`` (differentiable slices)."""
+        c = self.config
+        if self.cp is None:
+            w, b, dtb, alog, D = (
+                self.conv1d.weight.squeeze(1),
+                self.conv1d.bias,
+                self.dt_bias,
+                self.A_log,
+                self.D,
             )
-        return y.reshape(b, l, nh * hd)
+        else:
+            cp = self.cp
+            w, b, dtb, alog, D = (
+                cp.get_conv1d_weight(),
+                cp.get_conv1d_bias(),
+                cp.get_dt_bias(),
+                cp.get_A_log(),
+                cp.get_D(),
+            )
+        if c.D_has_hdim:
+            D = D.view(-1, c.head_dim)
+        return w, b, dtb, -torch.exp(alog.float()), D
+
+    def _core_spec(self, x: torch.Tensor, plan, batch: int, length: int) -> CoreSpec:
+        c, cp = self.config, self.cp_size
+        k = self.overlap_chunks if cp > 1 else 1
+        key = (id(plan), batch, length, x.device, x.dtype, self.ssd_backend, self.conv_backend)
+        hit = self._specs.get(key)
+        if hit is not None and hit[0] is plan:
+            self.backends = dict(hit[2])
+            return hit[1]
+        h_loc, g_loc = c.n_heads // cp, local_groups(c.n_groups, cp)
+        conv = self._conv_spec(x, h_loc // k, g_loc // k, self.conv1d.weight.squeeze(1))
+        norm_backend = resolve_norm("auto", x)
+        self.backends["norm"] = norm_backend
+        rows: tuple = (None,)
+        if k > 1:
+            dl, gl = c.d_inner // cp, g_loc * c.d_state
+            dc, gc = dl // k, gl // k
+            ar = functools.partial(torch.arange, device=x.device, dtype=torch.long)
+            rows = tuple(
+                torch.cat(
+                    [
+                        ar(j * dc, (j + 1) * dc),
+                        dl + ar(j * gc, (j + 1) * gc),
+                        dl + gl + ar(j * gc, (j + 1) * gc),
+                    ]
+                )
+                for j in range(k)
+            )
+        spec = CoreSpec(
+            d_inner=c.d_inner,
+            norm_group=c.d_inner // c.n_groups,
+            eps=c.norm_eps,
+            norm_backend=norm_backend,
+            conv=conv,
+            cp_size=cp,
+            group=self.cp_group,
+            tok=plan if cp > 1 else None,
+            batch=batch,
+            length=length,
+            seq_idx=None if plan is None else plan.seq_idx,
+            chans=tuple(
+                mamba_channel_plan(
+                    cp, c.n_heads, c.head_dim, c.n_groups, c.d_state, with_z=False, chunk=(j, k)
+                )
+                for j in range(k)
+            )
+            if cp > 1
+            else (),
+            chans_post=tuple(ChannelPlan.single(cp, c.d_inner // cp, (j, k)) for j in range(k))
+            if cp > 1
+            else (),
+            rows=rows,
+            overlap=k > 1 and x.is_cuda,
+        )
+        if len(self._specs) >= 8:
+            self._specs.pop(next(iter(self._specs)))
+        self._specs[key] = (plan, spec, dict(self.backends))
+        return spec
+
+    def _norm_out(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        with region(NORM_PROJ):
+            backend = resolve_norm("auto", y)
+            self.backends["norm"] = backend
+            return gated_norm_out_proj(
+                y, z, self.norm.weight, self.out_proj.weight, c.norm_eps, c.d_inner // c.n_groups, backend
+            )
 
     # ------------------------------------------------------------------ forward
 
     def forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """This rank's shard ``[B, L/cp, d_model]`` (or packed ``[T/cp, d_model]`` with the global padded
-        ``cu_seqlens``) -> the output shard of the same shape."""
+        ``cu_seqlens``) -> the output shard of the same shape.
+
+        cp 1 and the hidden strategy (``fused=True``) run :func:`cp_core.pipeline.layer_core`: one autograd
+        function from ``in_proj``'s output to ``out_proj``'s, its backward hand-written (nothing is kept but
+        ``zxbcdt``, the head-sharded conv input and ``y``), the all-to-alls optionally pipelined over
+        ``overlap_chunks`` head chunks. The seed path (``fused=False``) and state passing compose the same
+        kernels through autograd."""
         c = self.config
         packed = cu_seqlens is not None
         if hidden_states.dim() != (2 if packed else 3) or hidden_states.shape[-1] != c.d_model:
@@ -236,34 +325,31 @@ class Mamba2Mixer(nn.Module):
         else:
             check_seq_len(length, self.cp_size, self.layout)
             plan = None
+            if self.cp_size > 1 and self.strategy == "hidden":
+                plan = get_plan(self.cp_size, self.layout, batch, length, hidden_states.device)
         with region(NORM_PROJ):
             zxbcdt = self.in_proj(hidden_states)
+        if self.cp_size == 1 or (self.strategy == "hidden" and self.fused):
+            spec = self._core_spec(zxbcdt, plan, batch, length)
+            return layer_core(spec, zxbcdt, *self._local_params(), self.norm.weight, self.out_proj.weight)
         z, xbcdt = zxbcdt.split([c.d_inner, c.d_in_proj - c.d_inner], dim=-1)
-        if self.cp_size == 1:
-            seq_idx = plan.seq_idx if packed else None
-            y = self.conv_ssd(
-                xbcdt.view(batch, -1, xbcdt.shape[-1]),
-                self.conv1d.weight.squeeze(1),
-                self.conv1d.bias,
-                self.dt_bias,
-                self.A_log,
-                self.D,
-                seq_idx,
-            ).view(*z.shape)
-        elif self.strategy == "hidden":
+        if self.strategy == "hidden":  # the seed path: the seed's layout operations around the same kernels
             cp = self.cp
             xh = cp.pre_conv_ssm(xbcdt, cu_seqlens, with_z=False)
-            y = self.conv_ssd(
+            h_loc, g_loc = c.n_heads // self.cp_size, local_groups(c.n_groups, self.cp_size)
+            w, b, dtb, A, D = self._local_params()
+            spec = self._conv_spec(xh, h_loc, g_loc, w)
+            y = conv_ssd(
+                spec,
                 xh.view(batch, length, xh.shape[-1]),
-                cp.get_conv1d_weight(),
-                cp.get_conv1d_bias(),
-                cp.get_dt_bias(),
-                cp.get_A_log(),
-                cp.get_D(),
-                plan.seq_idx if packed else None,
+                w,
+                b,
+                dtb,
+                A,
+                D,
+                None if plan is None else plan.seq_idx,
             )
             y = cp.post_conv_ssm(y.view(*xh.shape[:-1], y.shape[-1]), cu_seqlens)
         else:
             y = state_passing_conv_ssd(self, xbcdt, cu_seqlens, length)
-        with region(NORM_PROJ):
-            return self.out_proj(self.norm(y, z))
+        return self._norm_out(y, z)

@@ -15,8 +15,16 @@ Conventions (as nccl-tests):
   ``_bwd`` variants) per iteration, then as above.
 * Fake backend (one process standing in for rank 0 of the group): the communication regions
   are replaced by a model, ``t = S / algbw_model`` with ``algbw_model = busbw * n / (n - 1)``;
-  the layer time becomes measured - measured local copies + modeled communication (no overlap
-  assumed: the layer's collectives are blocking). Such rows say ``comm_model = modeled@<B>GBps``.
+  the layer time becomes measured - measured local copies + modeled *exposed* communication: all of
+  it for blocking collectives, :func:`exposed_model` for ``overlap_chunks > 1``. Such rows say
+  ``comm_model = modeled@<B>GBps``.
+* Exposed communication (cp > 1): ``layer_nocomm_ms`` is the layer timed again with every collective
+  suppressed (:func:`cp_core.comm.suppressed`), ``exposed_comm_ms = layer_ms - layer_nocomm_ms`` (the
+  communication compute did not hide), ``overlap_pct = 100 * (1 - exposed / comm_ms)``, where
+  ``comm_ms`` is the time of the communication regions (events on the stream that ran them): the
+  share of the communication that ran concurrently with compute, as Holistic Trace Analysis defines
+  overlap, here measured with events instead of a trace. Modeled (fake) rows: from the model.
+* ``warmup_s``: the wall time of the untimed warm-up iterations (first-call autotuning), max over ranks.
 """
 
 from __future__ import annotations
@@ -114,21 +122,43 @@ def _series(payload: Mapping[str, Any], name: str, iters: int) -> list[float]:
     return list(s) if s is not None else [0.0] * iters
 
 
-def model_payload(payload: Mapping[str, Any], regions: Mapping[str, int], cp: int, busbw_gbps: float) -> dict:
+def exposed_model(comm_s: float, compute_s: float, chunks: int) -> float:
+    """Communication a pipeline of ``chunks`` head chunks leaves exposed, for one pass: ``comm_s`` of
+    all-to-alls around ``compute_s`` of conv1d + SSD. The first chunk's transfer in and the last one's
+    transfer out cannot overlap anything (``comm_s / k``); the rest hides behind the other chunks'
+    compute as far as it lasts: ``max(comm_s / k, comm_s - compute_s * (k - 1) / k)``. ``k = 1``:
+    ``comm_s`` (blocking collectives)."""
+    if chunks <= 1:
+        return comm_s
+    return max(comm_s / chunks, comm_s - compute_s * (chunks - 1) / chunks)
+
+
+def model_payload(
+    payload: Mapping[str, Any], regions: Mapping[str, int], cp: int, busbw_gbps: float, chunks: int = 1
+) -> dict:
     """Replace the measured communication regions of a payload by modeled times, and adjust the layer.
 
     The local-copy time the fake collectives took is removed from ``layer_fwd``/``layer_bwd`` (the
-    regions named ``*_bwd`` belong to the backward) and the modeled time added instead.
+    regions named ``*_bwd`` belong to the backward) and the modeled exposed time added instead
+    (:func:`exposed_model`: all of it for blocking collectives, ``chunks = 1``).
     """
     iters = payload["iters"]
     times = {k: list(v) for k, v in payload.get("regions", {}).items()}
-    for r, nbytes in regions.items():
-        modeled = modeled_seconds(nbytes, busbw_gbps, cp)
-        measured = times.get(r, [0.0] * iters)
-        layer = LAYER_BWD if r.endswith(BWD_SUFFIX) else LAYER_FWD
+    for layer, bwd in ((LAYER_FWD, False), (LAYER_BWD, True)):
+        names = [r for r in regions if r.endswith(BWD_SUFFIX) == bwd]
+        if not names:
+            continue
+        modeled = {r: modeled_seconds(regions[r], busbw_gbps, cp) for r in names}
+        compute = times.get("ssm" + (BWD_SUFFIX if bwd else ""), [0.0] * iters)
         if layer in times:
-            times[layer] = [t - m + modeled for t, m in zip(times[layer], measured, strict=True)]
-        times[r] = [modeled] * iters
+            new = []
+            for i, t in enumerate(times[layer]):
+                measured = sum(times.get(r, [0.0] * iters)[i] for r in names)
+                exposed = exposed_model(sum(modeled.values()), compute[i], chunks)
+                new.append(t - measured + exposed)
+            times[layer] = new
+        for r in names:
+            times[r] = [modeled[r]] * iters
     return {**payload, "regions": times}
 
 
@@ -141,6 +171,7 @@ def aggregate(
     real_tokens: int,
     fake_busbw_gbps: float | None = None,
     bench: Mapping[int, Sequence[Sequence[float]]] | None = None,
+    chunks: int = 1,
 ) -> dict[str, Any]:
     """The measured columns of one case from every rank's payload.
 
@@ -150,7 +181,7 @@ def aggregate(
     """
     regions = comm_regions(comm_bytes, backward)
     if fake_busbw_gbps is not None:
-        payloads = [model_payload(p, regions, cp_size, fake_busbw_gbps) for p in payloads]
+        payloads = [model_payload(p, regions, cp_size, fake_busbw_gbps, chunks) for p in payloads]
     iters = payloads[0]["iters"]
     row: dict[str, Any] = {"comm_model": comm_model_label(fake_busbw_gbps if regions else None)}
 
@@ -223,6 +254,38 @@ def aggregate(
     row["ssd_backend"] = backends.get("ssd", "")
     row["conv_backend"] = backends.get("conv", "")
     row["n_collectives"] = payloads[0].get("n_collectives", NAN)
+    row["conv_ssd_backend"] = backends.get("conv_ssd", "")
+    row["norm_backend"] = backends.get("norm", "")
+    warm = [p.get("warmup_s") for p in payloads if p.get("warmup_s") is not None]
+    row["warmup_s"] = max(warm) if warm else NAN
+
+    # exposed communication: the layer against the same layer with its collectives suppressed
+    row["layer_nocomm_ms"] = row["exposed_comm_ms"] = row["overlap_pct"] = NAN
+    nocomm = [p.get("nocomm") for p in payloads]
+    if regions and fake_busbw_gbps is not None:
+        # modeled: the layer already holds the modeled exposed time; remove it to get the compute alone
+        exposed = []
+        for p in payloads:
+            fwd = _series(p, LAYER_FWD, iters)
+            bwd = _series(p, LAYER_BWD, iters) if backward else [0.0] * iters
+            nc = []
+            for i in range(iters):
+                t = fwd[i] + bwd[i]
+                e = 0.0
+                for bwd_pass in (False, True):
+                    names = [r for r in regions if r.endswith(BWD_SUFFIX) == bwd_pass]
+                    if names:
+                        comp = _series(p, "ssm" + (BWD_SUFFIX if bwd_pass else ""), iters)[i]
+                        e += exposed_model(sum(_series(p, r, iters)[i] for r in names), comp, chunks)
+                nc.append(t - e)
+            exposed.append(nc)
+        nocomm = exposed
+    if regions and nocomm and all(n for n in nocomm):
+        st = across_ranks(nocomm)
+        row["layer_nocomm_ms"] = st["max"] * 1e3
+        row["exposed_comm_ms"] = row["layer_ms"] - row["layer_nocomm_ms"]
+        if row["comm_ms"] > 0:
+            row["overlap_pct"] = 100.0 * (1.0 - row["exposed_comm_ms"] / row["comm_ms"])
     return row
 
 

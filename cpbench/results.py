@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ResultsError
-from .scenario import CASE_KEY
+from .scenario import CASE_KEY, KEY_DEFAULTS
 
 STATUS_COLUMNS = ("status", "error")
 #: Work and run columns written for every case (measured ones follow, see cpbench.metrics).
@@ -194,14 +194,17 @@ def read_results(path: str | Path):
     except csv.Error as e:
         raise ResultsError(f"{path}: not a valid CSV: {e}") from None
     header = records[0]
-    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    added = [c for c in KEY_DEFAULTS if c not in header]  # results written before these key columns existed
+    missing = [c for c in REQUIRED_COLUMNS if c not in header and c not in KEY_DEFAULTS]
     if missing:
         raise ResultsError(f"{path}: not a cpbench results CSV: missing column(s) {', '.join(missing)}")
     for i, rec in enumerate(records[1:], start=2):
         if len(rec) != len(header):
             raise ResultsError(f"{path}: line {i} has {len(rec)} fields, the header has {len(header)}")
     df = pd.read_csv(io.StringIO("\n".join(lines) + "\n"), keep_default_na=True)
-    for c in ("error", "ssd_backend", "conv_backend", "comm_model", "packing"):
+    for c in added:
+        df[c] = KEY_DEFAULTS[c]
+    for c in ("error", "ssd_backend", "conv_backend", "comm_model", "packing", "impl"):
         if c in df.columns:
             df[c] = df[c].astype("object").fillna("").astype(str)
     return df

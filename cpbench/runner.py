@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,14 +135,22 @@ def comm_bytes_of(scenario: Scenario, case: Case, config=None) -> dict[str, int]
         cu, _ = case_cu_seqlens(scenario, case)
         n_docs = cu.numel() - 1
     out = comm_bytes(
-        config, case.cp_size, case.local_tokens, elem, strategy=case.strategy, batch=case.comm_batch,
-        layout=case.layout, n_docs=n_docs,
+        config,
+        case.cp_size,
+        case.local_tokens,
+        elem,
+        strategy=case.strategy,
+        batch=case.comm_batch,
+        layout=case.layout,
+        n_docs=n_docs,
     )
     return {k: int(v) for k, v in out.items() if v}
 
 
 def setup_case(scenario: Scenario, case: Case, ctx: RankContext) -> Prepared:
     from cp_core.mixer import Mamba2Mixer
+
+    from .peers import PeerUnavailable, build_peer
 
     fault_point(ctx.rank, case.index, "setup")
     dtype = DTYPES[case.dtype]
@@ -156,9 +165,15 @@ def setup_case(scenario: Scenario, case: Case, ctx: RankContext) -> Prepared:
             dtype=dtype,
             strategy=case.strategy,
             fused=case.path == "fused",
+            overlap_chunks=case.overlap_chunks,
         )
     except ValueError as e:
         raise CaseSkipped(str(e)) from None
+    if case.impl != "cp_core":  # a peer with our weights (mamba-ssm's parameter names)
+        try:
+            mixer = build_peer(case.impl, mixer, ctx.group, ctx.device, dtype)
+        except PeerUnavailable as e:
+            raise CaseSkipped(f"impl {case.impl}: {e}") from None
     cu, real_tokens = case_cu_seqlens(scenario, case, device=ctx.device)
     shape = (
         (case.local_tokens, scenario.layer.d_model)
@@ -219,6 +234,14 @@ def run_iterations(p: Prepared, scenario: Scenario, ctx: RankContext) -> dict[st
     cuda = ctx.device.type == "cuda"
     fault_point(ctx.rank, p.case.index, "run")
     with installed(timer):
+        t_warm = time.perf_counter()
+        if ctx.rank == 0 and cuda and run.warmup:
+            print(
+                f"case {p.case.index}: warming up ({run.warmup} iterations; the first call of each new shape "
+                f"autotunes Triton kernels, autotune={run.autotune})",
+                file=sys.stderr,
+                flush=True,
+            )
         for _ in range(run.warmup):
             _group_sync(ctx)
             timer.start_iteration(measure=False)
@@ -226,6 +249,9 @@ def run_iterations(p: Prepared, scenario: Scenario, ctx: RankContext) -> dict[st
             synchronize(ctx.device)
             timer.stop_iteration()
             _clear_grads(p)
+        warmup_s = time.perf_counter() - t_warm
+        if ctx.rank == 0 and cuda and run.warmup:
+            print(f"case {p.case.index}: warm-up took {warmup_s:.1f} s", file=sys.stderr, flush=True)
         if cuda:
             torch.cuda.reset_peak_memory_stats(ctx.device)
         regions: dict[str, list[float]] = {}
@@ -255,15 +281,41 @@ def run_iterations(p: Prepared, scenario: Scenario, ctx: RankContext) -> dict[st
         if prof is not None and ctx.trace_dir is not None:
             ctx.trace_dir.mkdir(parents=True, exist_ok=True)
             prof.export_chrome_trace(str(ctx.trace_dir / f"case{p.case.index:04d}-rank{ctx.rank}.json"))
+        peak = float(torch.cuda.max_memory_allocated(ctx.device)) if cuda else NAN
+        nocomm = _layer_without_comm(p, scenario, ctx, timer) if _wants_nocomm(p, scenario) else None
     backends = dict(getattr(p.mixer, "backends", {}) or {})
-    peak = float(torch.cuda.max_memory_allocated(ctx.device)) if cuda else NAN
     return {
         "iters": run.iters,
         "regions": regions,
         "peak_mem_bytes": peak,
         "backends": backends,
         "n_collectives": n_coll,
+        "warmup_s": warmup_s,
+        "nocomm": nocomm,
     }
+
+
+def _wants_nocomm(p: Prepared, scenario: Scenario) -> bool:
+    return scenario.run.exposed_comm and p.case.cp_size > 1 and p.case.impl == "cp_core"
+
+
+def _layer_without_comm(p: Prepared, scenario: Scenario, ctx: RankContext, timer: RegionTimer) -> list[float]:
+    """Per-iteration layer seconds with every collective of cp_core suppressed (after one warm-up
+    iteration): the layer's compute and copies alone. ``layer - this`` is the exposed communication."""
+    from cp_core.comm import suppressed
+
+    out = []
+    with suppressed():
+        for it in range(scenario.run.iters + 1):
+            _group_sync(ctx)
+            timer.start_iteration(measure=it > 0)
+            _step(p, timer)
+            synchronize(ctx.device)
+            times = timer.stop_iteration()
+            _clear_grads(p)
+            if it > 0:
+                out.append(times.get("layer_fwd", 0.0) + times.get("layer_bwd", 0.0))
+    return out
 
 
 def a2a_microbench(nbytes: int, ctx: RankContext, *, warmup: int = 5, iters: int = 20) -> list[float]:

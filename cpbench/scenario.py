@@ -27,6 +27,10 @@ Schema (every table optional except ``[layer]``; unknown tables or keys are erro
     path = ["fused"]              # default ["fused"]; "fused" | "seed" (the in-project baseline)
     pass = ["fwd+bwd"]            # default ["fwd+bwd"]; "fwd" (under no_grad) | "fwd+bwd"
     strategy = ["hidden"]         # default ["hidden"]; "hidden" | "state_passing" | "state_passing_chain"
+    impl = ["cp_core"]            # default ["cp_core"]; also "nemo" (NeMo AutoModel's layer) and "mamba_ssm"
+                                  # (mamba-ssm's Mamba2, cp 1 only): peers with the same weights (cpbench.peers)
+    overlap_chunks = [1]          # default [1]; head chunks of the hidden strategy pipelined against the
+                                  # all-to-alls (must divide n_groups/cp_size)
 
     [run]
     warmup = 2                    # default 2; untimed iterations per case (Triton autotunes each new shape)
@@ -38,6 +42,11 @@ Schema (every table optional except ``[layer]``; unknown tables or keys are erro
     fake_busbw_gbps = 370.0       # busbw assumed by the fake backend's communication model
     microbench = true             # default true; all-to-all microbenchmark at each case's message sizes
     microbench_iters = 20         # default 20; measured all-to-alls per message size (after 5 warmups)
+    exposed_comm = true           # default true; also time the layer with its collectives suppressed
+                                  # (cp > 1, ours): exposed_comm_ms = layer_ms - layer_nocomm_ms
+    autotune = "cached"           # "cached" (default: Triton autotunes each new shape once and caches the
+                                  # result on disk, TRITON_CACHE_AUTOTUNING=1) | "deterministic" (also
+                                  # MAMBA_DETERMINISTIC=1: one config per kernel, short first calls) | "full"
 
 Overrides: ``--set sweep.cp_size=[1,2]`` or ``--set run.iters=3``; the value is parsed as a TOML
 value (a bare word that is not valid TOML is taken as a string: ``--set run.device=cpu``).
@@ -68,6 +77,8 @@ LAYOUTS = ("head_tail", "contiguous")
 PATHS = ("fused", "seed")
 PASSES = ("fwd", "fwd+bwd")
 STRATEGIES = ("hidden", "state_passing", "state_passing_chain")
+IMPLS = ("cp_core", "nemo", "mamba_ssm")
+AUTOTUNE = ("cached", "deterministic", "full")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "gloo", "nccl", "fake")
 
@@ -232,6 +243,8 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "path": (_axis(_choice(PATHS)), ("fused",)),
         "pass": (_axis(_choice(PASSES)), ("fwd+bwd",)),
         "strategy": (_axis(_choice(STRATEGIES)), ("hidden",)),
+        "impl": (_axis(_choice(IMPLS)), ("cp_core",)),
+        "overlap_chunks": (_axis(_int(1)), (1,)),
     },
     "run": {
         "warmup": (_int(0), 2),
@@ -243,6 +256,8 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "fake_busbw_gbps": (_float(0.0, lo_open=True), 370.0),
         "microbench": (_bool, True),
         "microbench_iters": (_int(1), 20),
+        "exposed_comm": (_bool, True),
+        "autotune": (_choice(AUTOTUNE), "cached"),
     },
 }
 
@@ -270,6 +285,8 @@ class Sweep:
     path: tuple[str, ...]
     pass_: tuple[str, ...]
     strategy: tuple[str, ...]
+    impl: tuple[str, ...] = ("cp_core",)
+    overlap_chunks: tuple[int, ...] = (1,)
 
 
 @dataclass(frozen=True)
@@ -283,6 +300,8 @@ class Run:
     fake_busbw_gbps: float = 370.0
     microbench: bool = True
     microbench_iters: int = 20
+    exposed_comm: bool = True
+    autotune: str = "cached"
 
 
 @dataclass(frozen=True)
@@ -309,9 +328,10 @@ class Scenario:
         """The cross product of the axes, in run order (cp_size innermost but for path and pass)."""
         s = self.sweep
         out = []
-        for heads, strategy, layout, packing, batch, seq_len, cp, path, pass_ in itertools.product(
-            s.heads, s.strategy, s.layout, s.packing, s.batch, s.seq_len, s.cp_size, s.path, s.pass_
-        ):
+        for heads, strategy, layout, packing, batch, seq_len, cp, path, pass_, chunks, impl in itertools.product(
+            s.heads, s.strategy, s.layout, s.packing, s.batch, s.seq_len, s.cp_size, s.path, s.pass_,
+            s.overlap_chunks, s.impl,
+        ):  # fmt: skip
             out.append(
                 Case(
                     index=len(out),
@@ -328,6 +348,8 @@ class Scenario:
                     strategy=strategy,
                     dtype=self.layer.dtype,
                     pack_granule=self.pack_granule,
+                    impl=impl,
+                    overlap_chunks=chunks,
                 )
             )
         return out
@@ -348,6 +370,8 @@ class Scenario:
                 "path": list(sw.path),
                 "pass": list(sw.pass_),
                 "strategy": list(sw.strategy),
+                "impl": list(sw.impl),
+                "overlap_chunks": list(sw.overlap_chunks),
             },
             "run": {k: getattr(run, k) for k in SCHEMA["run"]},
         }
@@ -393,11 +417,16 @@ CASE_KEY = (
     "path",
     "pass",
     "strategy",
+    "impl",
+    "overlap_chunks",
     "dtype",
     "device",
     "world_size",
     "backend",
 )
+
+#: Values of key columns added after results were first written: older CSVs read as these.
+KEY_DEFAULTS = {"impl": "cp_core", "overlap_chunks": 1}
 
 
 @dataclass(frozen=True)
@@ -416,6 +445,8 @@ class Case:
     strategy: str
     dtype: str
     pack_granule: int
+    impl: str = "cp_core"
+    overlap_chunks: int = 1
 
     @property
     def backward(self) -> bool:
@@ -451,6 +482,8 @@ class Case:
             "path": self.path,
             "pass": self.pass_,
             "strategy": self.strategy,
+            "impl": self.impl,
+            "overlap_chunks": self.overlap_chunks,
             "dtype": self.dtype,
             "device": device,
             "world_size": world_size,
@@ -461,6 +494,8 @@ class Case:
         return (
             f"cp={self.cp_size} L={self.seq_len} B={self.batch} heads={self.n_heads}/{self.n_groups} "
             f"{self.packing.label} {self.layout} {self.path} {self.pass_} {self.strategy}"
+            + (f" k={self.overlap_chunks}" if self.overlap_chunks != 1 else "")
+            + (f" [{self.impl}]" if self.impl != "cp_core" else "")
         )
 
     def skip_reason(self, world_size: int | None) -> str | None:
@@ -483,7 +518,11 @@ class Case:
             return f"seq_len {self.seq_len} is not a multiple of {what} = {granule} (layout {self.layout})"
         if self.strategy == "hidden" and cp > 1 and self.n_heads % cp:
             return f"n_heads {self.n_heads} is not divisible by cp_size {cp} (strategy hidden)"
-        return None
+        if self.overlap_chunks > 1 and (cp == 1 or self.strategy != "hidden"):
+            return f"overlap_chunks {self.overlap_chunks} applies to the hidden strategy at cp > 1 only"
+        from .peers import skip_reason
+
+        return skip_reason(self.impl, cp, self.strategy, self.path, self.layout, self.overlap_chunks)
 
 
 # ----------------------------------------------------------------------------------------------- loading

@@ -241,6 +241,7 @@ class Sweep:
                 real_tokens=row.get("real_tokens", case.tokens),
                 fake_busbw_gbps=self.fake_busbw,
                 bench=bench_series,
+                chunks=case.overlap_chunks,
             )
         )
         row["wall_s"] = time.perf_counter() - t0
@@ -291,6 +292,7 @@ class Sweep:
     def run(self) -> int:
         """Run every case; 0 when no case errored, 1 otherwise (on rank 0; other ranks return 0)."""
         env = self.env
+        autotune_env(self.scenario.run.autotune)
         cases = self.scenario.cases()
         started = datetime.now()
         meta = None
@@ -328,6 +330,21 @@ class Sweep:
         if env.rank != 0:
             return 0
         return 1 if any(r["status"] == "error" for r in self.rows) else 0
+
+
+def autotune_env(mode: str) -> None:
+    """First-call autotuning (``run.autotune``), set before any Triton kernel is imported: ``cached`` lets
+    Triton keep each shape's autotuning result on disk (``TRITON_CACHE_AUTOTUNING=1``, in Triton's cache
+    folder ``TRITON_CACHE_DIR``), so a repeated shape is not tuned again, in this run or the next;
+    ``deterministic`` also sets ``MAMBA_DETERMINISTIC=1`` (mamba-ssm tunes one configuration per kernel:
+    first calls take seconds, not minutes; its kernels then also reduce deterministically); ``full``
+    changes nothing. A variable the user set wins."""
+    import os
+
+    if mode in ("cached", "deterministic"):
+        os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
+    if mode == "deterministic":
+        os.environ.setdefault("MAMBA_DETERMINISTIC", "1")
 
 
 def _progress(total: int):

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_mixer_parity import parity_case  # noqa: E402
 
 CFG = dict(d_model=64, n_heads=8, head_dim=16, n_groups=2, d_state=16, d_conv=4, chunk_size=16)
-STRATEGIES = ("hidden", "state_passing", "state_passing:chain")
+STRATEGIES = ("hidden", "hidden@2", "state_passing", "state_passing:chain")  # "@2": 2 overlapped head chunks
 
 
 def main(argv=None) -> int:
@@ -51,12 +51,17 @@ def main(argv=None) -> int:
     failed = total = 0
     cases = itertools.product(cps, ("bshd", "thd"), ("head_tail", "contiguous"), args.strategies, args.dtypes)
     for cp, fmt, layout, strategy, dtype in cases:
+        cfg = CFG
+        if "@" in strategy:  # head chunks hold whole groups: 8 groups leave every rank enough of them
+            cfg = dict(CFG, n_groups=8)
+            if 8 // cp < int(strategy.partition("@")[2]):
+                continue
         if rank < cp:
             batch, n_docs = (2, None) if fmt == "bshd" else (1, 5)
             t0 = time.perf_counter()
             ok, bad, worst = parity_case(
                 groups[cp],
-                CFG,
+                cfg,
                 layout,
                 batch,
                 n_docs,

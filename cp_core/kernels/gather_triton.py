@@ -65,10 +65,11 @@ def _runs(plan, direction: str) -> list[tuple[int, int, int, int, int]]:
     for b in plan.blocks:
         rep = plan.cp_size // b.count
         for piece in range(b.count):
+            col = b.src + piece * b.step
             if direction == "pack":
-                runs += [(0, b.src + piece * b.width, piece * rep + k, b.dst, b.width) for k in range(rep)]
+                runs += [(0, col, piece * rep + k, b.dst, b.width) for k in range(rep)]
             else:
-                runs.append((piece, b.dst, 0, b.src + piece * b.width, b.width))
+                runs.append((piece, b.dst, 0, col, b.width))
     return runs
 
 
@@ -108,12 +109,16 @@ def pack(x: torch.Tensor, plan) -> torch.Tensor:
     return _launch(x, out, plan, "pack", n, 0, x.stride(0), n * plan.local_width, plan.local_width)
 
 
-def unpack(s: torch.Tensor, plan) -> torch.Tensor:
-    """Triton :func:`cp_core.channels.unpack` for plans without replication: ``[cp, N, local_width]`` -> ``[N, in_width]``."""
+def unpack(s: torch.Tensor, plan, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton :func:`cp_core.channels.unpack` for plans without replication: ``[cp, N, local_width]`` ->
+    ``[N, in_width]``, into ``out`` when given (last dim contiguous, any row stride)."""
     cp, n, w_loc = s.shape
     s = s.contiguous()
-    out = s.new_empty((n, plan.in_width))
-    return _launch(s, out, plan, "unpack", n, n * w_loc, w_loc, 0, plan.in_width)
+    if out is None:
+        out = s.new_empty((n, plan.in_width))
+    elif out.stride(-1) != 1:
+        raise ValueError(f"unpack: out must have a contiguous last dim, got strides {out.stride()}")
+    return _launch(s, out, plan, "unpack", n, n * w_loc, w_loc, 0, out.stride(0))
 
 
 if HAVE_TRITON:

@@ -24,24 +24,42 @@ import torch
 
 from .ssd_torch import check_ssd_args
 
-__all__ = ["available", "ssd_mamba", "SUPPORTED_DTYPES"]
+__all__ = ["available", "ssd_mamba", "load_submodule", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SUBMODULE = "mamba_ssm.ops.triton.ssd_combined"
 
 
-def _import_without_package_init():
+def _import_without_package_init(submodule: str = _SUBMODULE):
     spec = importlib.util.find_spec("mamba_ssm")
     if spec is None or spec.submodule_search_locations is None:
         raise ImportError("mamba-ssm is not installed")
     pkg = importlib.util.module_from_spec(spec)  # a module object with __path__/__spec__; not executed
     sys.modules["mamba_ssm"] = pkg
     try:
-        return importlib.import_module(_SUBMODULE)
+        return importlib.import_module(submodule)
     except BaseException:
         if sys.modules.get("mamba_ssm") is pkg:
             del sys.modules["mamba_ssm"]
         raise
+
+
+@functools.cache
+def load_submodule(name: str):
+    """``(module or None, reason)`` for a submodule of mamba-ssm (e.g. ``mamba_ssm.ops.triton.layernorm_gated``),
+    imported the ordinary way or, for a build without CUDA extensions, without the package ``__init__``."""
+    try:
+        return importlib.import_module(name), "imported"
+    except Exception as first:  # ImportError, or anything a broken install raises
+        first_error = f"{type(first).__name__}: {first}"
+    if "mamba_ssm" in sys.modules:  # the package imported (or was registered): the submodule itself failed
+        return None, f"{name} failed to import ({first_error})"
+    try:
+        if importlib.util.find_spec("mamba_ssm") is None:
+            return None, "mamba-ssm is not installed"
+        return _import_without_package_init(name), "imported without the package __init__"
+    except Exception as second:
+        return None, f"{name} failed to import ({first_error}; without the package __init__: {second})"
 
 
 @functools.lru_cache(maxsize=1)

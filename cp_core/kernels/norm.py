@@ -1,0 +1,136 @@
+"""Gated RMSNorm of Mamba2 (``rmsnorm(y * silu(z))`` over groups of channels) and its fusion with ``out_proj``.
+
+``out = rmsnorm_g(y * silu(z)) * weight`` where ``rmsnorm_g`` normalises every group of ``group_size``
+consecutive channels by its own root mean square (mamba-ssm's ``RMSNormGated`` with
+``norm_before_gate=False``). Statistics in fp32, the result rounded once to ``y``'s dtype.
+
+=========  ============================================================================================
+backend    implementation
+=========  ============================================================================================
+torch      :func:`gated_rmsnorm_torch`: fp32 torch ops (any device); the reference. Its backward
+           recomputes the forward under autograd.
+triton     mamba-ssm's ``layernorm_gated`` kernels: one pass forward (``out`` and ``rstd``), one pass
+           backward (``dy``, ``dz`` written where the caller asks, ``dweight``; optionally the
+           forward output recomputed in the same pass)
+=========  ============================================================================================
+
+:func:`norm_fwd` / :func:`norm_bwd` are the explicit pair used by hand-written backwards
+(:mod:`cp_core.pipeline`); :func:`gated_norm_out_proj` is an autograd function computing
+``out_proj(norm(y, z))`` that does not keep the normalised activations: its backward recomputes
+them in the norm's backward pass (as mamba-ssm's fused ``Mamba2`` path does), which saves one
+``[tokens, d_inner]`` tensor per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .ssd_mamba import load_submodule
+
+__all__ = [
+    "gated_rmsnorm_torch",
+    "norm_fwd",
+    "norm_bwd",
+    "gated_norm_out_proj",
+    "triton_available",
+    "BACKENDS",
+]
+
+BACKENDS = ("torch", "triton")
+_MODULE = "mamba_ssm.ops.triton.layernorm_gated"
+
+
+def triton_available() -> tuple[bool, str]:
+    mod, reason = load_submodule(_MODULE)
+    return mod is not None, reason
+
+
+def gated_rmsnorm_torch(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int):
+    """Reference ``rmsnorm_g(y * silu(z)) * weight`` in fp32 (float64 for float64 input), in ``y``'s dtype."""
+    work = torch.float64 if y.dtype == torch.float64 else torch.float32
+    h = y.to(work) * F.silu(z.to(work))
+    hg = h.view(*h.shape[:-1], -1, group_size)
+    hg = hg * torch.rsqrt(hg.pow(2).mean(-1, keepdim=True) + eps)
+    return (hg.view_as(h) * weight.to(work)).to(y.dtype)
+
+
+def resolve(backend: str, y: torch.Tensor) -> str:
+    if backend == "auto":
+        ok = y.is_cuda and y.dtype in (torch.float16, torch.bfloat16, torch.float32) and triton_available()[0]
+        return "triton" if ok else "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"norm backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    if backend == "triton" and not (y.is_cuda and triton_available()[0]):
+        raise ValueError(f"norm backend 'triton' needs CUDA tensors and mamba-ssm ({triton_available()[1]})")
+    return backend
+
+
+def norm_fwd(y, z, weight, eps: float, group_size: int, backend: str):
+    """``(out, rstd)`` for 2-D ``y, z [M, N]`` (last dim contiguous; ``z`` may be a column slice of a
+    wider tensor). ``rstd`` is the Triton kernel's per-(row, group) statistic, ``None`` for torch."""
+    if backend == "triton":
+        mod, _ = load_submodule(_MODULE)
+        out, _, rstd = mod._layer_norm_fwd(
+            y, weight, None, eps, z=z, group_size=group_size, norm_before_gate=False, is_rms_norm=True
+        )
+        return out, rstd
+    with torch.no_grad():
+        return gated_rmsnorm_torch(y, z, weight, eps, group_size), None
+
+
+def norm_bwd(
+    dout, y, z, weight, rstd, eps: float, group_size: int, backend: str, *, dz=None, recompute_output=False
+):
+    """``(dy, dz, dweight, out or None)``; ``dz`` (optional) is written in place (it may be a column
+    slice of a wider gradient buffer); ``recompute_output`` also returns the forward output."""
+    if backend == "triton":
+        mod, _ = load_submodule(_MODULE)
+        res = mod._layer_norm_bwd(
+            dout.contiguous(), y, weight, None, eps, None, rstd, z=z, group_size=group_size,
+            norm_before_gate=False, is_rms_norm=True, recompute_output=recompute_output, dz=dz,
+        )  # fmt: skip
+        dy, dw, _, dz_out = res[:4]
+        return dy, dz_out, dw, (res[4] if recompute_output else None)
+    with torch.enable_grad():
+        yy, zz, ww = (t.detach().requires_grad_(True) for t in (y, z, weight))
+        out = gated_rmsnorm_torch(yy, zz, ww, eps, group_size)
+        dy, dz_new, dw = torch.autograd.grad(out, (yy, zz, ww), dout)
+    if dz is not None:
+        dz.copy_(dz_new)
+        dz_new = dz
+    return dy, dz_new, dw, (out.detach() if recompute_output else None)
+
+
+class _GatedNormOutProj(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, z, norm_w, out_w, eps, group_size, backend):
+        shape = y.shape
+        y2, z2 = y.reshape(-1, shape[-1]), z.reshape(-1, shape[-1])
+        if y2.stride(-1) != 1:
+            y2 = y2.contiguous()
+        if z2.stride(-1) != 1:
+            z2 = z2.contiguous()
+        normed, rstd = norm_fwd(y2, z2, norm_w, eps, group_size, backend)
+        out = F.linear(normed, out_w)
+        ctx.save_for_backward(y2, z2, norm_w, out_w, rstd)
+        ctx.cfg = (eps, group_size, backend, shape, z.shape)
+        return out.view(*shape[:-1], out_w.shape[0])
+
+    @staticmethod
+    def backward(ctx, dout):
+        y2, z2, norm_w, out_w, rstd = ctx.saved_tensors
+        eps, group_size, backend, shape, zshape = ctx.cfg
+        d2 = dout.reshape(-1, dout.shape[-1])
+        dnormed = d2 @ out_w
+        dy, dz, dw, normed = norm_bwd(
+            dnormed, y2, z2, norm_w, rstd, eps, group_size, backend, recompute_output=True
+        )
+        dout_w = d2.t() @ normed
+        return dy.view(shape), dz.view(zshape), dw, dout_w, None, None, None
+
+
+def gated_norm_out_proj(y, z, norm_weight, out_weight, eps: float, group_size: int, backend: str = "auto"):
+    """``F.linear(rmsnorm_g(y * silu(z)) * norm_weight, out_weight)``, keeping only ``y``, ``z`` and the
+    per-row statistics for backward (the normalised activations are recomputed there)."""
+    return _GatedNormOutProj.apply(y, z, norm_weight, out_weight, eps, group_size, resolve(backend, y))

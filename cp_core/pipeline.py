@@ -1,0 +1,240 @@
+"""The Mamba2 layer after ``in_proj``, as one autograd function with a hand-written backward.
+
+``zxbcdt`` (this rank's ``in_proj`` output) ->
+
+1. (hidden CP) ``[x | B | C | dt]`` to head-sharded global order: pack, one all-to-all, one row gather
+   (:mod:`cp_core.hidden`); ``z`` stays on its rank;
+2. conv1d + SiLU + SSD (:mod:`cp_core.kernels.conv_ssd`, keeps only its input);
+3. (hidden CP) ``y`` back to the sequence shard: row gather, one all-to-all, unpack;
+4. gated RMSNorm with the local ``z`` and ``out_proj`` (:mod:`cp_core.kernels.norm`; the normalised
+   activations are recomputed in backward, not kept).
+
+Why one function: the backward writes ``dz`` (norm backward) and ``d[x|B|C|dt]`` (conv backward, or the
+return all-to-all's unpack) straight into the two column ranges of one ``d zxbcdt`` buffer, with no
+concatenation; nothing but ``zxbcdt``, the head-sharded input of step 2 (hidden CP), ``y`` and the norm
+statistics is kept for backward. At cp 1 the same kernels run as in mamba-ssm's fused ``Mamba2``.
+
+**Overlap** (``chunks = k > 1``, CUDA): the heads of every rank are cut into ``k`` chunks of whole
+groups; each chunk is an independent problem (its channels, heads, groups, parameters). All ``k``
+forward all-to-alls are queued on a communication stream up front; chunk ``j``'s conv1d + SSD runs on
+the compute stream as soon as its own all-to-all is done, and its return all-to-all is queued on the
+communication stream right after, so the transfers of chunk ``j+1`` (and the return of chunk ``j``)
+run while chunk ``j`` (``j+1``) computes. The backward does the same in reverse order of data flow.
+Cross-stream safety: the communication stream waits on an event of the compute stream before it reads
+what the compute stream produced and vice versa; every tensor used on the other stream is marked with
+``record_stream``. No host synchronisation anywhere. ``k = 1`` runs everything on the current stream,
+in the order of the unchunked layer. On CPU (or ``overlap=False``) the chunks run one after the other:
+the same arithmetic per head, so every ``k`` gives the same numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .channels import ChannelPlan
+from .hidden import _heads_to_seq, _seq_to_heads
+from .kernels.conv_ssd import ConvSSDSpec, conv_ssd_bwd, conv_ssd_fwd
+from .kernels.norm import norm_bwd, norm_fwd
+from .plan import TokenPlan
+from .regions import A2A_POST, A2A_PRE, LAYOUT, NORM_PROJ, SSM, region
+
+__all__ = ["CoreSpec", "layer_core", "comm_stream"]
+
+
+@dataclass(frozen=True, eq=False)
+class CoreSpec:
+    """Everything static about one call of :func:`layer_core` (built once per layer and batch shape)."""
+
+    d_inner: int
+    norm_group: int
+    eps: float
+    norm_backend: str
+    conv: ConvSSDSpec  # one head chunk's conv1d + SSD (all chunks have the same shape)
+    cp_size: int = 1
+    group: Any = None
+    tok: TokenPlan | None = None
+    batch: int = 1  # rows of the conv/SSD input: B (BSHD) or 1 (packed)
+    length: int = 0  # global tokens per row
+    seq_idx: torch.Tensor | None = None
+    chans: tuple[ChannelPlan, ...] = ()  # [x|B|C|dt] plan of each head chunk
+    chans_post: tuple[ChannelPlan, ...] = ()  # y plan of each head chunk
+    rows: tuple[torch.Tensor | None, ...] = (None,)  # rows of the local conv weight in each chunk
+    overlap: bool = False  # run the chunks on two CUDA streams
+
+    @property
+    def chunks(self) -> int:
+        return len(self.rows)
+
+
+_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def comm_stream(device: torch.device) -> torch.cuda.Stream:
+    """The communication stream of ``device`` (one per device and process, created on first use)."""
+    idx = torch.device(device).index
+    idx = torch.cuda.current_device() if idx is None else idx
+    if idx not in _STREAMS:
+        _STREAMS[idx] = torch.cuda.Stream(device=idx)
+    return _STREAMS[idx]
+
+
+def _run_chunks(spec: CoreSpec, pre, compute, post, outs: tuple[torch.Tensor, ...]) -> None:
+    """``post(j, compute(j, pre(j)))`` for every chunk; with ``spec.overlap`` the ``pre``/``post`` steps
+    (the communication) run on the communication stream, overlapped with the other chunks' ``compute``."""
+    k = spec.chunks
+    if not spec.overlap:
+        for j in range(k):
+            post(j, compute(j, pre(j)))
+        return
+    main = torch.cuda.current_stream()
+    side = comm_stream(main.device)
+    side.wait_stream(main)
+    for t in outs:
+        t.record_stream(side)
+    staged = []
+    with torch.cuda.stream(side):
+        for j in range(k):
+            a = pre(j)
+            staged.append((a, side.record_event()))
+    for j in range(k):
+        a, ready = staged[j]
+        main.wait_event(ready)
+        a.record_stream(main)
+        b = compute(j, a)
+        side.wait_event(main.record_event())
+        with torch.cuda.stream(side):
+            b.record_stream(side)
+            post(j, b)
+    main.wait_stream(side)
+
+
+def _chunk_params(spec: CoreSpec, j: int, conv_w, conv_b, dt_bias, A, D):
+    rows = spec.rows[j]
+    if rows is None:
+        return conv_w, conv_b, dt_bias, A, D
+    h = spec.conv.nh
+    hs = slice(j * h, (j + 1) * h)
+    return (
+        conv_w.index_select(0, rows),
+        None if conv_b is None else conv_b.index_select(0, rows),
+        dt_bias[hs],
+        A[hs],
+        None if D is None else D[hs],
+    )
+
+
+class _LayerCore(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, spec: CoreSpec):
+        cs = spec.conv
+        z2 = zxbcdt.reshape(-1, zxbcdt.shape[-1])
+        n = z2.shape[0]
+        z, xbcdt = z2[:, : spec.d_inner], z2[:, spec.d_inner :]
+        saved_xh: list[torch.Tensor] = []
+        if spec.cp_size == 1:
+            with region(SSM):
+                y = conv_ssd_fwd(
+                    cs, xbcdt.view(spec.batch, -1, cs.width), conv_w, conv_b, dt_bias, A, D, spec.seq_idx
+                )
+            y = y.view(n, spec.d_inner)
+        else:
+            y = z2.new_empty((n, spec.d_inner))
+            group, tok = spec.group, spec.tok
+
+            def pre(j):
+                return _seq_to_heads(xbcdt, spec.chans[j], tok, group, A2A_PRE, LAYOUT)
+
+            def compute(j, xh):
+                saved_xh.append(xh)
+                with region(SSM):
+                    yh = conv_ssd_fwd(
+                        cs, xh.view(spec.batch, spec.length, cs.width),
+                        *_chunk_params(spec, j, conv_w, conv_b, dt_bias, A, D), spec.seq_idx,
+                    )  # fmt: skip
+                return yh.view(-1, cs.dim)
+
+            def post(j, yh):
+                _heads_to_seq(yh, spec.chans_post[j], tok, group, A2A_POST, LAYOUT, out=y)
+
+            _run_chunks(spec, pre, compute, post, (y,))
+        with region(NORM_PROJ):
+            normed, rstd = norm_fwd(y, z, norm_w, spec.eps, spec.norm_group, spec.norm_backend)
+            out = F.linear(normed, out_w)
+        ctx.spec = spec
+        ctx.shape = zxbcdt.shape
+        ctx.save_for_backward(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, y, rstd, *saved_xh)
+        return out.view(*zxbcdt.shape[:-1], out_w.shape[0])
+
+    @staticmethod
+    def backward(ctx, dout):
+        spec: CoreSpec = ctx.spec
+        cs = spec.conv
+        zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, y, rstd, *saved_xh = ctx.saved_tensors
+        z2 = zxbcdt.reshape(-1, zxbcdt.shape[-1])
+        n = z2.shape[0]
+        z, xbcdt = z2[:, : spec.d_inner], z2[:, spec.d_inner :]
+        d2 = dout.reshape(n, -1)
+        dz2 = torch.empty_like(z2)
+        dxbcdt = dz2[:, spec.d_inner :]
+        with region(NORM_PROJ + "_bwd"):
+            dnormed = d2 @ out_w
+            dy, _, dnorm_w, normed = norm_bwd(
+                dnormed, y, z, norm_w, rstd, spec.eps, spec.norm_group, spec.norm_backend,
+                dz=dz2[:, : spec.d_inner], recompute_output=True,
+            )  # fmt: skip
+            del dnormed
+            dout_w = d2.t() @ normed
+            del normed
+        if spec.cp_size == 1:
+            with region(SSM + "_bwd"):
+                _, dconv_w, dconv_b, ddt_bias, dA, dD = conv_ssd_bwd(
+                    cs, dy.view(spec.batch, -1, cs.dim), xbcdt.view(spec.batch, -1, cs.width),
+                    conv_w, conv_b, dt_bias, A, D, spec.seq_idx, dxbcdt=dxbcdt.view(spec.batch, -1, cs.width),
+                )  # fmt: skip
+        else:
+            group, tok = spec.group, spec.tok
+            k = spec.chunks
+            grads: list[tuple] = [()] * k
+
+            def pre(j):
+                return _seq_to_heads(dy, spec.chans_post[j], tok, group, A2A_POST + "_bwd", LAYOUT + "_bwd")
+
+            def compute(j, dyh):
+                with region(SSM + "_bwd"):
+                    g = conv_ssd_bwd(
+                        cs, dyh.view(spec.batch, spec.length, cs.dim), saved_xh[j].view(spec.batch, spec.length, cs.width),
+                        *_chunk_params(spec, j, conv_w, conv_b, dt_bias, A, D), spec.seq_idx,
+                    )  # fmt: skip
+                grads[j] = g[1:]
+                return g[0].view(-1, cs.width)
+
+            def post(j, dxh):
+                _heads_to_seq(dxh, spec.chans[j], tok, group, A2A_PRE + "_bwd", LAYOUT + "_bwd", out=dxbcdt)
+
+            _run_chunks(spec, pre, compute, post, (dz2,))
+            if k == 1:
+                dconv_w, dconv_b, ddt_bias, dA, dD = grads[0]
+            else:
+                dconv_w = torch.empty_like(conv_w)
+                dconv_b = None if conv_b is None else torch.empty_like(conv_b)
+                for j in range(k):
+                    dconv_w.index_copy_(0, spec.rows[j], grads[j][0])
+                    if dconv_b is not None:
+                        dconv_b.index_copy_(0, spec.rows[j], grads[j][1])
+                ddt_bias = torch.cat([g[2] for g in grads])
+                dA = torch.cat([g[3] for g in grads])
+                dD = None if D is None else torch.cat([g[4] for g in grads])
+        return dz2.view(ctx.shape), dconv_w, dconv_b, ddt_bias, dA, dD, dnorm_w, dout_w, None
+
+
+def layer_core(spec: CoreSpec, zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w) -> torch.Tensor:
+    """``out_proj(norm(conv_ssd(...), z))`` of this rank's ``zxbcdt [..., d_in_proj]`` -> ``[..., d_model]``.
+
+    ``conv_w [c, k]``, ``conv_b``, ``dt_bias``, ``A`` (fp32 ``-exp(A_log)``), ``D`` (``[h]`` or ``[h, p]``)
+    are this rank's slices (its heads, their groups), differentiable: their gradients flow to the full
+    parameters."""
+    return _LayerCore.apply(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, spec)
