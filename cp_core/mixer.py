@@ -38,7 +38,7 @@ from .kernels.norm import gated_norm_out_proj, gated_rmsnorm_torch
 from .kernels.norm import resolve as resolve_norm
 from .layout import check_layout, check_seq_len
 from .mamba_cp import MambaContextParallel
-from .pipeline import CoreSpec, layer_core
+from .pipeline import CoreSpec, layer_core, split_in_proj
 from .plan import get_plan
 from .regions import NORM_PROJ, region
 from .state_passing import state_passing_conv_ssd
@@ -327,9 +327,17 @@ class Mamba2Mixer(nn.Module):
             plan = None
             if self.cp_size > 1 and self.strategy == "hidden":
                 plan = get_plan(self.cp_size, self.layout, batch, length, hidden_states.device)
+        core = self.cp_size == 1 or (self.strategy == "hidden" and self.fused)
+        if core and self.cp_size > 1:
+            # z and [x|B|C|dt] as two tensors: [x|B|C|dt] is dead once it has been sent
+            with region(NORM_PROJ):
+                z, xbcdt = split_in_proj(hidden_states, self.in_proj.weight, c.d_inner)
+            spec = self._core_spec(z, plan, batch, length)
+            w = (self.norm.weight, self.out_proj.weight)
+            return layer_core(spec, z, *self._local_params(), *w, xbcdt=xbcdt)
         with region(NORM_PROJ):
             zxbcdt = self.in_proj(hidden_states)
-        if self.cp_size == 1 or (self.strategy == "hidden" and self.fused):
+        if core:
             spec = self._core_spec(zxbcdt, plan, batch, length)
             return layer_core(spec, zxbcdt, *self._local_params(), self.norm.weight, self.out_proj.weight)
         z, xbcdt = zxbcdt.split([c.d_inner, c.d_in_proj - c.d_inner], dim=-1)

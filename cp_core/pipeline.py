@@ -42,7 +42,7 @@ from .kernels.norm import norm_bwd, norm_fwd
 from .plan import TokenPlan
 from .regions import A2A_POST, A2A_PRE, LAYOUT, NORM_PROJ, SSM, region
 
-__all__ = ["CoreSpec", "layer_core", "comm_stream"]
+__all__ = ["CoreSpec", "layer_core", "split_in_proj", "comm_stream"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -127,13 +127,20 @@ def _chunk_params(spec: CoreSpec, j: int, conv_w, conv_b, dt_bias, A, D):
     )
 
 
+def _views(spec: CoreSpec, zx: torch.Tensor, xsep: torch.Tensor | None):
+    """``(z, xbcdt)`` as 2-D ``[tokens, width]``: column slices of one ``zxbcdt``, or two tensors."""
+    if xsep is not None:
+        return zx.reshape(-1, zx.shape[-1]), xsep.reshape(-1, xsep.shape[-1])
+    z2 = zx.reshape(-1, zx.shape[-1])
+    return z2[:, : spec.d_inner], z2[:, spec.d_inner :]
+
+
 class _LayerCore(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, spec: CoreSpec):
+    def forward(ctx, zx, xsep, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, spec: CoreSpec):
         cs = spec.conv
-        z2 = zxbcdt.reshape(-1, zxbcdt.shape[-1])
-        n = z2.shape[0]
-        z, xbcdt = z2[:, : spec.d_inner], z2[:, spec.d_inner :]
+        z, xbcdt = _views(spec, zx, xsep)
+        n = z.shape[0]
         saved_xh: list[torch.Tensor] = []
         if spec.cp_size == 1:
             with region(SSM):
@@ -142,7 +149,7 @@ class _LayerCore(torch.autograd.Function):
                 )
             y = y.view(n, spec.d_inner)
         else:
-            y = z2.new_empty((n, spec.d_inner))
+            y = z.new_empty((n, spec.d_inner))
             group, tok = spec.group, spec.tok
 
             def pre(j):
@@ -165,26 +172,33 @@ class _LayerCore(torch.autograd.Function):
             normed, rstd = norm_fwd(y, z, norm_w, spec.eps, spec.norm_group, spec.norm_backend)
             out = F.linear(normed, out_w)
         ctx.spec = spec
-        ctx.shape = zxbcdt.shape
-        ctx.save_for_backward(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, y, rstd, *saved_xh)
-        return out.view(*zxbcdt.shape[:-1], out_w.shape[0])
+        # at cp > 1 nothing needs xbcdt after its all-to-all (the conv input kept is the head-sharded one)
+        keep_x = None if xsep is None else xsep.new_empty(0)
+        ctx.shapes = (zx.shape, None if xsep is None else xsep.shape)
+        ctx.save_for_backward(zx, keep_x, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, y, rstd, *saved_xh)
+        return out.view(*zx.shape[:-1], out_w.shape[0])
 
     @staticmethod
     def backward(ctx, dout):
         spec: CoreSpec = ctx.spec
         cs = spec.conv
-        zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, y, rstd, *saved_xh = ctx.saved_tensors
-        z2 = zxbcdt.reshape(-1, zxbcdt.shape[-1])
+        zx, keep_x, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, y, rstd, *saved_xh = ctx.saved_tensors
+        zshape, xshape = ctx.shapes
+        z2 = zx.reshape(-1, zx.shape[-1])
         n = z2.shape[0]
-        z, xbcdt = z2[:, : spec.d_inner], z2[:, spec.d_inner :]
         d2 = dout.reshape(n, -1)
         dz2 = torch.empty_like(z2)
-        dxbcdt = dz2[:, spec.d_inner :]
+        if xshape is None:
+            z, xbcdt = z2[:, : spec.d_inner], z2[:, spec.d_inner :]
+            dz, dxbcdt = dz2[:, : spec.d_inner], dz2[:, spec.d_inner :]
+        else:
+            z, xbcdt, dz = z2, None, dz2
+            dxbcdt = torch.empty((n, xshape[-1]), dtype=z2.dtype, device=z2.device)
         with region(NORM_PROJ + "_bwd"):
             dnormed = d2 @ out_w
             dy, _, dnorm_w, normed = norm_bwd(
                 dnormed, y, z, norm_w, rstd, spec.eps, spec.norm_group, spec.norm_backend,
-                dz=dz2[:, : spec.d_inner], recompute_output=True,
+                dz=dz, recompute_output=True,
             )  # fmt: skip
             del dnormed
             dout_w = d2.t() @ normed
@@ -215,7 +229,7 @@ class _LayerCore(torch.autograd.Function):
             def post(j, dxh):
                 _heads_to_seq(dxh, spec.chans[j], tok, group, A2A_PRE + "_bwd", LAYOUT + "_bwd", out=dxbcdt)
 
-            _run_chunks(spec, pre, compute, post, (dz2,))
+            _run_chunks(spec, pre, compute, post, (dxbcdt,))
             if k == 1:
                 dconv_w, dconv_b, ddt_bias, dA, dD = grads[0]
             else:
@@ -228,13 +242,49 @@ class _LayerCore(torch.autograd.Function):
                 ddt_bias = torch.cat([g[2] for g in grads])
                 dA = torch.cat([g[3] for g in grads])
                 dD = None if D is None else torch.cat([g[4] for g in grads])
-        return dz2.view(ctx.shape), dconv_w, dconv_b, ddt_bias, dA, dD, dnorm_w, dout_w, None
+        dx_out = None if xshape is None else dxbcdt.view(xshape)
+        return dz2.view(zshape), dx_out, dconv_w, dconv_b, ddt_bias, dA, dD, dnorm_w, dout_w, None
 
 
-def layer_core(spec: CoreSpec, zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w) -> torch.Tensor:
-    """``out_proj(norm(conv_ssd(...), z))`` of this rank's ``zxbcdt [..., d_in_proj]`` -> ``[..., d_model]``.
+def layer_core(
+    spec: CoreSpec, zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, xbcdt=None
+) -> torch.Tensor:
+    """``out_proj(norm(conv_ssd(...), z))`` of this rank's ``zxbcdt [..., d_in_proj]`` -> ``[..., d_model]``;
+    or, with ``xbcdt`` given, of ``z = zxbcdt [..., d_inner]`` and ``xbcdt`` as two tensors (hidden CP with
+    :func:`split_in_proj`: ``xbcdt`` is then not kept for backward).
 
     ``conv_w [c, k]``, ``conv_b``, ``dt_bias``, ``A`` (fp32 ``-exp(A_log)``), ``D`` (``[h]`` or ``[h, p]``)
     are this rank's slices (its heads, their groups), differentiable: their gradients flow to the full
     parameters."""
-    return _LayerCore.apply(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, spec)
+    return _LayerCore.apply(zxbcdt, xbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, spec)
+
+
+class _SplitLinear(torch.autograd.Function):
+    """``u @ W.T`` written as two tensors ``(u @ W[:k].T, u @ W[k:].T)``; backward writes ``dW``'s two
+    row blocks in place and accumulates ``du`` in one buffer (no concatenation, no extra pass)."""
+
+    @staticmethod
+    def forward(ctx, u, weight, k):
+        ctx.save_for_backward(u, weight)
+        ctx.k = k
+        u2 = u.reshape(-1, u.shape[-1])
+        a, b = u2 @ weight[:k].t(), u2 @ weight[k:].t()
+        return a.view(*u.shape[:-1], k), b.view(*u.shape[:-1], weight.shape[0] - k)
+
+    @staticmethod
+    def backward(ctx, da, db):
+        u, weight = ctx.saved_tensors
+        k = ctx.k
+        u2 = u.reshape(-1, u.shape[-1])
+        da, db = da.reshape(-1, k), db.reshape(-1, weight.shape[0] - k)
+        du = torch.mm(da, weight[:k])
+        du.addmm_(db, weight[k:])
+        dw = torch.empty_like(weight)
+        torch.mm(da.t(), u2, out=dw[:k])
+        torch.mm(db.t(), u2, out=dw[k:])
+        return du.view_as(u), dw, None
+
+
+def split_in_proj(u: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``F.linear(u, weight)`` split after output ``k`` into two separate tensors (``z`` and ``xbcdt``)."""
+    return _SplitLinear.apply(u, weight, k)

@@ -45,7 +45,7 @@ Schema (every table optional except ``[layer]``; unknown tables or keys are erro
     exposed_comm = true           # default true; also time the layer with its collectives suppressed
                                   # (cp > 1, ours): exposed_comm_ms = layer_ms - layer_nocomm_ms
     autotune = "cached"           # "cached" (default: Triton autotunes each new shape once and caches the
-                                  # result on disk, TRITON_CACHE_AUTOTUNING=1) | "deterministic" (also
+                                  # result on disk, TRITON_CACHE_AUTOTUNING=1) | "deterministic" (instead
                                   # MAMBA_DETERMINISTIC=1: one config per kernel, short first calls) | "full"
 
 Overrides: ``--set sweep.cp_size=[1,2]`` or ``--set run.iters=3``; the value is parsed as a TOML

@@ -336,14 +336,14 @@ def autotune_env(mode: str) -> None:
     """First-call autotuning (``run.autotune``), set before any Triton kernel is imported: ``cached`` lets
     Triton keep each shape's autotuning result on disk (``TRITON_CACHE_AUTOTUNING=1``, in Triton's cache
     folder ``TRITON_CACHE_DIR``), so a repeated shape is not tuned again, in this run or the next;
-    ``deterministic`` also sets ``MAMBA_DETERMINISTIC=1`` (mamba-ssm tunes one configuration per kernel:
+    ``deterministic`` sets ``MAMBA_DETERMINISTIC=1`` instead (mamba-ssm tunes one configuration per kernel:
     first calls take seconds, not minutes; its kernels then also reduce deterministically); ``full``
     changes nothing. A variable the user set wins."""
     import os
 
-    if mode in ("cached", "deterministic"):
+    if mode == "cached":
         os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
-    if mode == "deterministic":
+    if mode == "deterministic":  # (mamba-ssm tunes every configuration again when both are set)
         os.environ.setdefault("MAMBA_DETERMINISTIC", "1")
 
 

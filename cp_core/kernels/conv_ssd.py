@@ -155,11 +155,14 @@ def conv_ssd_bwd(s: ConvSSDSpec, dy, xbcdt, conv_w, conv_b, dt_bias, A, D, seq_i
         dy, x, dt, A, B, C, x, s.chunk_size, D=D, z=None, dt_bias=dt_bias, seq_idx=seq_idx, dt_softplus=True,
         dx=dx, ddt=ddt_given, dB=dB, dC=dC,
     )  # fmt: skip
-    dgiven_cl = _channel_last(dxbc_given)
+    dgiven_cl = _channel_last(dxbc_given)  # a copy when the row stride is not a multiple of 8
     dxbc_new, dconv_w, dconv_b, _ = mod.causal_conv1d_bwd_function(
         xbc_cl, conv_w, conv_b, _channel_last(dxbc), seq_idx, None, None, dgiven_cl, False, True
     )
-    if dxbc_new.data_ptr() != dgiven_cl.data_ptr() or dxbc_new.stride() != dgiven_cl.stride():
+    if (
+        dxbc_new.data_ptr() != dxbc_given.data_ptr()
+        or dxbc_new.stride() != dxbc_given.transpose(1, 2).stride()
+    ):
         dxbc_given.copy_(dxbc_new.transpose(1, 2))
     if dD is not None:
         dD = dD.to(D.dtype)

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The 2-GPU measurement sets (NCCL, two NVLinked H100s), in two stages that each fit a 10-minute command:
+#   bash scripts/gpu_sets.sh 1   GPU tests, NCCL parity at cp 2, ours vs the peers at L 32K and 64K
+#   bash scripts/gpu_sets.sh 2   ours vs the peers at L 128K (cp 1/2) and 256K (cp 2); strategies at cp 2,
+#                                L 128K (fused/seed, hidden/state passing, BSHD/8/64 docs); projection
+#                                mode at cp 2 (to check the model against stage 2's measurement) and cp 8
+# Results under $OUT (default out/). Needs mamba-ssm, causal-conv1d, nvtx, nemo-automodel (scripts/gpu_setup.sh).
+source scripts/gpu_setup.sh
+stage=${1:?stage 1 or 2}
+sweep() { torchrun --nproc-per-node 2 -m cpbench sweep "$@" --no-progress 2>&1 | grep -vE "UserWarning|warnings.warn"; }
+if [ "$stage" = 1 ]; then
+  { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nvidia-smi topo -m;
+    python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.nccl.version())"; } > "$OUT/machine.txt" 2>&1
+  MAMBA_DETERMINISTIC=1 timeout 170 python3 -m pytest -q -m gpu -p no:cacheprovider \
+    tests/test_peers_gpu.py tests/test_mixer_gpu.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+  MAMBA_DETERMINISTIC=1 timeout 120 torchrun --nproc-per-node 2 tests/nccl_parity.py --cp 2 --strategies hidden hidden@2 \
+    2>&1 | tee "$OUT/nccl_parity.txt" | grep -E "FAIL|passed"
+  timeout 280 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/peers-a --set 'sweep.seq_len=[32768, 65536]'" | tail -4
+else
+  timeout 300 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/peers-b --set 'sweep.seq_len=[131072]' \
+    --set 'sweep.cp_size=[1, 2]'" | tail -4
+  timeout 120 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/peers-c --set 'sweep.seq_len=[262144]' \
+    --set 'sweep.cp_size=[2]' --set 'sweep.packing=[\"none\"]' --set 'sweep.overlap_chunks=[1, 2]' --set run.iters=3" | tail -4
+  timeout 150 bash -c "$(declare -f sweep); sweep scenarios/strategies2.toml --out $OUT/strategies" | tail -4
+fi
