@@ -173,7 +173,7 @@ class _LayerCore(torch.autograd.Function):
             out = F.linear(normed, out_w)
         ctx.spec = spec
         # at cp > 1 nothing needs xbcdt after its all-to-all (the conv input kept is the head-sharded one)
-        keep_x = None if xsep is None else xsep.new_empty(0)
+        keep_x = xsep if (xsep is not None and spec.cp_size == 1) else None
         ctx.shapes = (zx.shape, None if xsep is None else xsep.shape)
         ctx.save_for_backward(zx, keep_x, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, y, rstd, *saved_xh)
         return out.view(*zx.shape[:-1], out_w.shape[0])
@@ -192,7 +192,8 @@ class _LayerCore(torch.autograd.Function):
             z, xbcdt = z2[:, : spec.d_inner], z2[:, spec.d_inner :]
             dz, dxbcdt = dz2[:, : spec.d_inner], dz2[:, spec.d_inner :]
         else:
-            z, xbcdt, dz = z2, None, dz2
+            z, dz = z2, dz2
+            xbcdt = None if keep_x is None else keep_x.reshape(n, -1)
             dxbcdt = torch.empty((n, xshape[-1]), dtype=z2.dtype, device=z2.device)
         with region(NORM_PROJ + "_bwd"):
             dnormed = d2 @ out_w

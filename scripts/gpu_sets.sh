@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The 2-GPU measurement sets (NCCL, two NVLinked H100s), in two stages that each fit a 10-minute command:
 #   bash scripts/gpu_sets.sh 1   GPU tests, NCCL parity at cp 2, ours vs the peers at L 32K and 64K
-#   bash scripts/gpu_sets.sh 2   ours vs the peers at L 128K (cp 1/2) and 256K (cp 2); strategies at cp 2,
-#                                L 128K (fused/seed, hidden/state passing, BSHD/8/64 docs); projection
-#                                mode at cp 2 (to check the model against stage 2's measurement) and cp 8
+#   bash scripts/gpu_sets.sh 2   strategies at cp 2, L 128K (fused/seed, hidden/state passing, BSHD/8/64 docs)
+#   bash scripts/gpu_sets.sh 3   ours at L 128K (cp 1/2) and 256K (cp 2), NeMo at cp 2 L 128K, the peers at
+#                                cp 1 L 128K (each in its own run: a peer that overflows int32 indexing ends
+#                                its process); projection mode at cp 2 and 8 with 1/2/4 head chunks
 # Results under $OUT (default out/). Needs mamba-ssm, causal-conv1d, nvtx, nemo-automodel (scripts/gpu_setup.sh).
 source scripts/gpu_setup.sh
 stage=${1:?stage 1 or 2}
@@ -16,10 +17,23 @@ if [ "$stage" = 1 ]; then
   MAMBA_DETERMINISTIC=1 timeout 120 torchrun --nproc-per-node 2 tests/nccl_parity.py --cp 2 --strategies hidden hidden@2 \
     2>&1 | tee "$OUT/nccl_parity.txt" | grep -E "FAIL|passed"
   timeout 280 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/peers-a --set 'sweep.seq_len=[32768, 65536]'" | tail -4
-else
-  timeout 300 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/peers-b --set 'sweep.seq_len=[131072]' \
-    --set 'sweep.cp_size=[1, 2]'" | tail -4
-  timeout 120 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/peers-c --set 'sweep.seq_len=[262144]' \
-    --set 'sweep.cp_size=[2]' --set 'sweep.packing=[\"none\"]' --set 'sweep.overlap_chunks=[1, 2]' --set run.iters=3" | tail -4
+elif [ "$stage" = 2 ]; then
   timeout 150 bash -c "$(declare -f sweep); sweep scenarios/strategies2.toml --out $OUT/strategies" | tail -4
+else
+  MAMBA_DETERMINISTIC=1 timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_peers_gpu.py 2>&1 \
+    | tail -4 | tee "$OUT/gpu_tests_peers.txt"
+  timeout 170 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/peers-b --set 'sweep.seq_len=[131072]' \
+    --set 'sweep.impl=[\"cp_core\"]' --set 'sweep.overlap_chunks=[1, 2]' --set run.iters=3" > "$OUT/peers-b.log" 2>&1
+  timeout 80 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/peers-c --set 'sweep.seq_len=[262144]' \
+    --set 'sweep.cp_size=[2]' --set 'sweep.packing=[\"none\"]' --set 'sweep.impl=[\"cp_core\"]' \
+    --set 'sweep.overlap_chunks=[2]' --set run.iters=3" > "$OUT/peers-c.log" 2>&1
+  timeout 90 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/peers-d --set 'sweep.seq_len=[131072]' \
+    --set 'sweep.impl=[\"nemo\"]' --set 'sweep.cp_size=[2]' --set 'sweep.overlap_chunks=[1]' --set run.iters=3" > "$OUT/peers-d.log" 2>&1
+  timeout 50 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/peers-e --set 'sweep.seq_len=[131072]' \
+    --set 'sweep.impl=[\"mamba_ssm\"]' --set 'sweep.cp_size=[1]' --set 'sweep.packing=[\"none\"]' \
+    --set 'sweep.overlap_chunks=[1]' --set run.iters=3" > "$OUT/peers-e.log" 2>&1
+  timeout 100 python3 -m cpbench sweep scenarios/peers.toml --backend fake --out "$OUT/projected" --no-progress \
+    --set 'sweep.seq_len=[131072]' --set 'sweep.cp_size=[2, 8]' --set 'sweep.packing=[\"none\"]' \
+    --set 'sweep.impl=[\"cp_core\"]' --set run.iters=3 > "$OUT/projected.log" 2>&1
+  for f in "$OUT"/*.log; do echo "== $f"; grep -E "ok,|Error|error" "$f" | tail -3; done
 fi

@@ -156,8 +156,8 @@ def overlap_case(group, cfg_kw, layout, batch, n_docs, chunks):
     """The layer with ``overlap_chunks`` head chunks against the unchunked layer: output, input gradient and
     parameter gradients within 2e-6 relative (fp32). Each head's arithmetic does not depend on the chunking,
     but torch's CPU contractions block differently for a different number of heads, so the last bits may
-    differ here (on CUDA the Triton kernels compute each head alone: bit-identical, see the GPU test)."""
-    cp, r = comm.group_size(group), comm.group_rank(group)
+    differ here (tests/nccl_parity.py checks the chunked layer on GPUs against cp 1 at the usual bounds)."""
+    cp = comm.group_size(group)
     cfg = Mamba2Config(**cfg_kw)
     g = granule(layout, cp)
     if n_docs is None:
@@ -196,6 +196,19 @@ def test_overlap_chunks_must_divide_local_groups():
             Mamba2Mixer(Mamba2Config(**small_cfg(8, ng)), cp_group=LocalGroup(0, 2), overlap_chunks=k)
     with pytest.raises(ValueError, match="overlap_chunks"):
         Mamba2Mixer(Mamba2Config(**small_cfg(8, 2)), overlap_chunks=0)
+
+
+def test_cp1_split_in_proj_matches_one_projection(monkeypatch):
+    """Past 2^31 elements cp 1 computes z and [x|B|C|dt] as two tensors; same numbers as one projection."""
+    import cp_core.mixer as mixer_mod
+
+    cfg = Mamba2Config(**small_cfg(8, 2))
+    x, w = randn((2, 32, 16), 3), randn((2, 32, 16), 4)
+    ref = _run_layer(build(cfg, None, "head_tail", torch.float32), x, w, None)
+    monkeypatch.setattr(mixer_mod, "SPLIT_IN_PROJ_ELEMENTS", 0)
+    got = _run_layer(build(cfg, None, "head_tail", torch.float32), x, w, None)
+    errs = _errors(got, ref, 1, 0, "head_tail", None)
+    assert max(errs.values()) <= 1e-6, errs
 
 
 def test_seed_path_parity_and_D_per_channel(ranks):
