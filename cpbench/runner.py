@@ -134,8 +134,14 @@ def comm_bytes_of(scenario: Scenario, case: Case, config=None) -> dict[str, int]
         cu, _ = case_cu_seqlens(scenario, case)
         n_docs = cu.numel() - 1
     out = comm_bytes(
-        config, case.cp_size, case.local_tokens, elem, strategy=case.strategy, batch=case.comm_batch,
-        layout=case.layout, n_docs=n_docs,
+        config,
+        case.cp_size,
+        case.local_tokens,
+        elem,
+        strategy=case.strategy,
+        batch=case.comm_batch,
+        layout=case.layout,
+        n_docs=n_docs,
     )
     return {k: int(v) for k, v in out.items() if v}
 
