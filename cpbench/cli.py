@@ -4,9 +4,11 @@
 
     cpbench sweep [SCENARIO] [--out DIR] [--nproc N] [--backend gloo|nccl|fake] [--fake-busbw GBPS]
                   [--set TABLE.KEY=VALUE ...] [--profile nsys|torch] [--exec] [--dry-run] [--no-progress]
-    cpbench report RESULTS.csv [--group-by COLS] [--metrics COLS]
-    cpbench plot RESULTS.csv [--out DIR]
-    cpbench compare OLD.csv NEW.csv [--threshold 5%] [--only-changed] [--metric COL ...] [--ignore COLS]
+                  [--no-resource-check]
+    cpbench report RESULTS [--group-by COLS] [--metrics COLS]
+    cpbench plot RESULTS [--out DIR]
+    cpbench compare OLD NEW [--threshold 5%] [--alpha 0.05] [--spread 5] [--only-changed] [--metric COL ...]
+                    [--ignore COLS] [--allow-missing] [--allow-extra] [--allow-unreadable]
     cpbench nsys-import REPORT.nsys-rep|CSV [--csv OUT]
     cpbench scenarios
 
@@ -14,8 +16,13 @@
 the package (``smoke``, ``packing``, ``heads``, ``long_context``, ``h100_node``); without one, the
 embedded ``smoke`` runs on the CPU over gloo in well under a minute.
 
-Exit codes: 0 success; 1 a case errored (sweep), a regression (compare), or a failed run;
-2 a user error (bad scenario, flag or CSV: one line on stderr, no traceback).
+``RESULTS`` is a results folder or its ``results.csv``. The results-folder policy, the resource guard
+and compare's noise test are stated in ``cpbench sweep --help`` / ``cpbench compare --help``
+(:mod:`cpbench.rundir`, :mod:`cpbench.guard`, :mod:`cpbench.compare`).
+
+Exit codes: 0 success; 1 a case errored (sweep), the compare gate failed, a failed run, or a
+report of a run with no finished case; 2 a user error (bad scenario, flag, path or CSV, a scenario
+that does not fit the machine: one line on stderr, no traceback); 130 interrupted.
 """
 
 from __future__ import annotations
