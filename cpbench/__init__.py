@@ -11,6 +11,9 @@ the modules are small and composable:
 :mod:`~cpbench.timing`     the region hook: NVTX ranges plus CUDA-event / perf_counter timers
 :mod:`~cpbench.metrics`    medians, IQRs, cross-rank max/min, algbw/busbw, modeled communication
 :mod:`~cpbench.results`    the CSV (appended and fsync'ed per case) and ``meta.json``
+:mod:`~cpbench.rundir`     results folders: never overwritten, locked while written, killed runs marked
+:mod:`~cpbench.guard`      ranks and estimated memory against the machine, before any rank starts
+:mod:`~cpbench.progress`   a progress bar on a terminal, one line per case elsewhere
 :mod:`~cpbench.report`     rich tables;  :mod:`~cpbench.compare` regressions;  :mod:`~cpbench.plot` PNGs
 :mod:`~cpbench.nsys`       Nsight Systems command lines and ``nvtx_gpu_proj_sum`` import
 :mod:`~cpbench.errors`     user errors (exit code 2, one line, no traceback)

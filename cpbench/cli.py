@@ -4,9 +4,11 @@
 
     cpbench sweep [SCENARIO] [--out DIR] [--nproc N] [--backend gloo|nccl|fake] [--fake-busbw GBPS]
                   [--set TABLE.KEY=VALUE ...] [--profile nsys|torch] [--exec] [--dry-run] [--no-progress]
-    cpbench report RESULTS.csv [--group-by COLS] [--metrics COLS]
-    cpbench plot RESULTS.csv [--out DIR]
-    cpbench compare OLD.csv NEW.csv [--threshold 5%] [--only-changed] [--metric COL ...] [--ignore COLS]
+                  [--no-resource-check]
+    cpbench report RESULTS [--group-by COLS] [--metrics COLS]
+    cpbench plot RESULTS [--out DIR]
+    cpbench compare OLD NEW [--threshold 5%] [--alpha 0.05] [--spread 5] [--only-changed] [--metric COL ...]
+                    [--ignore COLS] [--allow-missing] [--allow-extra] [--allow-unreadable]
     cpbench nsys-import REPORT.nsys-rep|CSV [--csv OUT]
     cpbench scenarios
 
@@ -14,30 +16,75 @@
 the package (``smoke``, ``packing``, ``heads``, ``long_context``, ``h100_node``); without one, the
 embedded ``smoke`` runs on the CPU over gloo in well under a minute.
 
-Exit codes: 0 success; 1 a case errored (sweep), a regression (compare), or a failed run;
-2 a user error (bad scenario, flag or CSV: one line on stderr, no traceback).
+``RESULTS`` is a results folder or its ``results.csv``. The results-folder policy, the resource guard
+and compare's noise test are stated in ``cpbench sweep --help`` / ``cpbench compare --help``
+(:mod:`cpbench.rundir`, :mod:`cpbench.guard`, :mod:`cpbench.compare`).
+
+Exit codes: 0 success; 1 a case errored (sweep), the compare gate failed, a failed run, or a
+report of a run with no finished case; 2 a user error (bad scenario, flag, path or CSV, a scenario
+that does not fit the machine: one line on stderr, no traceback); 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import warnings
 from pathlib import Path
 
+from . import __version__
 from .errors import UserError
+
+SWEEP_HELP = """\
+Results folder: a run never writes over another. --out must be a new or empty folder; one
+holding results.csv or meta.json is refused (exit 2). Without --out the folder is
+results/<scenario>-<YYYYmmdd-HHMMSS> (-2, -3... if taken). The sweep locks its folder while it
+runs (a second sweep on it is refused); meta.json says running/complete/aborted/interrupted/
+failed, and a run killed outright is marked killed the next time report, plot or compare reads it.
+
+Resources: before any rank starts, the ranks are checked against the machine: at most one CPU
+rank per core, one rank per GPU, and the estimated memory of the largest case (parameters,
+activations, SSD states; per rank) times the local ranks against the available RAM (CPU) or GPU
+memory. A scenario that cannot fit is refused with the estimate; --no-resource-check runs it
+anyway. Ctrl-C stops every rank; a rank killed by the kernel's out-of-memory killer is named so.
+"""
+
+COMPARE_HELP = """\
+A case regresses only when (1) its change exceeds --threshold, (2) its per-iteration samples
+of the two runs differ in that direction (one-sided Mann-Whitney U at --alpha; files without
+samples: the change exceeds half the sum of the IQRs), and (3) the change exceeds --spread Z
+times the run-to-run spread: 1.4826 * MAD of log(new/old) over all cases compared (load that
+shifts whole cases between runs; needs 5 cases). Changes failing (2) or (3) are shown as noise.
+Improvements mirror this. ok -> error is a regression. On a shared machine a load burst can
+still move a few cases of one run by more than Z sigma: compare two runs of each side, or raise Z.
+
+The gate (exit 1) also fails on cases of OLD absent or no longer ok in NEW, cases only in NEW,
+and metric cells that are not numbers, unless --allow-missing / --allow-extra / --allow-unreadable.
+Exit 2: unreadable or incomparable inputs.
+"""
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cpbench", description="Benchmark context-parallel Mamba2 layers (cp_core)."
     )
+    p.add_argument("--version", action="version", version=f"cpbench {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("sweep", help="run a scenario's sweep and write results.csv + meta.json")
+    s = sub.add_parser(
+        "sweep",
+        help="run a scenario's sweep and write results.csv + meta.json",
+        description=SWEEP_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     s.add_argument("scenario", nargs="?", help="scenario TOML file or embedded name (default: smoke)")
-    s.add_argument("--out", type=Path, help="results folder (default: results/<scenario>-<YYYYmmdd-HHMMSS>)")
+    s.add_argument(
+        "--out",
+        type=Path,
+        help="a new or empty results folder (default: results/<scenario>-<YYYYmmdd-HHMMSS>)",
+    )
     s.add_argument(
         "--nproc", type=int, help="local ranks to spawn (default: the largest cp_size); not under torchrun"
     )
@@ -68,24 +115,47 @@ def _parser() -> argparse.ArgumentParser:
         help="with --profile nsys: re-launch under the printed nsys command",
     )
     s.add_argument("--dry-run", action="store_true", help="list the cases (and why some would be skipped)")
-    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+    s.add_argument(
+        "--no-resource-check",
+        action="store_true",
+        help="start the ranks even when they exceed the machine's cores, GPUs or memory",
+    )
 
-    r = sub.add_parser("report", help="render a results CSV as a table")
-    r.add_argument("csv", type=Path)
+    r = sub.add_parser("report", help="render a run's results as tables; exit 1 when no case finished")
+    r.add_argument("csv", type=Path, metavar="RESULTS", help="results folder or its results.csv")
     r.add_argument(
         "--group-by", nargs="+", action="extend", metavar="COLS", help="one table per value of these columns"
     )
     r.add_argument("--metrics", nargs="+", action="extend", metavar="COLS", help="columns to show")
 
-    pl = sub.add_parser("plot", help="PNG figures of a results CSV")
-    pl.add_argument("csv", type=Path)
-    pl.add_argument("--out", type=Path, help="folder for the PNGs (default: <csv folder>/plots)")
+    pl = sub.add_parser("plot", help="PNG figures of a run's results")
+    pl.add_argument("csv", type=Path, metavar="RESULTS", help="results folder or its results.csv")
+    pl.add_argument("--out", type=Path, help="folder for the PNGs (default: <results folder>/plots)")
 
-    c = sub.add_parser("compare", help="compare two results CSVs case by case; exit 1 on a regression")
-    c.add_argument("old", type=Path)
-    c.add_argument("new", type=Path)
+    c = sub.add_parser(
+        "compare",
+        help="compare two runs case by case; exit 1 on a regression or lost coverage",
+        description=COMPARE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    c.add_argument("old", type=Path, help="results folder or results.csv of the reference run")
+    c.add_argument("new", type=Path, help="results folder or results.csv of the run under test")
     c.add_argument("--threshold", default="5%", help="relative change that counts (default 5%%)")
-    c.add_argument("--only-changed", action="store_true", help="show only regressions and improvements")
+    c.add_argument(
+        "--alpha",
+        type=float,
+        default=0.05,
+        help="significance of the per-case samples test (one-sided Mann-Whitney U; default 0.05)",
+    )
+    c.add_argument(
+        "--spread",
+        type=float,
+        default=5.0,
+        metavar="Z",
+        help="a change must exceed Z times the run-to-run spread of the cases (default 5)",
+    )
+    c.add_argument("--only-changed", action="store_true", help="show only regressions, improvements, noise")
     c.add_argument(
         "--metric", nargs="+", action="extend", metavar="COL", help="metric column(s) (default layer_ms)"
     )
@@ -95,6 +165,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="COLS",
         help="key columns left out of the join (e.g. scenario,device)",
     )
+    c.add_argument("--allow-missing", action="store_true", help="cases of OLD absent or not ok in NEW pass")
+    c.add_argument("--allow-extra", action="store_true", help="cases only in NEW pass")
+    c.add_argument("--allow-unreadable", action="store_true", help="metric cells that are not numbers pass")
 
     n = sub.add_parser("nsys-import", help="region columns from an nsys report or nvtx_gpu_proj_sum CSV")
     n.add_argument("report", type=Path)
@@ -135,6 +208,7 @@ def _sweep(args) -> int:
         profile=args.profile,
         progress=not args.no_progress,
         command=command,
+        resource_check=not args.no_resource_check,
     )
     if under_torchrun() and args.nproc is not None:
         if args.nproc != int(os.environ["WORLD_SIZE"]):
@@ -222,18 +296,31 @@ def _nsys(scenario, args) -> int | None:
 def _report(args) -> int:
     from .report import render, split_list
     from .results import read_results
+    from .rundir import results_csv, run_status_line, why_no_rows
 
-    df = read_results(args.csv)
+    path = results_csv(args.csv)
+    df = read_results(path)
+    if not len(df):
+        print(f"cpbench: error: {why_no_rows(path)}", file=sys.stderr)
+        return 1
+    status = run_status_line(path.parent)
+    if status:
+        print(status)
     render(df, group_by=split_list(args.group_by), metrics=split_list(args.metrics) or None)
-    return 0
+    return 0 if "status" not in df.columns or (df["status"] == "ok").any() else 1
 
 
 def _plot(args) -> int:
     from .plot import plot_all
     from .results import read_results
+    from .rundir import prepare_plot_dir, results_csv, why_no_rows
 
-    df = read_results(args.csv)
-    out = args.out or args.csv.parent / "plots"
+    path = results_csv(args.csv)
+    df = read_results(path)
+    if not len(df):
+        print(f"cpbench: error: {why_no_rows(path)}", file=sys.stderr)
+        return 1
+    out = prepare_plot_dir(args.out or path.parent / "plots", "--out" if args.out else "plots folder")
     files = plot_all(df, out)
     if not files:
         print("cpbench: nothing to plot (no ok case with timings)", file=sys.stderr)
@@ -247,9 +334,14 @@ def _compare(args) -> int:
     from . import compare
     from .report import split_list
     from .results import read_results
+    from .rundir import results_csv
 
     threshold = compare.parse_threshold(args.threshold)
-    old, new = read_results(args.old), read_results(args.new)
+    if not 0 < args.alpha < 1:
+        raise UserError(f"--alpha {args.alpha}: must be in (0, 1)")
+    if not (args.spread >= 0 and math.isfinite(args.spread)):
+        raise UserError(f"--spread {args.spread}: must be a non-negative number")
+    old, new = read_results(results_csv(args.old)), read_results(results_csv(args.new))
     cmp = compare.compare(
         old,
         new,
@@ -257,9 +349,14 @@ def _compare(args) -> int:
         threshold=threshold,
         ignore=split_list(args.ignore),
         names=(str(args.old), str(args.new)),
+        alpha=args.alpha,
+        spread_z=args.spread,
     )
-    compare.render(cmp, only_changed=args.only_changed, threshold=threshold)
-    return 1 if cmp.regressions else 0
+    failures = cmp.failures(
+        allow_missing=args.allow_missing, allow_extra=args.allow_extra, allow_unreadable=args.allow_unreadable
+    )
+    compare.render(cmp, only_changed=args.only_changed, threshold=threshold, failures=failures)
+    return 1 if failures else 0
 
 
 def _nsys_import(args) -> int:

@@ -14,23 +14,36 @@ Each cp_size of the sweep is realised as CP subgroups of the world (``world / cp
 ``cp`` consecutive ranks), all created once, collectively, before the first case. Every process
 group gets ``run.timeout_s``: a rank that dies or hangs ends the run with a message instead of
 hanging it.
+
+Before any rank starts (not under torchrun, whose ranks exist already) the resource guard
+(:mod:`cpbench.guard`) checks the ranks against the machine, then the results folder is checked and
+locked (:mod:`cpbench.rundir`); both refuse with one line (exit 2). Spawned ranks ignore SIGINT: on
+Ctrl-C (or SIGTERM) the launcher terminates every rank (SIGTERM, then SIGKILL after
+:data:`STOP_GRACE_S`), marks the run ``interrupted`` and exits 130. A rank that dies is reported
+with its cause (the OOM killer when the kernel's OOM-kill count rose) and the run marked ``failed``.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import signal
 import socket
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from . import guard, rundir
 from .errors import UserError
 from .scenario import Scenario
 from .sweep import DistEnv, Sweep, SweepAborted
+
+#: Seconds the ranks get to end after SIGTERM before SIGKILL.
+STOP_GRACE_S = 3.0
 
 
 @dataclass
@@ -41,6 +54,7 @@ class LaunchOptions:
     profile: str | None = None
     progress: bool = True
     command: list[str] | None = None
+    resource_check: bool = True
 
 
 def under_torchrun() -> bool:
@@ -147,6 +161,8 @@ def _spawned_rank(
     codes,
 ) -> None:
     """Entry point of a spawned rank (module level: spawn pickles it by name)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle
+    hold = rundir.hold_shared(out_dir) if local_rank == 0 else None  # noqa: F841  (held until exit)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _set_threads(nproc)
     device = torch.device("cuda", local_rank) if device_type == "cuda" else torch.device("cpu")
@@ -179,14 +195,8 @@ def launch(scenario: Scenario, opts: LaunchOptions) -> int:
         return _launch_torchrun(scenario, opts)
     device = resolve_device(scenario)
     backend = resolve_backend(opts.backend, scenario, device)
-    out_dir = opts.out_dir or default_out_dir(scenario.name)
-    if backend == "fake":
-        from cp_core.comm import LocalGroup
-
-        groups = {cp: (LocalGroup(0, cp) if cp > 1 else None) for cp in scenario.sweep.cp_size}
-        env = DistEnv(0, 1, "fake", device, groups, distributed=False, timeout_s=scenario.run.timeout_s)
-        return _run_rank(scenario, env, out_dir, opts)
-    nproc = opts.nproc or max(scenario.sweep.cp_size)
+    fake = backend == "fake"
+    nproc = 1 if fake else (opts.nproc or max(scenario.sweep.cp_size))
     if nproc < 1:
         raise UserError(f"--nproc must be >= 1, got {nproc}")
     if device.type == "cuda" and nproc > torch.cuda.device_count():
@@ -194,12 +204,53 @@ def launch(scenario: Scenario, opts: LaunchOptions) -> int:
             f"--nproc {nproc} > {torch.cuda.device_count()} visible GPUs: one rank per GPU "
             f"(use torchrun for several nodes, or --backend fake to project one GPU to cp_size N)"
         )
-    if nproc == 1:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        env = DistEnv(0, 1, backend, device, {1: None}, distributed=False, timeout_s=scenario.run.timeout_s)
-        return _run_rank(scenario, env, out_dir, opts)
-    return _spawn(scenario, opts, nproc, backend, device, out_dir)
+    if opts.resource_check:
+        guard.check(scenario, device, nproc, fake=fake)
+    out_dir = Path(opts.out_dir or default_out_dir(scenario.name))
+    lock = rundir.prepare_out_dir(out_dir, "--out" if opts.out_dir else "results folder")
+    try:
+        if fake:
+            from cp_core.comm import LocalGroup
+
+            groups = {cp: (LocalGroup(0, cp) if cp > 1 else None) for cp in scenario.sweep.cp_size}
+            env = DistEnv(0, 1, "fake", device, groups, distributed=False, timeout_s=scenario.run.timeout_s)
+            return _run_rank(scenario, env, out_dir, opts)
+        if nproc == 1:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            env = DistEnv(
+                0, 1, backend, device, {1: None}, distributed=False, timeout_s=scenario.run.timeout_s
+            )
+            return _run_rank(scenario, env, out_dir, opts)
+        lock.share()
+        return _spawn(scenario, opts, nproc, backend, device, out_dir)
+    except KeyboardInterrupt:
+        rundir.mark_ended(out_dir, "interrupted", "interrupted (Ctrl-C or SIGTERM)")
+        raise
+    finally:
+        lock.release()
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM to the launcher: handled as Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+def _stop(processes) -> None:
+    """SIGTERM every live rank, then SIGKILL those still alive after STOP_GRACE_S."""
+    for p in processes:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + STOP_GRACE_S
+    for p in processes:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    for p in processes:
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5)
 
 
 def _spawn(
@@ -210,25 +261,45 @@ def _spawn(
     ctx = mp.get_context("spawn")
     codes = ctx.SimpleQueue()
     port = free_port()
+    oom_before = guard.oom_kills()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    context = None
     try:
-        mp.start_processes(
+        context = mp.start_processes(
             _spawned_rank,
             args=(nproc, port, scenario, backend, device.type, str(out_dir), opts, codes),
             nprocs=nproc,
-            join=True,
+            join=False,
             start_method="spawn",
         )
+        while not context.join(timeout=0.5, grace_period=STOP_GRACE_S):
+            pass
+    except KeyboardInterrupt:
+        if context is not None:
+            _stop(context.processes)
+        print(f"cpbench: interrupted: every rank stopped (results so far: {out_dir})", file=sys.stderr)
+        rundir.mark_ended(out_dir, "interrupted", "interrupted (Ctrl-C or SIGTERM)")
+        raise
     except mp.ProcessExitedException as e:
-        how = f"signal {e.signal_name}" if e.signal_name else f"exit code {e.exit_code}"
+        _stop(context.processes)
+        if e.signal_name:
+            how = guard.death_cause(e.signal_name, oom_before, guard.oom_kills())
+        else:
+            how = f"ended with exit code {e.exit_code}"
         print(
-            f"cpbench: error: rank {e.error_index} ended with {how}; the run stopped "
+            f"cpbench: error: rank {e.error_index} {how}; the run stopped "
             f"(results so far: {out_dir / 'results.csv'})",
             file=sys.stderr,
         )
+        rundir.mark_ended(out_dir, "failed", f"rank {e.error_index} {how}")
         return 1
     except mp.ProcessRaisedException as e:
+        _stop(context.processes)
         print(f"cpbench: error: rank {e.error_index} failed: {e}", file=sys.stderr)
+        rundir.mark_ended(out_dir, "failed", f"rank {e.error_index} failed")
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return codes.get() if not codes.empty() else 1
 
 
@@ -248,6 +319,12 @@ def _launch_torchrun(scenario: Scenario, opts: LaunchOptions) -> int:
         torch.cuda.set_device(device)
     else:
         _set_threads(local_world)
+    lock = None
+    if rank == 0:
+        from .results import default_out_dir
+
+        opts.out_dir = Path(opts.out_dir or default_out_dir(scenario.name))
+        lock = rundir.prepare_out_dir(opts.out_dir, "--out")
     try:
         _init_world(backend, rank, world, scenario.run.timeout_s)
         groups = _make_groups(scenario, world, datetime.timedelta(seconds=scenario.run.timeout_s))
@@ -260,3 +337,5 @@ def _launch_torchrun(scenario: Scenario, opts: LaunchOptions) -> int:
         return 1
     finally:
         _teardown()
+        if lock is not None:
+            lock.release()

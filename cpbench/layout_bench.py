@@ -16,6 +16,13 @@ copy, permutation and gather each path does around it. Paths:
 device-to-device copy bandwidth measured in the same run (each direction must at least pack a
 send buffer and reorder what arrives). Times: median of ``--iters`` after ``--warmup`` (CUDA events
 on GPU, perf_counter on CPU).
+
+Every ``(seq_len, cp)`` is checked before anything runs: ``seq_len`` must be a multiple of
+``2 * cp``, and a pack of ``seq_len`` tokens holds at most ``seq_len / (2 * cp)`` documents (each a
+multiple of ``2 * cp`` tokens). Document counts of the default ``--docs`` that do not fit a length
+are left out for that length (and said so); counts given explicitly that do not fit are an error
+(exit 2). Rows go out as they are computed: to ``--out`` (header first, each row flushed) and to
+stdout as CSV lines under a header.
 """
 
 from __future__ import annotations
@@ -45,9 +52,31 @@ def copy_bandwidth(device: torch.device, nbytes: int, timer) -> float:
     return 2 * nbytes / (ms * 1e-3)
 
 
+DEFAULT_DOCS = "0,1,8,64,512"
+COLUMNS = (
+    "cp",
+    "seq_len",
+    "docs",
+    "path",
+    "pre_ms",
+    "post_ms",
+    "total_ms",
+    "floor_ms",
+    "x_floor",
+    "same_output",
+)
+
+
+def max_docs(seq_len: int, granule: int) -> int:
+    """Most documents a pack of ``seq_len`` tokens holds when every document is ``granule`` tokens or more."""
+    return seq_len // granule
+
+
 def pack_lengths(total: int, n_docs: int, granule: int, seed: int) -> list[int]:
     """``n_docs`` document lengths (multiples of ``granule``) summing to ``total``, drawn from a seeded split."""
     units = total // granule
+    if not 1 <= n_docs <= units:
+        raise ValueError(f"{n_docs} documents do not fit {total} tokens in multiples of {granule}")
     rnd = random.Random(seed)
     cuts = sorted(rnd.sample(range(1, units), n_docs - 1)) if n_docs > 1 else []
     bounds = [0, *cuts, units]
@@ -178,20 +207,66 @@ def plot(csv: str, png: str) -> None:
     fig.savefig(png, dpi=110)
 
 
+def _usage(message: str) -> SystemExit:
+    """Print a one-line error; the SystemExit to raise (exit code 2, as argparse's own errors)."""
+    print(f"layout_bench: error: {message}", file=sys.stderr)
+    return SystemExit(2)
+
+
+def _ints(flag: str, text: str, lo: int) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise _usage(f"{flag} {text!r}: expected comma-separated integers") from None
+    if not vals or any(v < lo for v in vals):
+        raise _usage(f"{flag} {text!r}: expected integers >= {lo}")
+    return vals
+
+
+def plan_cases(lengths, cps, docs, explicit_docs: bool):
+    """``(cases, notes)``: the ``(seq_len, cp, docs)`` to run; raises SystemExit on impossible input."""
+    cases, notes = [], []
+    for L in lengths:
+        for cp in cps:
+            if L % (2 * cp):
+                raise _usage(f"--seq-len {L} is not a multiple of 2 * cp = {2 * cp}")
+            most = max_docs(L, 2 * cp)
+            for d in docs:
+                if d > most:
+                    if explicit_docs:
+                        raise _usage(
+                            f"--docs {d} does not fit seq_len {L} at cp {cp} "
+                            f"(at most {most} documents of {2 * cp}-token multiples)"
+                        )
+                    notes.append(f"seq_len {L}, cp {cp}: {d} documents left out (at most {most})")
+                    continue
+                cases.append((L, cp, d))
+    return cases, notes
+
+
+def _csv_line(values) -> str:
+    return ",".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in values)
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--cp", default="2,4,8")
-    ap.add_argument("--seq-len", default="32768,131072")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    ap.add_argument("--cp", default="2,4,8", help="CP sizes")
+    ap.add_argument("--seq-len", default="32768,131072", help="global tokens per sequence or pack")
     ap.add_argument(
-        "--docs", default="0,1,8,64,512", help="0 = BSHD [1, L], else packed THD with that many documents"
+        "--docs",
+        default=None,
+        help=f"0 = BSHD [1, L], else packed THD with that many documents (default {DEFAULT_DOCS}, "
+        "the counts that fit each length)",
     )
     ap.add_argument("--shape", default="128,64,8,128", help="n_heads,head_dim,n_groups,d_state")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--nemo", default=None, help="path to NeMo AutoModel's context_parallel/mamba.py")
-    ap.add_argument("--out", default=None, help="write the rows as CSV here")
+    ap.add_argument("--out", default=None, help="write the rows as CSV here, each as it is computed")
     ap.add_argument(
         "--plot", default=None, metavar="PNG", help="also draw the bars (from --out, or --from-csv)"
     )
@@ -203,33 +278,46 @@ def main(argv=None):
     device = torch.device(a.device)
     dtype = getattr(torch, a.dtype)
     timer = _timer(device)
-    shape = tuple(int(v) for v in a.shape.split(","))
+    shape = tuple(_ints("--shape", a.shape, 1))
+    if len(shape) != 4:
+        raise _usage(f"--shape {a.shape!r}: expected n_heads,head_dim,n_groups,d_state")
+    cases, notes = plan_cases(
+        _ints("--seq-len", a.seq_len, 1),
+        _ints("--cp", a.cp, 1),
+        _ints("--docs", a.docs or DEFAULT_DOCS, 0),
+        explicit_docs=a.docs is not None,
+    )
+    for n in notes:
+        print(f"layout_bench: {n}", file=sys.stderr)
+    out = None
+    if a.out:
+        try:
+            out = open(a.out, "w", newline="")  # noqa: SIM115  (closed below)
+        except OSError as e:
+            raise _usage(f"--out {a.out}: {e.strerror}") from None
+        out.write(",".join(COLUMNS) + "\n")
+        out.flush()
     nemo = load_nemo(a.nemo) if a.nemo else None
     bw = copy_bandwidth(device, 1 << 30 if device.type == "cuda" else 1 << 26, timer)
     print(
-        f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; "
+        f"# device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; "
         f"copy bandwidth (read+write) {bw / 1e12:.2f} TB/s",
         flush=True,
     )
-    rows = []
-    for L in (int(v) for v in a.seq_len.split(",")):
-        for cp in (int(v) for v in a.cp.split(",")):
-            for d in (int(v) for v in a.docs.split(",")):
-                rows += bench_case(cp, L, d or None, shape, dtype, device, timer, a.warmup, a.iters, nemo, bw)
-                for r in rows[-(4 if nemo else 3) :]:
-                    print(
-                        ",".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()),
-                        flush=True,
-                    )
-    import pandas as pd
-
-    df = pd.DataFrame(rows)
-    df.attrs["copy_bw"] = bw
-    if a.out:
-        df.to_csv(a.out, index=False)
-        if a.plot:
-            plot(a.out, a.plot)
-    print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(",".join(COLUMNS), flush=True)
+    try:
+        for L, cp, d in cases:
+            for r in bench_case(cp, L, d or None, shape, dtype, device, timer, a.warmup, a.iters, nemo, bw):
+                line = _csv_line(r[c] for c in COLUMNS)
+                print(line, flush=True)
+                if out is not None:
+                    out.write(line + "\n")
+                    out.flush()
+    finally:
+        if out is not None:
+            out.close()
+    if a.out and a.plot:
+        plot(a.out, a.plot)
     return 0
 
 

@@ -77,6 +77,34 @@ def across_ranks(per_rank: Sequence[Sequence[float]]) -> dict[str, float]:
     return {"max": max(meds), "min": min(meds), "iqr": max(iqrs)}
 
 
+def slowest_per_iteration(per_rank: Sequence[Sequence[float]]) -> list[float]:
+    """Per iteration, the slowest rank's time (the group's pace in that iteration; ranks start each
+    iteration together). Ranks with no samples are ignored."""
+    series = [s for s in per_rank if len(s)]
+    if not series:
+        return []
+    return [max(vals) for vals in zip(*series, strict=False)]
+
+
+def format_samples(seconds: Sequence[float]) -> str:
+    """Per-iteration samples as one CSV cell: milliseconds, space-separated, 4 significant digits."""
+    return " ".join(f"{s * 1e3:.4g}" for s in seconds if math.isfinite(s))
+
+
+def parse_samples(cell: Any) -> list[float]:
+    """The inverse of :func:`format_samples` (milliseconds); ``[]`` for an empty or missing cell.
+    Raises ``ValueError`` on anything else."""
+    if cell is None or (isinstance(cell, float) and math.isnan(cell)):
+        return []
+    text = str(cell).strip()
+    if not text:
+        return []
+    out = [float(v) for v in text.split()]
+    if not all(math.isfinite(v) for v in out):
+        raise ValueError(f"non-finite sample in {text[:40]!r}")
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- bandwidth
 
 
@@ -201,8 +229,10 @@ def aggregate(
         row[f"{name}_ms"] = st["max"] * 1e3
         row[f"{name}_min_ms"] = st["min"] * 1e3
         row[f"{name}_iqr_ms"] = st["iqr"] * 1e3
+        row[f"{name}_ms_samples"] = format_samples(slowest_per_iteration(series))
     if not regions:
         row["comm_ms"] = row["comm_min_ms"] = row["comm_iqr_ms"] = NAN
+        row["comm_ms_samples"] = ""
 
     # every region that appeared on any rank
     names: list[str] = []

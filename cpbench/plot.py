@@ -1,8 +1,9 @@
 """``cpbench plot RESULTS.csv``: PNG figures of a sweep (matplotlib, Agg backend).
 
 * ``regions-<group>.png``: time per region vs seq_len, one panel per cp_size, stacked bars of the
-  layer's regions (``other`` = the layer time not covered by any region; regions are taken as
-  disjoint), for each combination of the other axes that vary (path, pass, packing, ...);
+  layer's regions up to the layer's median (a black tick): ``other`` is the layer time not covered
+  by any region; where the regions' separate medians add up to more, they are scaled to it
+  (:func:`stack_heights`). One figure per combination of the other axes (path, pass, packing...);
 * ``busbw.png``: the layer's all-to-all busbw vs message size, against the microbenchmark at the
   same sizes on the same groups (measured rows only);
 * ``scaling-<group>.png``: layer time vs cp_size, one line per seq_len, with the ideal ``1/cp``
@@ -69,6 +70,26 @@ def _groups(df, cols):
         yield dict(zip(cols, k, strict=True)), g
 
 
+def stack_heights(sub, regions: list[str]) -> tuple[dict[str, list[float]], list[float]]:
+    """Bar segments per region and ``other`` for each row, stacking to the row's ``layer_ms``.
+
+    Each region's median is taken on its own (and on the slowest rank), so the medians of the
+    regions of one iteration can add up to more than the layer's median. Where they do, every
+    region is scaled by ``layer_ms / sum`` (their shares kept) so the bar is the layer's median;
+    where they do not, ``other`` is the remainder."""
+    layer = [float(t) if t == t else 0.0 for t in sub["layer_ms"]]
+    raw = {}
+    for r in regions:
+        vals = [0.0 if (v != v) else float(v) for v in sub[f"{r}_ms"]]
+        if any(vals):
+            raw[r] = vals
+    totals = [sum(vals[i] for vals in raw.values()) for i in range(len(layer))]
+    scale = [min(1.0, t / s) if s > 0 else 1.0 for t, s in zip(layer, totals, strict=True)]
+    heights = {r: [v * k for v, k in zip(vals, scale, strict=True)] for r, vals in raw.items()}
+    other = [max(0.0, t - s * k) for t, s, k in zip(layer, totals, scale, strict=True)]
+    return heights, other
+
+
 def plot_regions(df, out: Path) -> list[Path]:
     plt = _plt()
     regions = region_columns(df)
@@ -82,18 +103,14 @@ def plot_regions(df, out: Path) -> list[Path]:
         for ax, cp in zip(axes[0], cps, strict=True):
             sub = g[g["cp_size"] == cp].sort_values("seq_len")
             xs = list(range(len(sub)))
+            heights, other = stack_heights(sub, regions)
             bottom = [0.0] * len(sub)
-            for r in regions:
-                vals = [0.0 if (v != v) else float(v) for v in sub[f"{r}_ms"]]
-                if not any(vals):
-                    continue
+            for r, vals in heights.items():
                 legend[r] = ax.bar(xs, vals, bottom=bottom, label=r, color=color[r])
                 bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
-            other = [
-                max(0.0, float(t) - b) if t == t else 0.0
-                for t, b in zip(sub["layer_ms"], bottom, strict=True)
-            ]
             legend["other"] = ax.bar(xs, other, bottom=bottom, label="other", color="lightgray")
+            layer = [float(t) if t == t else 0.0 for t in sub["layer_ms"]]
+            legend["layer median"] = ax.scatter(xs, layer, marker="_", s=300, color="k", zorder=3)
             ax.set_xticks(xs, [str(int(s)) for s in sub["seq_len"]], rotation=45)
             ax.set_title(f"cp_size {cp}")
             ax.set_xlabel("seq_len (tokens)")

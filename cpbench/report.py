@@ -158,6 +158,13 @@ def tables(df, group_by: Sequence[str] = (), metrics: Sequence[str] | None = Non
             table.add_row(*cells)
         out.append(table)
     notes = []
+    if "busbw_pct" in metrics and "busbw_pct" in ok.columns and (ok["busbw_pct"] > 100).any():
+        notes.append(
+            "busbw % bench above 100%: the layer's all-to-alls beat the all_to_all_single microbenchmark "
+            "at the same sizes. The microbenchmark is a baseline, not a ceiling: on CPU (gloo) both are "
+            "per-call latency and waiting for ranks that share cores, and a few back-to-back calls vary "
+            "several-fold from run to run (compare bench busbw between runs)"
+        )
     if modeled_label:
         notes.append(
             f"* modeled, not measured ({modeled_label}): communication time = bytes / algbw with "
@@ -217,8 +224,19 @@ def render(df, *, group_by=(), metrics=None, console=None, title: str | None = N
         for col in cross.columns:
             t.add_column(col, justify="right")
         for row in cross.itertuples(index=False):
-            t.add_row(*[f"{v:,.0f}" if isinstance(v, float) else str(v) for v in row])
+            t.add_row(*[_crossover_cell(c, v) for c, v in zip(cross.columns, row, strict=True)])
         console.print(t)
+
+
+def _crossover_cell(col: str, v) -> str:
+    """MB with 3 significant digits (small shapes move kB, not 0 MB), ratios as ratios, lengths whole."""
+    if not isinstance(v, float):
+        return str(v)
+    if col.endswith("MB"):
+        return f"{v:.3g}"
+    if col == "ratio":
+        return f"{v:.3g}"
+    return f"{v:,.0f}"
 
 
 def strategy_crossover(df):

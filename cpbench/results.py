@@ -25,12 +25,12 @@ import subprocess
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from .errors import ResultsError
+from .rundir import default_out_dir  # noqa: F401  (re-exported: it lived here)
 from .scenario import CASE_KEY, KEY_DEFAULTS
 
 STATUS_COLUMNS = ("status", "error")
@@ -53,9 +53,11 @@ HEADLINE_COLUMNS = (
     "layer_ms",
     "layer_min_ms",
     "layer_iqr_ms",
+    "layer_ms_samples",
     "comm_ms",
     "comm_min_ms",
     "comm_iqr_ms",
+    "comm_ms_samples",
     "comm_bytes_fwd",
     "comm_bytes_bwd",
     "comm_bytes",
@@ -81,6 +83,8 @@ KNOWN_REGIONS = (
     "ssm",
     "norm_proj",
 )
+#: Per-iteration samples (text cells, see cpbench.metrics.format_samples).
+SAMPLE_COLUMNS = ("layer_ms_samples", "comm_ms_samples")
 #: The columns a file needs to be read as cpbench results.
 REQUIRED_COLUMNS = (*CASE_KEY, "status")
 
@@ -204,7 +208,7 @@ def read_results(path: str | Path):
     df = pd.read_csv(io.StringIO("\n".join(lines) + "\n"), keep_default_na=True)
     for c in added:
         df[c] = KEY_DEFAULTS[c]
-    for c in ("error", "ssd_backend", "conv_backend", "comm_model", "packing", "impl"):
+    for c in ("error", "ssd_backend", "conv_backend", "comm_model", "packing", "impl", *SAMPLE_COLUMNS):
         if c in df.columns:
             df[c] = df[c].astype("object").fillna("").astype(str)
     return df
@@ -272,8 +276,3 @@ def write_meta(path: str | Path, meta: Mapping[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def default_out_dir(scenario_name: str, root: str | Path = "results", now: datetime | None = None) -> Path:
-    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
-    return Path(root) / f"{scenario_name}-{stamp}"

@@ -428,3 +428,90 @@ def test_scenarios_command(capsys):
     assert main(["scenarios"]) == 0
     out = capsys.readouterr().out
     assert "smoke" in out and "h100_node" in out
+
+
+@needs_layer
+def test_progress_lines_when_stderr_is_not_a_terminal(sweep2):
+    res = sweep2[1]
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("cpbench: [")]
+    assert (
+        len(lines) == 24
+        and lines[0].startswith("cpbench: [1/24] cp=1 ")
+        and lines[-1].startswith("cpbench: [24/24]")
+    )
+
+
+@needs_layer
+def test_two_runs_of_the_same_code_compare_clean_and_coverage_is_strict(sweep2, tmp_path, capsys):
+    first, _, _, scen = sweep2
+    res = cpbench("sweep", str(scen), "--nproc", "2", "--out", str(tmp_path / "again"), "--no-progress")
+    assert res.returncode == 0, res.stdout + res.stderr
+    second = tmp_path / "again"
+    for a, b in ((first, second), (second, first)):
+        assert main(["compare", str(a), str(b)]) == 0, capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "16 case(s) compared: 0 regression(s)" in out and "gate: pass" in out
+    # a truncated NEW (cases missing) and an unreadable metric cell fail the gate
+    lines = (second / "results.csv").read_text().splitlines(keepends=True)
+    (tmp_path / "short.csv").write_text("".join(lines[:10]))
+    assert main(["compare", str(first), str(tmp_path / "short.csv")]) == 1
+    assert "missing or no longer ok in NEW" in capsys.readouterr().out
+    assert main(["compare", str(first), str(tmp_path / "short.csv"), "--allow-missing"]) == 0
+    capsys.readouterr()
+    df = pd.read_csv(second / "results.csv", keep_default_na=False)
+    df["layer_ms"] = df["layer_ms"].astype(str)
+    df.loc[df["status"] == "ok", "layer_ms"] = ["n/a"] + list(df.loc[df["status"] == "ok", "layer_ms"][1:])
+    df.to_csv(tmp_path / "bad.csv", index=False)
+    assert main(["compare", str(first), str(tmp_path / "bad.csv")]) == 1
+    assert "1 unreadable cell(s)" in capsys.readouterr().out
+    assert main(["compare", str(first), str(tmp_path / "bad.csv"), "--allow-unreadable"]) == 0
+    capsys.readouterr()
+
+
+@needs_layer
+def test_ctrl_c_stops_every_rank_and_marks_the_run(tmp_path):
+    import signal
+
+    scen = tmp_path / "tiny.toml"
+    scen.write_text(TINY)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "PYTHONUNBUFFERED": "1",
+        "CPBENCH_FAULT": "1:1:hang",
+    }
+    out = tmp_path / "o"
+    args = ["sweep", str(scen), "--nproc", "2", "--out", str(out), "--set", "sweep.cp_size=[2]"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cpbench", *args],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        for line in proc.stderr:  # the first case is done, the second hangs on rank 1
+            if line.startswith("cpbench: [1/"):
+                break
+        time.sleep(1.0)
+        t0 = time.perf_counter()
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        rc = proc.wait(timeout=30)
+        assert time.perf_counter() - t0 < 15
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert rc == 130
+    assert "every rank stopped" in proc.stderr.read()
+    deadline = time.monotonic() + 10
+    alive = True
+    while alive and time.monotonic() < deadline:  # no rank (nor helper process) left behind
+        try:
+            os.killpg(proc.pid, 0)
+            time.sleep(0.2)
+        except ProcessLookupError:
+            alive = False
+    assert not alive
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["status"] == "interrupted"

@@ -73,7 +73,7 @@ def test_changes_inside_the_noise_are_not_regressions(tmp_path):
     new = write(tmp_path / "new.csv", noisy_new)
     assert main(["compare", str(old), str(new)]) == 0
     cmp = compare(read_results(old), read_results(new))
-    assert not cmp.regressions and all(r["verdict"] == "same" for r in cmp.rows)
+    assert not cmp.regressions and all(r["verdict"] == "noise" for r in cmp.rows)
     rec = {"layer_ms_old": 10.0, "layer_iqr_ms_old": 2.0, "tokens_per_s_old": 100.0}
     assert noise(rec, "layer_ms", "_old") == 2.0
     assert noise(rec, "tokens_per_s", "_old") == pytest.approx(20.0)  # the relative noise of the layer time
@@ -110,12 +110,16 @@ def test_ok_to_error_is_a_regression(tmp_path, capsys):
 
 def test_mismatched_files(tmp_path, capsys):
     old = write(tmp_path / "old.csv", BASE)
-    # cases only in one file are reported; the common ones still compared
+    # cases only in one file are reported and fail the gate unless allowed; the common ones still compared
     new = write(tmp_path / "new.csv", BASE[:3] + [case_row(1024, 160.0)])
-    assert main(["compare", str(old), str(new)]) == 0
+    assert main(["compare", str(old), str(new)]) == 1
     out = capsys.readouterr().out
     assert "cases only in OLD (1)" in out and "seq_len=512" in out
     assert "cases only in NEW (1)" in out and "seq_len=1024" in out
+    assert "gate: FAIL: 1 case(s) of OLD missing" in out and "1 case(s) only in NEW" in out
+    assert main(["compare", str(old), str(new), "--allow-missing"]) == 1
+    assert main(["compare", str(old), str(new), "--allow-missing", "--allow-extra"]) == 0
+    capsys.readouterr()
     # no case in common: different sweeps -> exit 2 naming the differing key columns
     other = write(tmp_path / "other.csv", [dict(r, scenario="y", world_size=8) for r in BASE])
     assert main(["compare", str(old), str(other)]) == 2
