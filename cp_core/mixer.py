@@ -155,7 +155,9 @@ class Mamba2Mixer(nn.Module):
         if overlap_chunks is not None:
             if self.cp_size > 1 and strategy == "hidden":
                 check_chunks(c.n_groups, self.cp_size, overlap_chunks)
-            elif not isinstance(overlap_chunks, int) or isinstance(overlap_chunks, bool) or overlap_chunks < 1:
+            elif (
+                not isinstance(overlap_chunks, int) or isinstance(overlap_chunks, bool) or overlap_chunks < 1
+            ):
                 raise ValueError(f"overlap_chunks must be a positive int, got {overlap_chunks!r}")
         self.overlap_chunks = overlap_chunks
         self.backends: dict[str, str] = {}
@@ -241,7 +243,7 @@ class Mamba2Mixer(nn.Module):
     def _core_spec(self, x: torch.Tensor, plan, batch: int, length: int) -> CoreSpec:
         c, cp = self.config, self.cp_size
         k = self.overlap_chunks if cp > 1 else 1
-        if k is None:  # default: 2 head chunks on CUDA where the groups allow (measured: never slower, less memory)
+        if k is None:  # 2 head chunks on CUDA where the groups allow (measured: never slower, less memory)
             k = 2 if x.is_cuda and (c.n_groups // cp) % 2 == 0 and c.n_groups >= cp else 1
         key = (id(plan), k, batch, length, x.device, x.dtype, self.ssd_backend, self.conv_backend)
         hit = self._specs.get(key)
