@@ -175,14 +175,22 @@ class _LayerCore(torch.autograd.Function):
         # at cp > 1 nothing needs xbcdt after its all-to-all (the conv input kept is the head-sharded one)
         keep_x = xsep if (xsep is not None and spec.cp_size == 1) else None
         ctx.shapes = (zx.shape, None if xsep is None else xsep.shape)
-        ctx.save_for_backward(zx, keep_x, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, y, rstd, *saved_xh)
+        ctx.save_for_backward(zx, keep_x, conv_w, conv_b, dt_bias, A, D, norm_w, out_w)
+        # intermediates, held here rather than saved, so that backward can drop each one as soon as it is used
+        ctx.inter = [y, rstd, saved_xh]
         return out.view(*zx.shape[:-1], out_w.shape[0])
 
     @staticmethod
     def backward(ctx, dout):
         spec: CoreSpec = ctx.spec
         cs = spec.conv
-        zx, keep_x, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, y, rstd, *saved_xh = ctx.saved_tensors
+        zx, keep_x, conv_w, conv_b, dt_bias, A, D, norm_w, out_w = ctx.saved_tensors
+        if ctx.inter is None:
+            raise RuntimeError(
+                "the layer core's backward runs once per forward (its intermediates are freed)"
+            )
+        y, rstd, saved_xh = ctx.inter
+        ctx.inter = None
         zshape, xshape = ctx.shapes
         z2 = zx.reshape(-1, zx.shape[-1])
         n = z2.shape[0]
@@ -201,7 +209,7 @@ class _LayerCore(torch.autograd.Function):
                 dnormed, y, z, norm_w, rstd, spec.eps, spec.norm_group, spec.norm_backend,
                 dz=dz, recompute_output=True,
             )  # fmt: skip
-            del dnormed
+            del dnormed, y, rstd
             dout_w = d2.t() @ normed
             del normed
         if spec.cp_size == 1:
@@ -219,11 +227,13 @@ class _LayerCore(torch.autograd.Function):
                 return _seq_to_heads(dy, spec.chans_post[j], tok, group, A2A_POST + "_bwd", LAYOUT + "_bwd")
 
             def compute(j, dyh):
+                xh, saved_xh[j] = saved_xh[j], None  # freed once this chunk's backward is done
                 with region(SSM + "_bwd"):
                     g = conv_ssd_bwd(
-                        cs, dyh.view(spec.batch, spec.length, cs.dim), saved_xh[j].view(spec.batch, spec.length, cs.width),
+                        cs, dyh.view(spec.batch, spec.length, cs.dim), xh.view(spec.batch, spec.length, cs.width),
                         *_chunk_params(spec, j, conv_w, conv_b, dt_bias, A, D), spec.seq_idx,
                     )  # fmt: skip
+                del xh
                 grads[j] = g[1:]
                 return g[0].view(-1, cs.width)
 

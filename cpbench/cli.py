@@ -128,6 +128,14 @@ def _parser() -> argparse.ArgumentParser:
         "--group-by", nargs="+", action="extend", metavar="COLS", help="one table per value of these columns"
     )
     r.add_argument("--metrics", nargs="+", action="extend", metavar="COLS", help="columns to show")
+    r.add_argument(
+        "--vs",
+        nargs="+",
+        action="extend",
+        metavar="IMPL",
+        choices=("nemo", "mamba_ssm", "cp_core"),
+        help="also a table of every case's time and peak memory as a ratio to this peer's same case",
+    )
 
     pl = sub.add_parser("plot", help="PNG figures of a run's results")
     pl.add_argument("csv", type=Path, metavar="RESULTS", help="results folder or its results.csv")
@@ -306,7 +314,7 @@ def _report(args) -> int:
     status = run_status_line(path.parent)
     if status:
         print(status)
-    render(df, group_by=split_list(args.group_by), metrics=split_list(args.metrics) or None)
+    render(df, group_by=split_list(args.group_by), metrics=split_list(args.metrics) or None, vs=args.vs or ())
     return 0 if "status" not in df.columns or (df["status"] == "ok").any() else 1
 
 

@@ -201,7 +201,109 @@ def make_console():
     return console
 
 
-def render(df, *, group_by=(), metrics=None, console=None, title: str | None = None) -> None:
+#: Key columns that do not identify the work: a peer's row matches ours on every other key column.
+_IMPL_COLS = ("impl", "overlap_chunks", "path", "strategy")
+
+
+def peer_ratios(df, peer: str):
+    """Every ok case against the same case run by ``peer`` (same key columns but ``impl``,
+    ``overlap_chunks``, ``path`` and ``strategy``): time and peak memory as a ratio to the peer's.
+    ``None`` when the results hold no case of that peer."""
+    import pandas as pd
+
+    if "impl" not in df.columns or "status" not in df.columns:
+        return None
+    ok = df[df["status"] == "ok"]
+    ref = ok[ok["impl"] == peer]
+    if ref.empty:
+        return None
+    keys = [c for c in CASE_KEY if c in df.columns and c not in _IMPL_COLS]
+    ref = ref[[*keys, "layer_ms", "peak_mem_GiB"]].rename(
+        columns={"layer_ms": f"{peer}_ms", "peak_mem_GiB": f"{peer}_GiB"}
+    )
+    ref = ref.drop_duplicates(subset=keys)
+    m = ok.merge(ref, on=keys, how="inner")
+    m = (
+        m[~((m["impl"] == peer) & (m["overlap_chunks"] == 1))]
+        if "overlap_chunks" in m
+        else m[m["impl"] != peer]
+    )
+    if m.empty:
+        return None
+    out = pd.DataFrame(
+        {
+            "cp_size": m["cp_size"],
+            "seq_len": m["seq_len"],
+            "packing": m["packing"],
+            "impl": m["impl"],
+            "k": m.get("overlap_chunks", 1),
+            "strategy": m["strategy"],
+            "path": m["path"],
+            "ms": m["layer_ms"],
+            f"{peer} ms": m[f"{peer}_ms"],
+            "time ratio": m["layer_ms"] / m[f"{peer}_ms"],
+            "GiB": m["peak_mem_GiB"],
+            f"{peer} GiB": m[f"{peer}_GiB"],
+            "memory ratio": m["peak_mem_GiB"] / m[f"{peer}_GiB"],
+        }
+    )
+    return out.sort_values(["cp_size", "packing", "seq_len", "impl", "k"]).reset_index(drop=True)
+
+
+def overlap_table(df):
+    """Exposed communication of the hidden strategy against the unchunked layer of the same case
+    (``overlap_chunks`` 1), when the results hold chunked runs; else ``None``."""
+    need = {"overlap_chunks", "exposed_comm_ms", "comm_ms", "layer_ms"}
+    if not need <= set(df.columns) or "status" not in df.columns:
+        return None
+    ok = df[(df["status"] == "ok") & (df.get("impl", "cp_core") == "cp_core") & (df["cp_size"] > 1)]
+    ok = ok[ok["strategy"] == "hidden"] if "strategy" in ok else ok
+    if ok.empty or ok["overlap_chunks"].nunique() < 2:
+        return None
+    keys = [c for c in CASE_KEY if c in df.columns and c not in ("overlap_chunks",)]
+    base = ok[ok["overlap_chunks"] == 1][[*keys, "layer_ms", "exposed_comm_ms"]].rename(
+        columns={"layer_ms": "k1_ms", "exposed_comm_ms": "k1_exposed_ms"}
+    )
+    m = ok.merge(base, on=keys, how="left")
+    rows = []
+    for r in m.itertuples(index=False):
+        rows.append(
+            {
+                "cp_size": r.cp_size,
+                "seq_len": r.seq_len,
+                "packing": r.packing,
+                "k": r.overlap_chunks,
+                "layer ms": r.layer_ms,
+                "vs k=1": r.layer_ms / r.k1_ms,
+                "comm ms": r.comm_ms,
+                "exposed ms": r.exposed_comm_ms,
+                "exposed vs k=1": r.exposed_comm_ms / r.k1_exposed_ms,
+                "overlap %": getattr(r, "overlap_pct", math.nan),
+            }
+        )
+    import pandas as pd
+
+    return pd.DataFrame(rows).sort_values(["cp_size", "packing", "seq_len", "k"]).reset_index(drop=True)
+
+
+def _frame_table(frame, title: str):
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in frame.columns:
+        t.add_column(str(col), justify="right")
+    for row in frame.itertuples(index=False):
+        cells = []
+        for v in row:
+            if isinstance(v, float):
+                cells.append("-" if math.isnan(v) else (f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"))
+            else:
+                cells.append(str(v))
+        t.add_row(*cells)
+    return t
+
+
+def render(df, *, group_by=(), metrics=None, console=None, title: str | None = None, vs=()) -> None:
     console = console or make_console()
     head, tbls, notes = tables(df, group_by=group_by, metrics=metrics, title=title)
     n_ok = int((df["status"] == "ok").sum()) if "status" in df.columns else len(df)
@@ -216,6 +318,19 @@ def render(df, *, group_by=(), metrics=None, console=None, title: str | None = N
         console.print(n, highlight=False)
     for line in footer_lines(df):
         console.print(line, highlight=False, markup=False)
+    for peer in vs:
+        ratios = peer_ratios(df, peer)
+        if ratios is None:
+            console.print(f"no case of impl {peer!r} in these results: no ratios to it", highlight=False)
+        else:
+            console.print(_frame_table(ratios, f"time and peak memory as a ratio to {peer} (same case)"))
+    ov = overlap_table(df)
+    if ov is not None:
+        console.print(
+            _frame_table(
+                ov, "overlap: exposed communication (layer - layer with collectives suppressed) vs k"
+            )
+        )
     cross = strategy_crossover(df)
     if cross is not None:
         from rich.table import Table
