@@ -291,6 +291,67 @@ def _num(v) -> bool:
     return math.isfinite(f) and f > 0
 
 
+def plot_overlap(df, out: Path) -> list[Path]:
+    """Exposed communication (and all of it, as the regions' time) against ``overlap_chunks``, one line
+    per case (cp, L, packing), when the results hold chunked runs of the hidden strategy."""
+    from .report import overlap_table
+
+    tab = overlap_table(df)
+    if tab is None or tab.empty:
+        return []
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (cp, seq, pk), sub in tab.groupby(["cp_size", "seq_len", "packing"]):
+        sub = sub.sort_values("k")
+        label = f"cp {cp}, L {seq // 1024}K, {pk}"
+        (line,) = ax.plot(sub["k"], sub["exposed ms"], marker="o", label=f"{label}: exposed")
+        ax.plot(sub["k"], sub["comm ms"], marker="x", ls=":", color=line.get_color(), alpha=0.6)
+    ax.set_xlabel("overlap_chunks k (head chunks pipelined against the all-to-alls)")
+    ax.set_ylabel("ms per layer (fwd+bwd)")
+    ax.set_title("exposed communication (solid) and communication time (dotted) vs k")
+    ax.set_xticks(sorted(tab["k"].unique()))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    path = out / "overlap.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def plot_peers(df, out: Path) -> list[Path]:
+    """Our layer's time and peak memory as a ratio to each peer in the results, per case."""
+    from .report import peer_ratios
+
+    files = []
+    for peer in ("nemo", "mamba_ssm"):
+        tab = peer_ratios(df, peer)
+        if tab is None or tab.empty:
+            continue
+        tab = tab[tab["impl"] == "cp_core"]
+        if tab.empty:
+            continue
+        plt = _plt()
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+        labels = [
+            f"cp{r.cp_size} {r.seq_len // 1024}K {'pk' if r.packing != 'none' else 'bshd'} k{r.k}"
+            for r in tab.itertuples()
+        ]
+        for ax, col, what in ((axes[0], "time ratio", "time"), (axes[1], "memory ratio", "peak memory")):
+            ax.bar(range(len(tab)), tab[col])
+            ax.axhline(1.0, color="k", lw=0.8)
+            ax.set_xticks(range(len(tab)), labels, rotation=70, fontsize=7)
+            ax.set_ylabel(f"ours / {peer}")
+            ax.set_title(f"{what}: ours / {peer} (lower is better)")
+            ax.set_yscale("log")
+        fig.tight_layout()
+        path = out / f"peers-vs-{peer}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path)
+    return files
+
+
 def plot_all(df, out_dir: str | Path) -> list[Path]:
     """Every figure that the data supports; returns the files written."""
     out = Path(out_dir)
@@ -302,4 +363,6 @@ def plot_all(df, out_dir: str | Path) -> list[Path]:
         files += plot_busbw(ok, out)
         files += plot_scaling(ok, out)
     files += plot_strategy(df, out)
+    files += plot_overlap(df, out)
+    files += plot_peers(df, out)
     return files
