@@ -138,3 +138,11 @@ def test_oracle_is_the_definition():
     want = normed @ p["out_proj.weight"].T
     got = mamba2_layer_ref(p, u, config=cfg)[0, 0]
     assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "cp, strategy", [(1, "hidden"), (2, "hidden"), (2, "state_passing"), (2, "state_passing:chain")]
+)
+def test_oracle_d_conv_1(ranks, cp, strategy):
+    """A width-1 conv (no halo to exchange under state passing) is a per-token affine map + SiLU."""
+    check(ranks.run(oracle_case, cp, dict(CFG, d_conv=1), "head_tail", 1, [2, 0, 1], strategy))
