@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import comm, kernels
+from .agree import checked_plan
 from .kernels import conv_cuda, ssd_mamba
 from .layout import check_layout, check_seq_len
 from .mamba_cp import MambaContextParallel
@@ -217,11 +218,73 @@ class Mamba2Mixer(nn.Module):
             )
         return y.reshape(b, l, nh * hd)
 
+    # ------------------------------------------------------------------ input validation
+
+    def _check_input(self, hidden_states, cu_seqlens) -> None:
+        """Validate this rank's input (ValueError naming the value) and, at cp_size > 1, agree on it with
+        the group once per batch (:func:`cp_core.agree.checked_plan`): a rank that rejects its input, or
+        inputs that differ across ranks, raise ValueError on every rank before any collective."""
+        c, x = self.config, hidden_states
+        packed = cu_seqlens is not None
+        error, batch, length = None, 0, 0
+        try:
+            if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+                got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ValueError(f"hidden_states must be a floating-point tensor, got {got}")
+            if x.dim() != (2 if packed else 3) or x.shape[-1] != c.d_model:
+                raise ValueError(
+                    f"hidden_states must be {'[T/cp, d_model]' if packed else '[B, L/cp, d_model]'} with d_model "
+                    f"{c.d_model}, got shape {tuple(x.shape)}"
+                )
+            if packed and not isinstance(cu_seqlens, torch.Tensor):
+                raise ValueError(
+                    f"cu_seqlens must be a torch.Tensor or None, got {type(cu_seqlens).__name__}"
+                )
+            batch = 1 if packed else x.shape[0]
+            if batch == 0:
+                raise ValueError(f"hidden_states has batch size 0 (shape {tuple(x.shape)}): nothing to run")
+            if x.shape[-2] == 0:
+                raise ValueError(
+                    f"hidden_states holds 0 tokens per rank (shape {tuple(x.shape)}): nothing to run"
+                )
+            w = self.in_proj.weight
+            if x.device != w.device:
+                raise ValueError(
+                    f"hidden_states is on {x.device} but the layer's parameters are on {w.device}"
+                )
+            try:
+                autocast = torch.is_autocast_enabled(x.device.type)
+            except TypeError:  # older torch: no device argument
+                autocast = torch.is_autocast_enabled()
+            if x.dtype != w.dtype and not autocast:
+                raise ValueError(
+                    f"hidden_states has dtype {x.dtype} but the layer's parameters are {w.dtype} (and autocast "
+                    f"is off): cast one of them"
+                )
+            length = x.shape[-2] * self.cp_size
+        except ValueError as e:
+            error = e
+        if self.cp_size == 1:
+            if error is not None:
+                raise error
+            return
+        strategy = "state_passing_chain" if self.state_exchange == "chain" else self.strategy
+        fields = {
+            "call": "mixer",
+            "strategy": strategy if self.strategy == "state_passing" else "hidden",
+            "width": c.d_model,
+            "dtype": str(getattr(x, "dtype", "")),
+            "config": repr(c),
+        }
+        device = x.device if isinstance(x, torch.Tensor) else "cpu"
+        checked_plan(self.cp_group, self.layout, batch, length, device, cu_seqlens, fields, error)
+
     # ------------------------------------------------------------------ forward
 
     def forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """This rank's shard ``[B, L/cp, d_model]`` (or packed ``[T/cp, d_model]`` with the global padded
         ``cu_seqlens``) -> the output shard of the same shape."""
+        self._check_input(hidden_states, cu_seqlens)
         c = self.config
         packed = cu_seqlens is not None
         if hidden_states.dim() != (2 if packed else 3) or hidden_states.shape[-1] != c.d_model:

@@ -21,7 +21,9 @@ def naive_positions(rank, cp, layout, length, lens=None):
     out = []
     for s, e in docs:
         n = e - s
-        if layout == "contiguous":
+        if cp == 1:  # nothing is sharded: any length
+            out += list(range(s, e))
+        elif layout == "contiguous":
             k = n // cp
             out += list(range(s + rank * k, s + (rank + 1) * k))
         else:
