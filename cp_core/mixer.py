@@ -66,6 +66,22 @@ class Mamba2Config:
                 raise ValueError(f"Mamba2Config.{name} must be a positive int, got {v!r}")
         if self.n_heads % self.n_groups:
             raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_groups {self.n_groups}")
+        if not isinstance(self.D_has_hdim, bool):
+            raise ValueError(f"Mamba2Config.D_has_hdim must be a bool, got {self.D_has_hdim!r}")
+        for name in ("norm_eps", "dt_min", "dt_max"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+                raise ValueError(f"Mamba2Config.{name} must be a positive finite number, got {v!r}")
+        if self.dt_min > self.dt_max:
+            raise ValueError(f"Mamba2Config.dt_min {self.dt_min} is above dt_max {self.dt_max}")
+        lo_hi = self.A_init_range
+        if (
+            not isinstance(lo_hi, (tuple, list))
+            or len(lo_hi) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in lo_hi)
+            or not 0 < lo_hi[0] <= lo_hi[1] < math.inf
+        ):
+            raise ValueError(f"Mamba2Config.A_init_range must be (lo, hi) with 0 < lo <= hi, got {lo_hi!r}")
 
     @property
     def d_inner(self) -> int:

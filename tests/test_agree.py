@@ -164,3 +164,21 @@ def test_bad_mixer_argument_raises_value_error(ranks, cp, which):
     assert len(msgs) == cp
     for m in msgs:
         assert m.startswith("ValueError") and BAD_MIXER[which] in m, m
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(d_conv=0), "d_conv must be a positive int, got 0"),
+        (dict(norm_eps=0.0), "norm_eps must be a positive finite number, got 0.0"),
+        (dict(dt_min=0.2, dt_max=0.1), "dt_min 0.2 is above dt_max 0.1"),
+        (
+            dict(A_init_range=(0.0, 16.0)),
+            "A_init_range must be \\(lo, hi\\) with 0 < lo <= hi, got \\(0.0, 16.0\\)",
+        ),
+        (dict(D_has_hdim=1), "D_has_hdim must be a bool, got 1"),
+    ],
+)
+def test_bad_config_raises_value_error(kw, match):
+    with pytest.raises(ValueError, match=match):
+        Mamba2Config(**dict(small_cfg(NH, NG), **kw))
