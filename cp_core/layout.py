@@ -28,9 +28,21 @@ def check_layout(layout: str) -> None:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
 
+def check_cp(cp_size, cp_rank=None) -> None:
+    """``cp_size`` a positive int and ``cp_rank`` (when given) an int in ``[0, cp_size)``; ValueError naming the value."""
+    if isinstance(cp_size, bool) or not isinstance(cp_size, int) or cp_size < 1:
+        raise ValueError(f"cp_size must be a positive int, got {cp_size!r}")
+    if cp_rank is not None and (
+        isinstance(cp_rank, bool) or not isinstance(cp_rank, int) or not 0 <= cp_rank < cp_size
+    ):
+        raise ValueError(f"cp_rank must be an int in [0, {cp_size}), got {cp_rank!r}")
+
+
 def granule(layout: str, cp_size: int) -> int:
-    """Every sequence / document length must be a multiple of this."""
+    """Every sequence / document length must be a multiple of this (1 at cp_size 1: nothing is sharded)."""
     check_layout(layout)
+    if cp_size == 1:
+        return 1
     return 2 * cp_size if layout == "head_tail" else cp_size
 
 
@@ -51,6 +63,8 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, cp_size: int, layout:
     """
     if not isinstance(cu_seqlens, torch.Tensor):
         raise ValueError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.device.type == "meta":
+        raise ValueError("cu_seqlens is on the meta device: it holds no values to validate or plan with")
     if cu_seqlens.dtype != torch.int32:
         raise ValueError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
@@ -131,6 +145,8 @@ def positions(
 
 
 def _dim_and_length(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> tuple[int, int]:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if cu_seqlens is None:
         if x.dim() < 2:
             raise ValueError(f"expected [B, L, ...] input, got shape {tuple(x.shape)}")
@@ -148,8 +164,8 @@ def shard(
     cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rank ``cp_rank``'s local shard of a global batch (a copy)."""
-    if not 0 <= cp_rank < cp_size:
-        raise ValueError(f"cp_rank must be in [0, {cp_size}), got {cp_rank}")
+    check_cp(cp_size, cp_rank)
+    check_layout(layout)
     dim, length = _dim_and_length(x, cu_seqlens)
     if cu_seqlens is None:
         check_seq_len(length, cp_size, layout)
@@ -167,9 +183,20 @@ def unshard(
     cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rebuild the global tensor from every rank's shard (``shards[r]`` from rank ``r``)."""
+    check_cp(cp_size)
+    check_layout(layout)
+    if not isinstance(shards, (list, tuple)):
+        raise ValueError(f"shards must be a list or tuple of tensors, got {type(shards).__name__}")
     if len(shards) != cp_size:
         raise ValueError(f"unshard needs one shard per rank: got {len(shards)} shards for cp_size {cp_size}")
+    for r, s in enumerate(shards):
+        if not isinstance(s, torch.Tensor):
+            raise ValueError(f"shard {r} must be a torch.Tensor, got {type(s).__name__}")
     first = shards[0]
+    if first.dim() < (1 if cu_seqlens is not None else 2):
+        raise ValueError(
+            f"shards must be [B, L/cp, ...] (or packed [T/cp, ...]), got shape {tuple(first.shape)}"
+        )
     for r, s in enumerate(shards):
         if s.shape != first.shape or s.dtype != first.dtype or s.device != first.device:
             raise ValueError(

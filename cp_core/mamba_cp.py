@@ -24,10 +24,10 @@ from __future__ import annotations
 import torch
 
 from . import comm
+from .agree import checked_plan
 from .channels import ChannelPlan, check_heads, local_groups, mamba_channel_plan
 from .hidden import heads_to_seq, seq_to_heads
-from .layout import check_cu_seqlens, check_layout, check_seq_len
-from .plan import get_plan
+from .layout import check_cu_seqlens, check_layout
 from .regions import A2A_POST, A2A_PRE, LAYOUT, region
 
 __all__ = [
@@ -225,10 +225,20 @@ class MambaContextParallel:
             raise ValueError(f"cu_seqlens given but {what} is not packed [T, C]: shape {tuple(t.shape)}")
         return (1 if t.dim() == 2 else t.shape[0]), t.shape[-2]
 
-    def _plan(self, batch: int, length: int, device, cu_seqlens):
-        if cu_seqlens is None:
-            check_seq_len(length, self.cp_size, self.layout)
-        return get_plan(self.cp_size, self.layout, batch, length, device, cu_seqlens)
+    def _plan(self, batch: int, length: int, device, cu_seqlens, error=None):
+        """The batch's token plan, validated and agreed over the group once per batch
+        (:func:`cp_core.agree.checked_plan`); ``error``: a local rejection to share with the group."""
+        return checked_plan(self.cp_group, self.layout, batch, length, device, cu_seqlens, error=error)
+
+    def _checked(self, t, width, cu_seqlens, what) -> tuple[int, int]:
+        """:meth:`_check_input`, with a rejection agreed over the group (so every rank raises) at cp > 1."""
+        try:
+            return self._check_input(t, width, cu_seqlens, what)
+        except ValueError as e:
+            if self.cp_size == 1:
+                raise
+            self._plan(0, 0, "cpu", None, error=e)
+            raise  # not reached: the agreement raises on every rank
 
     def proj_width(self, with_z: bool = True) -> int:
         return self._chan[with_z].in_width
@@ -241,31 +251,27 @@ class MambaContextParallel:
         """``[B, L/cp, z|x|B|C|dt]`` (or packed ``[T/cp, ...]`` + global ``cu_seqlens``) ->
         ``[B, L, z_l|x_l|B_l|C_l|dt_l]`` in global token order. ``with_z=False``: no ``z`` in or out."""
         chan = self._chan[with_z]
-        batch, l_loc = self._check_input(projected_states, chan.in_width, cu_seqlens, "projected_states")
+        batch, l_loc = self._checked(projected_states, chan.in_width, cu_seqlens, "projected_states")
         length = l_loc * self.cp_size
         if self.cp_size == 1:
             if cu_seqlens is not None:
                 check_cu_seqlens(cu_seqlens, length, 1, self.layout)
             return projected_states
         if not self.fused:
-            if cu_seqlens is not None:
-                check_cu_seqlens(cu_seqlens, length, self.cp_size, self.layout)
-            else:
-                check_seq_len(length, self.cp_size, self.layout)
+            self._plan(
+                batch, length, projected_states.device, cu_seqlens
+            )  # validated and agreed, once per batch
             return self._seed_pre(projected_states, cu_seqlens, with_z)
         plan = self._plan(batch, length, projected_states.device, cu_seqlens)
         return seq_to_heads(projected_states, chan, plan, self.cp_group)
 
     def post_conv_ssm(self, output: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, L, d_inner/cp]`` (or ``[T, d_inner/cp]``) -> ``[B, L/cp, d_inner]`` (or ``[T/cp, d_inner]``)."""
-        batch, length = self._check_input(output, self.d_inner_local, cu_seqlens, "output")
+        batch, length = self._checked(output, self.d_inner_local, cu_seqlens, "output")
         if self.cp_size == 1:
             return output
         if not self.fused:
-            if cu_seqlens is not None:
-                check_cu_seqlens(cu_seqlens, length, self.cp_size, self.layout)
-            else:
-                check_seq_len(length, self.cp_size, self.layout)
+            self._plan(batch, length, output.device, cu_seqlens)
             return self._seed_post(output, cu_seqlens)
         plan = self._plan(batch, length, output.device, cu_seqlens)
         return heads_to_seq(output, self._chan_out, plan, self.cp_group)

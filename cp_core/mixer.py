@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from . import comm, kernels
+from .agree import checked_plan
 from .channels import ChannelPlan, check_chunks, local_groups, mamba_channel_plan
 from .kernels import conv_cuda, ssd_mamba
 from .kernels.conv_ssd import ConvSSDSpec, conv_ssd, fused_available
@@ -74,6 +75,22 @@ class Mamba2Config:
                 raise ValueError(f"Mamba2Config.{name} must be a positive int, got {v!r}")
         if self.n_heads % self.n_groups:
             raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_groups {self.n_groups}")
+        if not isinstance(self.D_has_hdim, bool):
+            raise ValueError(f"Mamba2Config.D_has_hdim must be a bool, got {self.D_has_hdim!r}")
+        for name in ("norm_eps", "dt_min", "dt_max"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+                raise ValueError(f"Mamba2Config.{name} must be a positive finite number, got {v!r}")
+        if self.dt_min > self.dt_max:
+            raise ValueError(f"Mamba2Config.dt_min {self.dt_min} is above dt_max {self.dt_max}")
+        lo_hi = self.A_init_range
+        if (
+            not isinstance(lo_hi, (tuple, list))
+            or len(lo_hi) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in lo_hi)
+            or not 0 < lo_hi[0] <= lo_hi[1] < math.inf
+        ):
+            raise ValueError(f"Mamba2Config.A_init_range must be (lo, hi) with 0 < lo <= hi, got {lo_hi!r}")
 
     @property
     def d_inner(self) -> int:
@@ -309,6 +326,67 @@ class Mamba2Mixer(nn.Module):
                 y, z, self.norm.weight, self.out_proj.weight, c.norm_eps, c.d_inner // c.n_groups, backend
             )
 
+    # ------------------------------------------------------------------ input validation
+
+    def _check_input(self, hidden_states, cu_seqlens) -> None:
+        """Validate this rank's input (ValueError naming the value) and, at cp_size > 1, agree on it with
+        the group once per batch (:func:`cp_core.agree.checked_plan`): a rank that rejects its input, or
+        inputs that differ across ranks, raise ValueError on every rank before any collective."""
+        c, x = self.config, hidden_states
+        packed = cu_seqlens is not None
+        error, batch, length = None, 0, 0
+        try:
+            if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+                got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ValueError(f"hidden_states must be a floating-point tensor, got {got}")
+            if x.dim() != (2 if packed else 3) or x.shape[-1] != c.d_model:
+                raise ValueError(
+                    f"hidden_states must be {'[T/cp, d_model]' if packed else '[B, L/cp, d_model]'} with d_model "
+                    f"{c.d_model}, got shape {tuple(x.shape)}"
+                )
+            if packed and not isinstance(cu_seqlens, torch.Tensor):
+                raise ValueError(
+                    f"cu_seqlens must be a torch.Tensor or None, got {type(cu_seqlens).__name__}"
+                )
+            batch = 1 if packed else x.shape[0]
+            if batch == 0:
+                raise ValueError(f"hidden_states has batch size 0 (shape {tuple(x.shape)}): nothing to run")
+            if x.shape[-2] == 0:
+                raise ValueError(
+                    f"hidden_states holds 0 tokens per rank (shape {tuple(x.shape)}): nothing to run"
+                )
+            w = self.in_proj.weight
+            if x.device != w.device:
+                raise ValueError(
+                    f"hidden_states is on {x.device} but the layer's parameters are on {w.device}"
+                )
+            try:
+                autocast = torch.is_autocast_enabled(x.device.type)
+            except TypeError:  # older torch: no device argument
+                autocast = torch.is_autocast_enabled()
+            if x.dtype != w.dtype and not autocast:
+                raise ValueError(
+                    f"hidden_states has dtype {x.dtype} but the layer's parameters are {w.dtype} (and autocast "
+                    f"is off): cast one of them"
+                )
+            length = x.shape[-2] * self.cp_size
+        except ValueError as e:
+            error = e
+        if self.cp_size == 1:
+            if error is not None:
+                raise error
+            return
+        strategy = "state_passing_chain" if self.state_exchange == "chain" else self.strategy
+        fields = {
+            "call": "mixer",
+            "strategy": strategy if self.strategy == "state_passing" else "hidden",
+            "width": c.d_model,
+            "dtype": str(getattr(x, "dtype", "")),
+            "config": repr(c),
+        }
+        device = x.device if isinstance(x, torch.Tensor) else "cpu"
+        checked_plan(self.cp_group, self.layout, batch, length, device, cu_seqlens, fields, error)
+
     # ------------------------------------------------------------------ forward
 
     def forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
@@ -320,6 +398,7 @@ class Mamba2Mixer(nn.Module):
         ``zxbcdt``, the head-sharded conv input and ``y``), the all-to-alls optionally pipelined over
         ``overlap_chunks`` head chunks. The seed path (``fused=False``) and state passing compose the same
         kernels through autograd."""
+        self._check_input(hidden_states, cu_seqlens)
         c = self.config
         packed = cu_seqlens is not None
         if hidden_states.dim() != (2 if packed else 3) or hidden_states.shape[-1] != c.d_model:

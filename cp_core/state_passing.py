@@ -66,8 +66,8 @@ class _Pieces:
         # every piece as long as the longest, in row order in the stream (always for [B, L] input):
         # the rows are then a view of the stream and nothing is gathered or padded
         self.uniform = all(v == self.lmax for v in seg) and self.rows * self.lmax == t_loc
-        # padding slots read token 0: any finite value will do (B is zeroed there after the conv, so
-        # padding adds nothing to the state, and its outputs are dropped)
+        # padding slots read token 0 and are then selected to zero (rows_of), so a non-finite token 0
+        # never reaches another document's row; B is zero there too, so padding adds nothing to the state
         self.to_rows = torch.where(self.valid, (lstart[d] + s * m).view(-1, 1) + o, 0).reshape(-1)
         # rows -> stream: stream token j sits at row-slot from_rows[j]
         self.from_rows = torch.empty(t_loc, **dev)
@@ -80,10 +80,11 @@ class _Pieces:
         halo_slot = oc + (k - 1)  # 0..k-2 inside the halo
         is_tok, is_halo = oc >= 0, (oc < 0) & (halo_slot >= 0)
         n_halo = self.rows * (k - 1)
+        # conv padding reads the zero row after the stream and the halo
         self.to_conv = torch.where(
             is_tok,
             (lstart[d] + s * m).view(-1, 1) + oc,
-            torch.where(is_halo, t_loc + row.view(-1, 1) * (k - 1) + halo_slot, 0),
+            torch.where(is_halo, t_loc + row.view(-1, 1) * (k - 1) + halo_slot, t_loc + n_halo),
         ).reshape(-1)
         # halo lookup into the all-gathered tails [cp, R, k-1] (+1 zero slot at the end)
         q = (starts[d] + chunk * m).view(-1, 1) + torch.arange(-(k - 1), 0, **dev).view(1, -1)  # [R, k-1]
@@ -127,8 +128,14 @@ def _exclusive_scan(F_seg: torch.Tensor, ld_seg: torch.Tensor) -> torch.Tensor:
     """``F_seg [D, nseg, H, P, N]``, ``ld_seg [D, nseg, H]`` -> initial state of every segment (same shape).
 
     ``h_c = sum_{j<c} exp(ld_{j+1} + ... + ld_{c-1}) F_j``: one batched product with the ``[nseg, nseg]``
-    weights per (document, head), whose exponents are formed in float64 (differences of long sums)."""
+    weights per (document, head), whose exponents are formed in float64 (differences of long sums).
+    The product multiplies later segments by zero, so non-finite segments are computed as zeros and the
+    states after them selected to NaN: a NaN reaches the later segments of its document only."""
     D, nseg, H = ld_seg.shape
+    bad = ~(torch.isfinite(F_seg).flatten(2).all(-1) & torch.isfinite(ld_seg).all(-1))  # [D, nseg]
+    after_bad = (bad.long().cumsum(1) - bad.long()) > 0  # some earlier segment is bad
+    F_seg = torch.where(torch.isfinite(F_seg), F_seg, 0.0)
+    ld_seg = torch.where(torch.isfinite(ld_seg), ld_seg, 0.0)
     cum = ld_seg.double().cumsum(1)  # [D, nseg, H], inclusive
     expo = cum[:, :-1].unsqueeze(2) - cum.unsqueeze(1)  # [D, c-1 (=0..nseg-2), j, H] : sum_{j<i<=c-1} ld_i
     below = (
@@ -136,7 +143,8 @@ def _exclusive_scan(F_seg: torch.Tensor, ld_seg: torch.Tensor) -> torch.Tensor:
     )
     w = torch.where(below, torch.exp(expo.clamp_max(0)), 0.0).to(F_seg.dtype)  # [D, nseg-1, nseg, H]
     h = torch.einsum("dcjh,djhk->dchk", w, F_seg.flatten(3))  # states entering segments 1..nseg-1
-    return torch.cat([torch.zeros_like(F_seg[:, :1]), h.view(D, nseg - 1, *F_seg.shape[2:])], dim=1)
+    h = torch.cat([torch.zeros_like(F_seg[:, :1]), h.view(D, nseg - 1, *F_seg.shape[2:])], dim=1)
+    return torch.where(after_bad.view(D, nseg, 1, 1, 1), float("nan"), h)
 
 
 class _ChainScan(torch.autograd.Function):
@@ -226,10 +234,10 @@ def state_passing_conv_ssd(
     xbc, dt = stream.split([c.conv_dim, nh], dim=-1)
     R, lmax = pc.rows, pc.lmax
 
-    def rows_of(t):  # stream [T_loc, C] -> left-padded rows [R, Lmax, C]
+    def rows_of(t):  # stream [T_loc, C] -> left-padded rows [R, Lmax, C], zeros in the padding
         if pc.uniform:
             return t.reshape(R, lmax, t.shape[-1])
-        return t.index_select(0, pc.to_rows).view(R, lmax, t.shape[-1])
+        return torch.where(pc.valid_f, t.index_select(0, pc.to_rows).view(R, lmax, t.shape[-1]), 0.0)
 
     # 1. conv1d with a halo gathered from the owners of the preceding tokens
     with region(LAYOUT):
@@ -238,7 +246,10 @@ def state_passing_conv_ssd(
         if tails.shape[1] < k - 1:
             tails = F.pad(tails, (0, 0, k - 1 - tails.shape[1], 0))
     with region(STATE_XCHG):
-        all_tails = comm.all_gather(tails.contiguous(), group).reshape(-1, c.conv_dim)
+        if k > 1:
+            all_tails = comm.all_gather(tails.contiguous(), group).reshape(-1, c.conv_dim)
+        else:  # d_conv 1: no halo, nothing to exchange
+            all_tails = tails.new_zeros(0, c.conv_dim)
     with region(LAYOUT):
         halo = F.pad(all_tails, (0, 0, 0, 1)).index_select(
             0, pc.halo_src
@@ -246,7 +257,11 @@ def state_passing_conv_ssd(
         if pc.uniform:
             conv_in = torch.cat([halo.view(R, k - 1, c.conv_dim), xbc_rows_in], dim=1)
         else:
-            conv_in = torch.cat([xbc, halo]).index_select(0, pc.to_conv).view(R, lmax + k - 1, c.conv_dim)
+            conv_in = (
+                torch.cat([xbc, halo, halo.new_zeros(1, c.conv_dim)])
+                .index_select(0, pc.to_conv)
+                .view(R, lmax + k - 1, c.conv_dim)
+            )
     ssd_name, conv_name = mixer._backends(conv_in, mixer.conv1d.weight.squeeze(1))
     with region(CONV1D):
         xbc_rows = kernels.conv1d(
@@ -254,7 +269,7 @@ def state_passing_conv_ssd(
         )
     x, B, C = xbc_rows[:, k - 1 :].split([c.d_inner, ng * ns, ng * ns], dim=-1)
     if not pc.uniform:
-        B = B * pc.valid_f  # padding must add nothing to the state
+        B = torch.where(pc.valid_f, B, 0.0)  # padding must add nothing to the state
     with region(LAYOUT):
         dt_rows = rows_of(dt)
     A = -torch.exp(mixer.A_log.float())
@@ -277,7 +292,7 @@ def state_passing_conv_ssd(
         # decay from the piece start, time last ([R, H, Lmax]: an inner-dimension scan is fast)
         a = (F.softplus(dt_rows.float() + mixer.dt_bias.float()) * A).transpose(1, 2)
         if not pc.uniform:
-            a = a * pc.valid.unsqueeze(1)  # no decay accumulates over padding
+            a = torch.where(pc.valid.unsqueeze(1), a, 0.0)  # no decay accumulates over padding
         acum = a.contiguous().cumsum(-1)
         logdecay = acum[..., -1] if lmax else a.new_zeros(R, nh)
     # 3. exchange (F, logdecay) of every piece, scan each document's segments

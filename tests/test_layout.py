@@ -21,7 +21,9 @@ def naive_positions(rank, cp, layout, length, lens=None):
     out = []
     for s, e in docs:
         n = e - s
-        if layout == "contiguous":
+        if cp == 1:  # nothing is sharded: any length
+            out += list(range(s, e))
+        elif layout == "contiguous":
             k = n // cp
             out += list(range(s + rank * k, s + (rank + 1) * k))
         else:
@@ -133,3 +135,40 @@ def test_unshard_rejects_wrong_rank_count_and_mismatched_shards():
         unshard([torch.zeros(1, 4)], 2)
     with pytest.raises(ValueError, match="shard 1 has"):
         unshard([torch.zeros(1, 4), torch.zeros(1, 4, dtype=torch.float64)], 2)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: shard(torch.zeros(1, 4), 0.5, 2), "cp_rank must be an int in \\[0, 2\\), got 0.5"),
+        (lambda: shard(torch.zeros(1, 4), 2, 2), "got 2"),
+        (lambda: shard(torch.zeros(1, 4), 0, 0), "cp_size must be a positive int, got 0"),
+        (lambda: shard(torch.zeros(1, 4), True, 2), "got True"),
+        (lambda: shard([[0.0]], 0, 1), "x must be a torch.Tensor, got list"),
+        (lambda: shard(torch.zeros(1, 4), 0, 2, "zigzag"), "layout must be one of"),
+        (lambda: unshard([], 0), "cp_size must be a positive int, got 0"),
+        (lambda: unshard([], 1), "one shard per rank: got 0 shards"),
+        (lambda: unshard(torch.zeros(2, 1, 4), 2), "list or tuple of tensors, got Tensor"),
+        (lambda: unshard([torch.zeros(1, 4), 3], 2), "shard 1 must be a torch.Tensor, got int"),
+        (lambda: unshard([torch.zeros(4)], 1), "shards must be \\[B, L/cp, ...\\]"),
+        (
+            lambda: shard(
+                torch.zeros(4), 0, 1, cu_seqlens=torch.tensor([0, 4], dtype=torch.int32, device="meta")
+            ),
+            "meta device",
+        ),
+    ],
+)
+def test_bad_shard_arguments_raise_value_error_naming_the_value(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_cp1_accepts_any_length():
+    x = torch.randn(2, 7, 3)
+    assert torch.equal(shard(x, 0, 1), x) and torch.equal(unshard([x], 1), x)
+    cu = cu_from_lengths([3, 0, 5])
+    t = torch.randn(8, 3)
+    assert torch.equal(shard(t, 0, 1, "head_tail", cu), t) and torch.equal(
+        get_plan(1, "head_tail", 1, 8, "cpu", cu).gather, torch.arange(8)
+    )

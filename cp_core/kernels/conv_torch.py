@@ -2,7 +2,8 @@
 
 ``y_t = bias + sum_{j=0..k-1} weight[:, k-1-j] * x_{t-j}`` where a tap contributes nothing when
 ``t - j < 0`` or when ``seq_idx[t-j] != seq_idx[t]`` (another document), followed by SiLU when
-``activation == "silu"``. Same result as causal-conv1d's ``causal_conv1d_fn`` on ``x.transpose(1, 2)``.
+``activation == "silu"``. Taps of another document are selected away (``torch.where``), not multiplied
+by zero, so a non-finite value never crosses a document boundary, forward or backward. Same result as causal-conv1d's ``causal_conv1d_fn`` on ``x.transpose(1, 2)``.
 
 Implementation: a sum of ``k`` shifted multiply-adds (``addcmul_``) over the ``[b, l, c]`` tensor into one
 float32 accumulator (float64 when an input is float64), the first tap fused with the bias; no depthwise
@@ -97,7 +98,7 @@ def _preact(x, weight, bias, masks, acc_dtype):
     for j in range(1, min(k, l)):
         xs = x[:, : l - j]
         if masks[j] is not None:
-            xs = xs * masks[j]
+            xs = torch.where(masks[j], xs, 0.0)  # a selection: 0 * NaN would carry NaN across documents
         acc[:, j:].addcmul_(xs, w[:, k - 1 - j])
     return acc
 
@@ -136,7 +137,7 @@ class _CausalConv1dTorch(torch.autograd.Function):
         for j in range(1, min(k, l)):
             gs = g[:, j:]  # gradient of the outputs that tap j feeds, masked once for dx and dw
             if masks[j] is not None:
-                gs = gs * masks[j]
+                gs = torch.where(masks[j], gs, 0.0)
             if want_dx:
                 dx[:, : l - j].addcmul_(gs, w[:, k - 1 - j])
             if want_dw:

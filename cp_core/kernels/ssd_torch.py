@@ -27,6 +27,10 @@ nor feeds the state):
   batched matmul; the initial state enters as chunk "-1";
 * output from the incoming state: ``C_t h_in exp(cumsum(A dt'))`` for tokens of the incoming document.
 
+Non-finite values: the chunked sums multiply other documents' tokens by zero, and ``0 * NaN`` is NaN,
+so the kernel runs inside a :class:`~cp_core.kernels.isolation.DocumentGuard`: a NaN or inf never
+leaves its document (nor reaches its document's earlier tokens), in the outputs or the gradients.
+
 Accumulation is in float32 whatever the input dtype (float64 when any input is float64). Memory is
 dominated by a few ``[b, nchunks, h, chunk_size, chunk_size]`` intermediates, like any chunked SSD.
 """
@@ -37,6 +41,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from .isolation import DocumentGuard
 
 __all__ = ["ssd_torch", "check_ssd_args", "compute_dtype"]
 
@@ -184,6 +190,11 @@ def ssd_torch(
     else:
         b, l, h, p = x.shape
         g, n = B.shape[2], B.shape[3]
+    # a non-finite value stays in its document (and after its token): see .isolation
+    guard = DocumentGuard(seq_idx, b, l, x.device)
+    (x, dt, B, C), initial_states, (A, D, dt_bias) = guard.enter(
+        [x, dt, B, C], initial_states, [A, D, dt_bias]
+    )
     r = h // g
     T = chunk_size
     nc = math.ceil(l / T)
@@ -270,5 +281,5 @@ def ssd_torch(
 
     y = y.reshape(b, nc * T, h, p)[:, :l].to(x.dtype)
     if return_final_states:
-        return y, final_states.reshape(b, h, p, n)
-    return y
+        return guard.exit(y, final_states.reshape(b, h, p, n))
+    return guard.exit(y)[0]
