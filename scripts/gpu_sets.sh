@@ -5,6 +5,8 @@
 #   bash scripts/gpu_sets.sh 3   ours at L 128K (cp 1/2) and 256K (cp 2), NeMo at cp 2 L 128K, the peers at
 #                                cp 1 L 128K (each in its own run: a peer that overflows int32 indexing ends
 #                                its process); projection mode at cp 2 and 8 with 1/2/4 head chunks
+#   bash scripts/gpu_sets.sh 4   the GPU tests against mamba-ssm and of NaN isolation, NCCL parity of the
+#                                chunked layer, ours (k 1/2) beside NeMo at cp 2, L 128K in one sweep
 # Results under $OUT (default out/). Needs mamba-ssm, causal-conv1d, nvtx, nemo-automodel (scripts/gpu_setup.sh).
 source scripts/gpu_setup.sh
 stage=${1:?stage 1 or 2}
@@ -17,6 +19,15 @@ if [ "$stage" = 1 ]; then
   MAMBA_DETERMINISTIC=1 timeout 120 torchrun --nproc-per-node 2 tests/nccl_parity.py --cp 2 --strategies hidden hidden@2 \
     2>&1 | tee "$OUT/nccl_parity.txt" | grep -E "FAIL|passed"
   timeout 280 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/peers-a --set 'sweep.seq_len=[32768, 65536]'" | tail -4
+elif [ "$stage" = 4 ]; then
+  MAMBA_DETERMINISTIC=1 timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_mamba_ssm_gpu.py \
+    tests/test_kernels_gpu.py tests/test_mixer_gpu.py 2>&1 | tail -12 | tee "$OUT/gpu_tests.txt"
+  MAMBA_DETERMINISTIC=1 timeout 60 torchrun --nproc-per-node 2 tests/nccl_parity.py --cp 2 --strategies hidden@2 \
+    2>&1 | tee "$OUT/nccl_parity.txt" | grep -E "FAIL|passed"
+  timeout 80 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/peers128 --set 'sweep.seq_len=[131072]' \
+    --set 'sweep.cp_size=[2]' --set 'sweep.packing=[\"none\"]' --set 'sweep.overlap_chunks=[1, 2]' \
+    --set 'sweep.impl=[\"cp_core\", \"nemo\"]' --set run.iters=3" | tail -2
+  python3 -m cpbench report "$OUT/peers128" --vs nemo --metrics layer_ms peak_mem_GiB exposed_comm_ms 2>&1 | tail -12
 elif [ "$stage" = 2 ]; then
   timeout 150 bash -c "$(declare -f sweep); sweep scenarios/strategies2.toml --out $OUT/strategies" | tail -4
 else
