@@ -172,11 +172,14 @@ def test_state_passing_scan_is_causal_and_per_document():
 CFG = dict(d_model=16, n_heads=4, head_dim=4, n_groups=2, d_state=4, d_conv=4, chunk_size=8)
 
 
-def isolation_case(group, strategy, layout, packed, device="cpu", ssd_backend="auto", tol=(1e-6, 1e-7)):
+def isolation_case(
+    group, strategy, layout, packed, device="cpu", ssd_backend="auto", tol=(1e-6, 1e-7), first=False
+):
     """A NaN in one token of document 0 (or batch row 0): every other document's outputs and input
     gradients equal those of the clean batch; document 0's tokens before it too; from it on, non-finite.
     ``tol``: (rtol, atol) of "equal" (the two runs differ only in the NaN; on CUDA some kernels reduce
-    in a run-dependent order)."""
+    in a run-dependent order). ``first``: the NaN in the very first token (rank 0's local token 0, which
+    the state-passing padding slots of shorter pieces read before they are selected away)."""
     cp, r = comm.group_size(group), comm.group_rank(group)
     strategy, _, exchange = strategy.partition(":")
     g = 4 * cp  # a multiple of granule(layout, cp), of 4 tokens at least
@@ -184,7 +187,7 @@ def isolation_case(group, strategy, layout, packed, device="cpu", ssd_backend="a
         cu = cu_from_lengths([3 * g, 0, 2 * g, g])
         total = int(cu[-1])
         x = randn((total, 16), 4)
-        j0 = (2 * g) + 1  # in document 0, past its first segments when sharded
+        j0 = 0 if first else (2 * g) + 1  # in document 0, past its first segments when sharded
         x_bad = x.clone()
         x_bad[j0, 5] = NAN
         pos = positions(cp, layout, length=total, cu_seqlens=cu, ranks=r)
@@ -192,7 +195,7 @@ def isolation_case(group, strategy, layout, packed, device="cpu", ssd_backend="a
     else:
         cu = None
         x = randn((2, 3 * g, 16), 4)
-        j0 = 2 * g + 1
+        j0 = 0 if first else 2 * g + 1
         x_bad = x.clone()
         x_bad[0, j0, 5] = NAN
         pos = positions(cp, layout, length=3 * g, ranks=r)
@@ -255,4 +258,13 @@ def isolation_case(group, strategy, layout, packed, device="cpu", ssd_backend="a
 )
 def test_mixer_keeps_a_nan_in_its_document(ranks, cp, strategy, layout, packed):
     for r, (ok, bad) in enumerate(ranks.run(isolation_case, cp, strategy, layout, packed)):
+        assert ok, f"rank {r}: {bad}"
+
+
+@pytest.mark.parametrize(
+    "strategy, layout", [("state_passing", "head_tail"), ("state_passing:chain", "contiguous")]
+)
+def test_state_passing_padding_never_reads_a_nan(ranks, strategy, layout):
+    """Documents of different lengths: shorter pieces are left-padded, and the padding slots read token 0."""
+    for r, (ok, bad) in enumerate(ranks.run(isolation_case, 2, strategy, layout, True, first=True)):
         assert ok, f"rank {r}: {bad}"
