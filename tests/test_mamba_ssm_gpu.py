@@ -167,13 +167,19 @@ def test_triton_kernels_keep_a_nan_in_its_row():
         out.backward(g)
         runs.append([out.detach()] + [t.grad for t in ts])
     for name, clean, bad in zip(("y", "dy0", "dC", "dh0", "dacum"), *runs, strict=True):
-        assert torch.equal(bad[1:], clean[1:]), name
+        finite = bool(torch.isfinite(bad[1:]).all())
+        diff = (bad[1:] - clean[1:]).abs().max().item() if finite else float("nan")
+        assert torch.equal(bad[1:], clean[1:]), (
+            f"{name}: rows 1.. differ (finite={finite}, max diff {diff:.3g})"
+        )
     x = randn((50, 96), 5).cuda().to(torch.bfloat16)
     xb = x.clone()
     xb[7] = NAN
     idx = torch.randint(0, 50, (70,), device="cuda")
     keep = idx != 7
-    assert torch.equal(gather_triton.gather_rows(xb, idx)[keep], gather_triton.gather_rows(x, idx)[keep])
+    assert torch.equal(gather_triton.gather_rows(xb, idx)[keep], gather_triton.gather_rows(x, idx)[keep]), (
+        "gather"
+    )
 
 
 @pytest.mark.parametrize(
