@@ -269,6 +269,13 @@ class Mamba2Mixer(nn.Module):
             return hit[1]
         h_loc, g_loc = c.n_heads // cp, local_groups(c.n_groups, cp)
         conv = self._conv_spec(x, h_loc // k, g_loc // k, self.conv1d.weight.squeeze(1))
+        if x.is_cuda:  # the same shapes on every rank: all raise before the first collective
+            n_loc = batch * length // cp
+            kernels.check_int32_extent(
+                f"a rank's layer tensors (cp {cp}, {batch} x {length} tokens, {k} head chunk(s))",
+                max(batch * length * conv.width, n_loc * max(c.d_inner, c.d_in_proj - c.d_inner)),
+                "use a larger cp_size (or, under hidden CP, more overlap_chunks) or shorter sequences",
+            )
         norm_backend = resolve_norm("auto", x)
         self.backends["norm"] = norm_backend
         rows: tuple = (None,)

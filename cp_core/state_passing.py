@@ -233,6 +233,13 @@ def state_passing_conv_ssd(
     stream = xbcdt.reshape(-1, xbcdt.shape[-1])  # [T_loc, conv_dim + nh]
     xbc, dt = stream.split([c.conv_dim, nh], dim=-1)
     R, lmax = pc.rows, pc.lmax
+    if dev.type == "cuda":  # every rank has the same pieces: all raise before the first collective
+        kernels.check_int32_extent(
+            f"the padded piece rows [R={R}, Lmax+{k - 1}={lmax + k - 1}, conv_dim={c.conv_dim}]",
+            R * (lmax + k - 1) * c.conv_dim,
+            "every document's pieces are padded to the longest one; use fewer or more even documents, a "
+            "larger cp_size, or the hidden strategy",
+        )
 
     def rows_of(t):  # stream [T_loc, C] -> left-padded rows [R, Lmax, C], zeros in the padding
         if pc.uniform:

@@ -139,3 +139,11 @@ def test_report_peer_ratios_and_overlap_table():
     ov = overlap_table(_rows())
     row = ov[(ov["seq_len"] == 1024) & (ov["k"] == 2)].iloc[0]
     assert row["vs k=1"] == pytest.approx(0.9) and row["exposed vs k=1"] == pytest.approx(0.5)
+
+
+def test_int32_extent_guard_names_the_tensor():
+    from cp_core.kernels import INT32_ELEMENTS, check_int32_extent
+
+    check_int32_extent("x", INT32_ELEMENTS - 1, "hint")
+    with pytest.raises(ValueError, match=r"the rows would hold 2,147,483,648 elements.*use a larger cp_size"):
+        check_int32_extent("the rows", INT32_ELEMENTS, "use a larger cp_size")

@@ -101,6 +101,22 @@ def _resolve_ex(op: str, requested, device: torch.device) -> tuple[str, bool]:
     return requested, False
 
 
+#: The CUDA and Triton kernels index their tensors with int32 offsets: no tensor they read or write may
+#: hold this many elements (at d_model 4096 the limit is met near 2^31 / 18560 = 115K tokens of one row
+#: of ``zxbcdt``).
+INT32_ELEMENTS = 2**31
+
+
+def check_int32_extent(what: str, elements: int, hint: str) -> None:
+    """ValueError (before any kernel runs, rather than an illegal memory access) when a tensor a CUDA
+    kernel would index holds ``INT32_ELEMENTS`` elements or more."""
+    if elements >= INT32_ELEMENTS:
+        raise ValueError(
+            f"{what} would hold {elements:,} elements, past the 2^31 that the CUDA/Triton kernels can index "
+            f"(int32 offsets): {hint}"
+        )
+
+
 def resolve_backends(device, ssd_backend: str | None = "auto", conv_backend: str | None = "auto"):
     """Backend names ``(ssd_name, conv_name)`` for tensors on ``device``.
 
