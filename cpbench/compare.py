@@ -16,7 +16,7 @@ A case **regressed** only when all three hold:
    slowest rank per iteration; rates use the samples of the time they derive from) differ in the
    worse direction by a one-sided Mann-Whitney U test at ``--alpha`` (default 0.05; exact for small
    samples). Where a file has no samples, the older rule stands in: ``worse > iqr_old/2 + iqr_new/2``;
-3. *the run-to-run spread*: ``|log(new/old)| > z * sigma`` (``--spread``, default z = 5), ``sigma``
+3. *the run-to-run spread*: ``|log(new/old)| > z * sigma`` (``--spread``, default z = 8), ``sigma``
    being the robust spread (1.4826 * median absolute deviation) of ``log(new/old)`` over every case
    compared for that metric: how far the same code moves between these two runs on this machine.
    It needs :data:`MIN_CASES_FOR_SPREAD` cases; with fewer it is not applied (and the output says so).
@@ -265,7 +265,7 @@ def compare(
     ignore=(),
     names=("OLD", "NEW"),
     alpha: float = 0.05,
-    spread_z: float = 5.0,
+    spread_z: float = 8.0,
 ) -> Comparison:
     """Compare two results DataFrames (see the module docstring); raises ResultsError when incomparable."""
     from .metrics import parse_samples
