@@ -85,13 +85,10 @@ class _MambaSSMPeer(nn.Module):
             raise PeerUnavailable(
                 f"mamba-ssm's Mamba2 needs d_inner a multiple of d_model (expand), got {c.d_inner}"
             )
-        try:
-            _fused_kernel()
-            Mamba2 = _mamba_module("mamba_ssm.modules.mamba2").Mamba2
-        except PeerUnavailable:
-            raise
-        except Exception as e:  # e.g. huggingface_hub missing
-            raise PeerUnavailable(f"mamba-ssm's Mamba2 does not import: {type(e).__name__}: {e}") from None
+        _fused_kernel()
+        Mamba2 = _mamba_module(
+            "mamba_ssm.modules.mamba2"
+        ).Mamba2  # (an import error, e.g. huggingface_hub missing, is a skip)
         self.cp_size = ours.cp_size
         self.layer = Mamba2(
             d_model=c.d_model, d_state=c.d_state, d_conv=c.d_conv, expand=c.d_inner // c.d_model,

@@ -152,6 +152,16 @@ def test_hidden_parity_bf16(ranks, fmt):
     check(ranks.run(parity_case, 4, cfg, "head_tail", batch, n_docs, "bfloat16"))
 
 
+def layer_input(cfg, layout, cp, batch, n_docs, units, seed):
+    """Seeded global input: ``[batch, units*granule, d_model]``, or a pack of ``n_docs`` documents with its
+    ``cu_seqlens`` (every rank builds the same)."""
+    g = granule(layout, cp)
+    if n_docs is None:
+        return randn((batch, units * g, cfg.d_model), seed, torch.float32), None
+    cu = cu_from_lengths(doc_lengths(n_docs, g, 7, max_units=units))
+    return randn((int(cu[-1]), cfg.d_model), seed, torch.float32), cu
+
+
 def overlap_case(group, cfg_kw, layout, batch, n_docs, chunks):
     """The layer with ``overlap_chunks`` head chunks against the unchunked layer: output, input gradient and
     parameter gradients within 2e-6 relative (fp32). Each head's arithmetic does not depend on the chunking,
@@ -159,12 +169,7 @@ def overlap_case(group, cfg_kw, layout, batch, n_docs, chunks):
     differ here (tests/nccl_parity.py checks the chunked layer on GPUs against cp 1 at the usual bounds)."""
     cp = comm.group_size(group)
     cfg = Mamba2Config(**cfg_kw)
-    g = granule(layout, cp)
-    if n_docs is None:
-        x, cu = randn((batch, 4 * g, cfg.d_model), 21, torch.float32), None
-    else:
-        cu = cu_from_lengths(doc_lengths(n_docs, g, 7, max_units=4))
-        x = randn((int(cu[-1]), cfg.d_model), 21, torch.float32)
+    x, cu = layer_input(cfg, layout, cp, batch, n_docs, 4, 21)
     w = randn(x.shape, 22, torch.float32)
     outs = [
         _run_layer(build(cfg, group, layout, torch.float32, f"hidden@{k}"), x, w, cu, group, layout)
@@ -268,12 +273,10 @@ def chain_bytes_case(group, layout, batch, n_docs):
 
     cp = comm.group_size(group)
     cfg = Mamba2Config(**small_cfg(4, 2))
-    g = granule(layout, cp)
     if n_docs is None:
-        x, cu = randn((batch, 3 * g, cfg.d_model), 31, torch.float32), None
+        x, cu = layer_input(cfg, layout, cp, batch, None, 3, 31)
     else:
-        cu = cu_from_lengths(doc_lengths(n_docs, g, 7, max_units=4))
-        x = randn((int(cu[-1]), cfg.d_model), 31, torch.float32)
+        x, cu = layer_input(cfg, layout, cp, batch, n_docs, 4, 31)
     m = build(cfg, group, layout, torch.float32, "state_passing:chain")
     sent = []
     real_send = comm.send
