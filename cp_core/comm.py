@@ -92,6 +92,34 @@ def all_to_all_single(output: torch.Tensor, input_: torch.Tensor, group) -> torc
     return output
 
 
+def exchange(sends: list[list[torch.Tensor]], recvs: list[list[torch.Tensor]], group) -> None:
+    """An all-to-all in pieces: ``sends[p]`` (contiguous tensors, in order) go to group rank ``p``, which
+    receives them into its ``recvs[me]`` (same count and sizes, in order); ``recvs[p]`` is filled from rank
+    ``p``. The pieces can be views into the final buffers (row ranges), so a permutation that moves whole
+    row ranges costs no copy. One grouped launch of point-to-point operations (what NCCL's all-to-all is
+    made of); the own pieces are copied locally. A :class:`LocalGroup` copies ``sends[p]`` into
+    ``recvs[p]`` (the same bytes moved, values this rank's own)."""
+    COUNTS["all_to_all"] += 1
+    if _skip(group):
+        return
+    cp = group_size(group)
+    if group is None or isinstance(group, LocalGroup) or cp == 1:
+        for p in range(cp):
+            for a, b in zip(sends[p], recvs[p], strict=True):
+                b.copy_(a)
+        return
+    me = dist.get_rank(group)
+    for a, b in zip(sends[me], recvs[me], strict=True):
+        b.copy_(a)
+    ops = []
+    for step in range(1, cp):
+        dst, src = (me + step) % cp, (me - step) % cp
+        ops += [dist.P2POp(dist.isend, t, dist.get_global_rank(group, dst), group) for t in sends[dst]]
+        ops += [dist.P2POp(dist.irecv, t, dist.get_global_rank(group, src), group) for t in recvs[src]]
+    for req in dist.batch_isend_irecv(ops):
+        req.wait()
+
+
 def all_gather_into(output: torch.Tensor, input_: torch.Tensor, group) -> torch.Tensor:
     """``output[r] = input_ of rank r``; ``output`` has a new leading dim of size cp."""
     COUNTS["all_gather"] += 1

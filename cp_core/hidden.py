@@ -5,11 +5,18 @@ buffer -> one ``all_to_all_single`` -> one row gather (the cached :class:`~cp_co
 -> ``[B, L, W/cp]`` in global token order.
 ``post``: the exact adjoint: row gather with the inverse index -> one all-to-all -> unpack.
 
+When the token permutation moves a few whole row ranges (:attr:`TokenPlan.runs`: BSHD, or a few packed
+documents) the row gather disappears: the all-to-all is sent in those pieces (:func:`cp_core.comm.exchange`)
+and every piece is received straight into its global rows (and sent from them on the way back): one
+copy per direction. ``CP_CORE_EXCHANGE=gather`` keeps the gather (the benchmark's baseline).
+
 Each is a ``torch.autograd.Function`` whose backward is the other direction, so a forward and a
 backward move the same bytes through the same three steps.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -18,10 +25,34 @@ from .channels import ChannelPlan, gather_rows, pack, unpack
 from .plan import TokenPlan
 from .regions import A2A_POST, A2A_PRE, LAYOUT, region
 
+#: ``"direct"`` (pieces into their rows, where the plan has few) or ``"gather"`` (one all-to-all and a
+#: row gather always); from ``CP_CORE_EXCHANGE`` at import.
+EXCHANGE = os.environ.get("CP_CORE_EXCHANGE", "direct")
+
+
+def _direct(tok: TokenPlan) -> bool:
+    return tok.runs is not None and EXCHANGE != "gather"
+
+
+def _rows(t: torch.Tensor, pieces, col: int) -> list[torch.Tensor]:
+    """Row ranges of the 2-D ``t`` (column ``col`` of a ``(q0, g0, n)`` piece is its first row)."""
+    return [t[p[col] : p[col] + p[2]] for p in pieces]
+
 
 def _seq_to_heads(x2d: torch.Tensor, chan: ChannelPlan, tok: TokenPlan, group, a2a: str, lay: str):
     with region(lay):
         send = pack(x2d, chan)
+    if _direct(tok):
+        # every piece lands in its global rows: no row gather
+        runs, me = tok.runs, comm.group_rank(group)
+        out = send.new_empty((tok.batch * tok.length, chan.local_width))
+        with region(a2a):
+            comm.exchange(
+                [_rows(send[r], runs[me], 0) for r in range(chan.cp_size)],
+                [_rows(out, runs[s], 1) for s in range(chan.cp_size)],
+                group,
+            )
+        return out
     with region(a2a):
         recv = comm.all_to_all_single(torch.empty_like(send), send, group)
     with region(lay):
@@ -29,6 +60,19 @@ def _seq_to_heads(x2d: torch.Tensor, chan: ChannelPlan, tok: TokenPlan, group, a
 
 
 def _heads_to_seq(y2d: torch.Tensor, chan: ChannelPlan, tok: TokenPlan, group, a2a: str, lay: str, out=None):
+    if _direct(tok):
+        # every piece is sent from its global rows: no row gather
+        runs, me, cp = tok.runs, comm.group_rank(group), chan.cp_size
+        y2d = y2d.contiguous()
+        recv = y2d.new_empty((cp, tok.batch * tok.local_length, chan.local_width))
+        with region(a2a):
+            comm.exchange(
+                [_rows(y2d, runs[r], 1) for r in range(cp)],
+                [_rows(recv[s], runs[me], 0) for s in range(cp)],
+                group,
+            )
+        with region(lay):
+            return unpack(recv, chan, out)
     with region(lay):
         send = gather_rows(y2d, tok.scatter)
     with region(a2a):

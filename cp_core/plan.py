@@ -37,6 +37,12 @@ class TokenPlan:
     seq_idx: torch.Tensor | None  # [batch, length] int32, packed input only
     cu_seqlens: torch.Tensor | None  # int32 on the data's device, packed input only
     host_cu: tuple[int, ...] | None = None  # cu_seqlens read once on the host when it was validated
+    #: the permutation as contiguous pieces (host ints), when it has few: ``runs[r]`` lists
+    #: ``(q0, g0, n)``: rows ``[q0, q0+n)`` of rank ``r``'s shard are global rows ``[g0, g0+n)``. Every
+    #: rank's list has the same ``q0``/``n`` (the ranks' shards have one structure), so a piece sent is
+    #: the piece received. ``None``: too many pieces (or a packed plan built without reading
+    #: ``cu_seqlens`` on the host): the exchange uses ``gather``/``scatter``.
+    runs: tuple[tuple[tuple[int, int, int], ...], ...] | None = None
     extras: dict = field(default_factory=dict, compare=False)  # per-strategy indices cached with the plan
 
     @property
@@ -76,7 +82,39 @@ def build_plan(
     if cu_seqlens is not None:
         t = torch.arange(length, device=device, dtype=torch.int32)
         seq_idx = (torch.searchsorted(cu_seqlens, t, right=True) - 1).to(torch.int32).view(1, length)
-    return TokenPlan(cp_size, layout, batch, length, pos, gather, scatter, seq_idx, cu_seqlens, host_cu)
+    runs = None
+    if cu_seqlens is None or host_cu is not None:
+        runs = host_runs(cp_size, layout, batch, length, host_cu)
+    return TokenPlan(cp_size, layout, batch, length, pos, gather, scatter, seq_idx, cu_seqlens, host_cu, runs)
+
+
+#: Above this many pieces per rank the exchange keeps one all-to-all plus a row gather (small pieces
+#: move slower than one message and a copy).
+RUNS_MAX = 16
+
+
+def host_runs(
+    cp_size: int, layout: str, batch: int, length: int, host_cu: tuple[int, ...] | None = None
+) -> tuple[tuple[tuple[int, int, int], ...], ...] | None:
+    """:attr:`TokenPlan.runs`, computed on the host (no device tensor is read); ``None`` above
+    :data:`RUNS_MAX` pieces. A piece ends wherever the global index of the next local row is not the
+    next global row on ANY rank, so that every rank's list has the same local offsets and sizes."""
+    cu = None if host_cu is None else torch.tensor(host_cu, dtype=torch.int32)
+    pos = positions(cp_size, layout, length=length, cu_seqlens=cu, device="cpu")  # [cp, local]
+    local = length // cp_size
+    if batch * local == 0:
+        return None
+    glob = (torch.arange(batch).view(1, batch, 1) * length + pos.view(cp_size, 1, local)).reshape(cp_size, -1)
+    cut = (glob[:, 1:] != glob[:, :-1] + 1).any(0)  # [batch*local - 1]: a piece ends after row q
+    starts = [0] + (torch.nonzero(cut).view(-1) + 1).tolist()
+    if len(starts) > RUNS_MAX:
+        return None
+    ends = starts[1:] + [batch * local]
+    g = glob[:, starts].tolist()
+    return tuple(
+        tuple((q0, g[r][i], q1 - q0) for i, (q0, q1) in enumerate(zip(starts, ends, strict=True)))
+        for r in range(cp_size)
+    )
 
 
 _CACHE: OrderedDict = OrderedDict()

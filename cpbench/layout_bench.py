@@ -12,6 +12,11 @@ copy, permutation and gather each path does around it. Paths:
 ``nemo``        NeMo AutoModel's ``context_parallel/mamba.py`` module, loaded from ``--nemo``, with its
                 ``_all_to_all`` replaced by the identity and a stand-in group object
 
+The fused paths here always take the row gather (``cp_core.hidden.EXCHANGE = "gather"``): with the
+collective left out, a received buffer exists only for the one-message exchange. The layer's default
+exchange for BSHD and few documents sends the pieces straight into their rows (no gather; one pass
+each direction is left, the pack or the unpack); the sweep measures that with the collective in.
+
 ``floor``: two passes (read + write) over the pre bytes and two over the post bytes, at the
 device-to-device copy bandwidth measured in the same run (each direction must at least pack a
 send buffer and reorder what arrives). Times: median of ``--iters`` after ``--warmup`` (CUDA events
@@ -34,6 +39,7 @@ import sys
 
 import torch
 
+from cp_core import hidden
 from cp_core.comm import LocalGroup
 from cp_core.mamba_cp import MambaContextParallel
 
@@ -305,6 +311,7 @@ def main(argv=None):
         flush=True,
     )
     print(",".join(COLUMNS), flush=True)
+    exchange, hidden.EXCHANGE = hidden.EXCHANGE, "gather"  # see the module docstring
     try:
         for L, cp, d in cases:
             for r in bench_case(cp, L, d or None, shape, dtype, device, timer, a.warmup, a.iters, nemo, bw):
@@ -314,6 +321,7 @@ def main(argv=None):
                     out.write(line + "\n")
                     out.flush()
     finally:
+        hidden.EXCHANGE = exchange
         if out is not None:
             out.close()
     if a.out and a.plot:

@@ -6,9 +6,10 @@ from cases import cu_from_lengths, doc_lengths, owned_channels, randn
 from ranks import RankError, verdict
 from torch.overrides import TorchFunctionMode
 
-from cp_core import comm
+from cp_core import comm, hidden
 from cp_core.layout import granule, shard
 from cp_core.mamba_cp import MambaContextParallel
+from cp_core.plan import RUNS_MAX, build_plan
 
 
 def _data(cp, layout, batch, n_docs, width, seed):
@@ -20,8 +21,16 @@ def _data(cp, layout, batch, n_docs, width, seed):
     return randn((int(cu[-1]), width), seed), cu
 
 
-def _case(group, layout, batch, n_docs, nh, hd, ng, ds, with_z):
+def _case(group, layout, batch, n_docs, nh, hd, ng, ds, with_z, exchange="direct"):
     """Everything the fused path must satisfy, on this rank, against references from the global tensors."""
+    before, hidden.EXCHANGE = hidden.EXCHANGE, exchange
+    try:
+        return _case_in(group, layout, batch, n_docs, nh, hd, ng, ds, with_z)
+    finally:
+        hidden.EXCHANGE = before
+
+
+def _case_in(group, layout, batch, n_docs, nh, hd, ng, ds, with_z):
     cp, r = comm.group_size(group), comm.group_rank(group)
     d_inner = nh * hd
     width = (2 if with_z else 1) * d_inner + 2 * ng * ds + nh
@@ -85,12 +94,12 @@ def _heads(cp, rel):
 FORMATS = {"bshd1": (1, None), "bshd2": (2, None), "thd1": (1, 1), "thd3": (1, 3), "thd17": (1, 17)}
 
 
-def _run(ranks, cp, layout, fmt, rel, with_z=True):
+def _run(ranks, cp, layout, fmt, rel, with_z=True, exchange="direct"):
     if rel == "<" and cp == 1:
         pytest.skip("n_groups < cp_size needs cp_size > 1")
     batch, n_docs = FORMATS[fmt]
     nh, hd, ng, ds = _heads(cp, rel)
-    res = ranks.run(_case, cp, layout, batch, n_docs, nh, hd, ng, ds, with_z)
+    res = ranks.run(_case, cp, layout, batch, n_docs, nh, hd, ng, ds, with_z, exchange)
     for r, (ok, bad) in enumerate(res):
         assert ok, f"rank {r} failed: {bad}; group verdict False"
 
@@ -114,6 +123,39 @@ def test_pre_post_exact_cp8(ranks, fmt, rel, layout):
 @pytest.mark.parametrize("fmt", ["bshd2", "thd17"])
 def test_without_z(ranks, fmt):
     _run(ranks, 4, "head_tail", fmt, "<", with_z=False)
+
+
+@pytest.mark.parametrize("fmt", ["bshd2", "thd3"])
+@pytest.mark.parametrize("layout", ["head_tail", "contiguous"])
+def test_gather_exchange_exact(ranks, layout, fmt):
+    """The one-message exchange with a row gather (the path of plans with many pieces, and the
+    benchmark's baseline) on the formats whose default is the piecewise exchange."""
+    _run(ranks, 4, layout, fmt, "==", exchange="gather")
+
+
+def test_runs_are_the_permutation():
+    """``TokenPlan.runs`` moves exactly the rows ``scatter`` does, with one structure on every rank,
+    and is ``None`` above ``RUNS_MAX`` pieces."""
+    for cp, layout, batch, cu in [
+        (4, "head_tail", 2, None),
+        (4, "contiguous", 3, None),
+        (2, "head_tail", 1, cu_from_lengths([8, 4, 12])),
+        (1, "head_tail", 2, None),
+    ]:
+        length = 16 if cu is None else int(cu[-1])
+        plan = build_plan(cp, layout, batch, length, "cpu", cu)
+        assert plan.runs is not None
+        local = batch * length // cp
+        want = plan.scatter.view(cp, local)
+        for r in range(cp):
+            got = torch.full((local,), -1, dtype=torch.long)
+            for q0, g0, n in plan.runs[r]:
+                got[q0 : q0 + n] = torch.arange(g0, g0 + n)
+            assert torch.equal(got, want[r]), (cp, layout, batch, r)
+            assert [(q, n) for q, _, n in plan.runs[r]] == [(q, n) for q, _, n in plan.runs[0]]
+    assert len(build_plan(2, "head_tail", 1, 32, "cpu").runs[0]) == 2
+    many = cu_from_lengths([4] * (RUNS_MAX // 2 + 1))
+    assert build_plan(2, "head_tail", 1, int(many[-1]), "cpu", many).runs is None
 
 
 # ----------------------------------------------------------------------------- parameter slices
