@@ -109,14 +109,15 @@ def exchange(sends: list[list[torch.Tensor]], recvs: list[list[torch.Tensor]], g
                 b.copy_(a)
         return
     me = dist.get_rank(group)
-    for a, b in zip(sends[me], recvs[me], strict=True):
-        b.copy_(a)
     ops = []
     for step in range(1, cp):
         dst, src = (me + step) % cp, (me - step) % cp
         ops += [dist.P2POp(dist.isend, t, dist.get_global_rank(group, dst), group) for t in sends[dst]]
         ops += [dist.P2POp(dist.irecv, t, dist.get_global_rank(group, src), group) for t in recvs[src]]
-    for req in dist.batch_isend_irecv(ops):
+    reqs = dist.batch_isend_irecv(ops)
+    for a, b in zip(sends[me], recvs[me], strict=True):  # while the transfers run
+        b.copy_(a)
+    for req in reqs:
         req.wait()
 
 

@@ -25,8 +25,9 @@ from .channels import ChannelPlan, gather_rows, pack, unpack
 from .plan import TokenPlan
 from .regions import A2A_POST, A2A_PRE, LAYOUT, region
 
-#: ``"direct"`` (pieces into their rows, where the plan has few) or ``"gather"`` (one all-to-all and a
-#: row gather always); from ``CP_CORE_EXCHANGE`` at import.
+#: ``"direct"`` (pieces into their rows, where the plan has few; the mixer's ``in_proj`` writes the send
+#: buffers) or ``"gather"`` (pack, one all-to-all, row gather: the earlier design, kept as the baseline
+#: and for plans with many pieces); from ``CP_CORE_EXCHANGE`` at import.
 EXCHANGE = os.environ.get("CP_CORE_EXCHANGE", "direct")
 
 
@@ -39,9 +40,8 @@ def _rows(t: torch.Tensor, pieces, col: int) -> list[torch.Tensor]:
     return [t[p[col] : p[col] + p[2]] for p in pieces]
 
 
-def _seq_to_heads(x2d: torch.Tensor, chan: ChannelPlan, tok: TokenPlan, group, a2a: str, lay: str):
-    with region(lay):
-        send = pack(x2d, chan)
+def _to_heads(send: torch.Tensor, chan: ChannelPlan, tok: TokenPlan, group, a2a: str, lay: str):
+    """The packed send buffer ``[cp, N, w]`` -> ``[B*L, w]`` in global token order."""
     if _direct(tok):
         # every piece lands in its global rows: no row gather
         runs, me = tok.runs, comm.group_rank(group)
@@ -59,26 +59,39 @@ def _seq_to_heads(x2d: torch.Tensor, chan: ChannelPlan, tok: TokenPlan, group, a
         return gather_rows(recv.view(-1, chan.local_width), tok.gather)
 
 
-def _heads_to_seq(y2d: torch.Tensor, chan: ChannelPlan, tok: TokenPlan, group, a2a: str, lay: str, out=None):
+def _to_seq(y2d: torch.Tensor, chan: ChannelPlan, tok: TokenPlan, group, a2a: str, lay: str, recv=None):
+    """``[B*L, w]`` in global token order -> the received buffer ``[cp, N, w]`` (slot ``s`` from rank
+    ``s``; into ``recv`` when given), the adjoint of :func:`_to_heads`."""
+    cp = chan.cp_size
+    if recv is None:
+        recv = y2d.new_empty((cp, tok.batch * tok.local_length, chan.local_width))
     if _direct(tok):
         # every piece is sent from its global rows: no row gather
-        runs, me, cp = tok.runs, comm.group_rank(group), chan.cp_size
+        runs, me = tok.runs, comm.group_rank(group)
         y2d = y2d.contiguous()
-        recv = y2d.new_empty((cp, tok.batch * tok.local_length, chan.local_width))
         with region(a2a):
             comm.exchange(
                 [_rows(y2d, runs[r], 1) for r in range(cp)],
                 [_rows(recv[s], runs[me], 0) for s in range(cp)],
                 group,
             )
-        with region(lay):
-            return unpack(recv, chan, out)
+        return recv
     with region(lay):
         send = gather_rows(y2d, tok.scatter)
     with region(a2a):
-        recv = comm.all_to_all_single(torch.empty_like(send), send, group)
+        return comm.all_to_all_single(recv.view_as(send), send, group).view(recv.shape)
+
+
+def _seq_to_heads(x2d: torch.Tensor, chan: ChannelPlan, tok: TokenPlan, group, a2a: str, lay: str):
     with region(lay):
-        return unpack(recv.view(chan.cp_size, -1, chan.local_width), chan, out)
+        send = pack(x2d, chan)
+    return _to_heads(send, chan, tok, group, a2a, lay)
+
+
+def _heads_to_seq(y2d: torch.Tensor, chan: ChannelPlan, tok: TokenPlan, group, a2a: str, lay: str, out=None):
+    recv = _to_seq(y2d, chan, tok, group, a2a, lay)
+    with region(lay):
+        return unpack(recv, chan, out)
 
 
 class _Pre(torch.autograd.Function):

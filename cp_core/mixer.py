@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import comm, kernels
+from . import comm, hidden, kernels
 from .agree import checked_plan
 from .channels import ChannelPlan, check_chunks, local_groups, mamba_channel_plan
 from .kernels import conv_cuda, ssd_mamba
@@ -39,7 +39,7 @@ from .kernels.norm import gated_norm_out_proj, gated_rmsnorm_torch
 from .kernels.norm import resolve as resolve_norm
 from .layout import check_layout, check_seq_len
 from .mamba_cp import MambaContextParallel
-from .pipeline import CoreSpec, layer_core, split_in_proj
+from .pipeline import CoreSpec, layer_core, slot_in_proj, slot_rows, split_in_proj
 from .plan import get_plan
 from .regions import NORM_PROJ, region
 from .state_passing import state_passing_conv_ssd
@@ -262,7 +262,17 @@ class Mamba2Mixer(nn.Module):
         k = self.overlap_chunks if cp > 1 else 1
         if k is None:  # 2 head chunks on CUDA where the groups allow (measured: never slower, less memory)
             k = 2 if x.is_cuda and (c.n_groups // cp) % 2 == 0 and c.n_groups >= cp else 1
-        key = (id(plan), k, batch, length, x.device, x.dtype, self.ssd_backend, self.conv_backend)
+        key = (
+            id(plan),
+            k,
+            batch,
+            length,
+            x.device,
+            x.dtype,
+            self.ssd_backend,
+            self.conv_backend,
+            hidden.EXCHANGE,
+        )
         hit = self._specs.get(key)
         if hit is not None and hit[0] is plan:
             self.backends = dict(hit[2])
@@ -293,6 +303,18 @@ class Mamba2Mixer(nn.Module):
                 )
                 for j in range(k)
             )
+        chans = (
+            tuple(
+                mamba_channel_plan(
+                    cp, c.n_heads, c.head_dim, c.n_groups, c.d_state, with_z=False, chunk=(j, k)
+                )
+                for j in range(k)
+            )
+            if cp > 1
+            else ()
+        )
+        slots = cp > 1 and hidden.EXCHANGE != "gather"  # "gather": the pack-pass design (the baseline)
+        srows, unique = slot_rows(chans, c.d_inner) if slots else (None, True)
         spec = CoreSpec(
             d_inner=c.d_inner,
             norm_group=c.d_inner // c.n_groups,
@@ -305,19 +327,14 @@ class Mamba2Mixer(nn.Module):
             batch=batch,
             length=length,
             seq_idx=None if plan is None else plan.seq_idx,
-            chans=tuple(
-                mamba_channel_plan(
-                    cp, c.n_heads, c.head_dim, c.n_groups, c.d_state, with_z=False, chunk=(j, k)
-                )
-                for j in range(k)
-            )
-            if cp > 1
-            else (),
+            chans=chans,
             chans_post=tuple(ChannelPlan.single(cp, c.d_inner // cp, (j, k)) for j in range(k))
             if cp > 1
             else (),
             rows=rows,
             overlap=k > 1 and x.is_cuda,
+            slot_rows=None if srows is None else srows.to(x.device),
+            slot_unique=unique,
         )
         if len(self._specs) >= 8:
             self._specs.pop(next(iter(self._specs)))
@@ -427,9 +444,12 @@ class Mamba2Mixer(nn.Module):
         if core and (self.cp_size > 1 or tokens * c.d_in_proj >= SPLIT_IN_PROJ_ELEMENTS):
             # z and [x|B|C|dt] as two tensors: at cp > 1 [x|B|C|dt] is dead once it has been sent; at cp 1
             # past 2^31 elements of zxbcdt, since the Triton kernels index a strided view with int32 offsets
+            spec = self._core_spec(hidden_states, plan, batch, length)
             with region(NORM_PROJ):
-                z, xbcdt = split_in_proj(hidden_states, self.in_proj.weight, c.d_inner)
-            spec = self._core_spec(z, plan, batch, length)
+                if spec.slot_rows is not None:  # in_proj writes the all-to-all's send buffers
+                    z, xbcdt = slot_in_proj(hidden_states, self.in_proj.weight, spec)
+                else:
+                    z, xbcdt = split_in_proj(hidden_states, self.in_proj.weight, c.d_inner)
             w = (self.norm.weight, self.out_proj.weight)
             return layer_core(spec, z, *self._local_params(), *w, xbcdt=xbcdt)
         with region(NORM_PROJ):

@@ -36,13 +36,13 @@ import torch
 import torch.nn.functional as F
 
 from .channels import ChannelPlan
-from .hidden import _heads_to_seq, _seq_to_heads
+from .hidden import _heads_to_seq, _seq_to_heads, _to_heads, _to_seq
 from .kernels.conv_ssd import ConvSSDSpec, conv_ssd_bwd, conv_ssd_fwd
 from .kernels.norm import norm_bwd, norm_fwd
 from .plan import TokenPlan
 from .regions import A2A_POST, A2A_PRE, LAYOUT, NORM_PROJ, SSM, region
 
-__all__ = ["CoreSpec", "layer_core", "split_in_proj", "comm_stream"]
+__all__ = ["CoreSpec", "layer_core", "split_in_proj", "slot_in_proj", "slot_rows", "comm_stream"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,6 +64,10 @@ class CoreSpec:
     chans_post: tuple[ChannelPlan, ...] = ()  # y plan of each head chunk
     rows: tuple[torch.Tensor | None, ...] = (None,)  # rows of the local conv weight in each chunk
     overlap: bool = False  # run the chunks on two CUDA streams
+    #: hidden CP: ``in_proj``'s rows of every send slot (:func:`slot_rows`); the layer then takes
+    #: ``[x|B|C|dt]`` as the send buffers themselves (:func:`slot_in_proj`), with no pack
+    slot_rows: torch.Tensor | None = None
+    slot_unique: bool = True  # no in_proj row feeds two slots (no B/C group replicated over ranks)
 
     @property
     def chunks(self) -> int:
@@ -153,6 +157,9 @@ class _LayerCore(torch.autograd.Function):
             group, tok = spec.group, spec.tok
 
             def pre(j):
+                if spec.slot_rows is not None:  # xsep holds the send buffers: [k*cp, N, w]
+                    send = xsep[j * spec.cp_size : (j + 1) * spec.cp_size]
+                    return _to_heads(send, spec.chans[j], tok, group, A2A_PRE, LAYOUT)
                 return _seq_to_heads(xbcdt, spec.chans[j], tok, group, A2A_PRE, LAYOUT)
 
             def compute(j, xh):
@@ -199,6 +206,9 @@ class _LayerCore(torch.autograd.Function):
         if xshape is None:
             z, xbcdt = z2[:, : spec.d_inner], z2[:, spec.d_inner :]
             dz, dxbcdt = dz2[:, : spec.d_inner], dz2[:, spec.d_inner :]
+        elif spec.slot_rows is not None:
+            z, dz, xbcdt = z2, dz2, None
+            dxbcdt = torch.empty(xshape, dtype=z2.dtype, device=z2.device)  # the received slots
         else:
             z, dz = z2, dz2
             xbcdt = None if keep_x is None else keep_x.reshape(n, -1)
@@ -238,7 +248,13 @@ class _LayerCore(torch.autograd.Function):
                 return g[0].view(-1, cs.width)
 
             def post(j, dxh):
-                _heads_to_seq(dxh, spec.chans[j], tok, group, A2A_PRE + "_bwd", LAYOUT + "_bwd", out=dxbcdt)
+                if spec.slot_rows is not None:
+                    recv = dxbcdt[j * spec.cp_size : (j + 1) * spec.cp_size]
+                    _to_seq(dxh, spec.chans[j], tok, group, A2A_PRE + "_bwd", LAYOUT + "_bwd", recv=recv)
+                else:
+                    _heads_to_seq(
+                        dxh, spec.chans[j], tok, group, A2A_PRE + "_bwd", LAYOUT + "_bwd", out=dxbcdt
+                    )
 
             _run_chunks(spec, pre, compute, post, (dxbcdt,))
             if k == 1:
@@ -299,3 +315,67 @@ class _SplitLinear(torch.autograd.Function):
 def split_in_proj(u: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``F.linear(u, weight)`` split after output ``k`` into two separate tensors (``z`` and ``xbcdt``)."""
     return _SplitLinear.apply(u, weight, k)
+
+
+def slot_rows(chans: tuple[ChannelPlan, ...], offset: int) -> tuple[torch.Tensor, bool]:
+    """The rows of ``in_proj.weight`` behind every send slot of hidden CP, slot ``j*cp + r`` (head chunk
+    ``j``, destination rank ``r``) in the order of that rank's local channels; ``offset`` is where
+    ``[x|B|C|dt]`` starts (``d_inner``). Also whether every row appears once (no replicated group)."""
+    idx = []
+    for chan in chans:
+        cp = chan.cp_size
+        for r in range(cp):
+            for b in chan.blocks:
+                start = offset + b.src + (r // (cp // b.count)) * b.step
+                idx.append(torch.arange(start, start + b.width))
+    rows = torch.cat(idx)
+    return rows, bool(rows.unique().numel() == rows.numel())
+
+
+class _SlotLinear(torch.autograd.Function):
+    """``z = u @ W[:k].T`` and hidden CP's send buffers ``slots[i] = u @ W[rows_i].T`` (``[S, N, w]``):
+    ``in_proj`` writes every destination rank's channels where the all-to-all reads them, so no pack pass
+    runs (each slot is a full-depth product, the same arithmetic as one GEMM). Backward: the received
+    gradient slots are laid side by side (one copy, the pass the pack saved going forward) so that
+    ``du = dz @ W[:k] + dslots @ W[rows]`` is two GEMMs with fp32 accumulation, as without slots (one
+    GEMM per slot would round ``du`` once per slot); ``dW`` goes back to its rows (summed where a
+    replicated group feeds several slots)."""
+
+    @staticmethod
+    def forward(ctx, u, weight, k, rows, nslots, unique):
+        u2 = u.reshape(-1, u.shape[-1])
+        z = u2 @ weight[:k].t()
+        wp = weight.index_select(0, rows).view(nslots, -1, weight.shape[1])
+        slots = u2.new_empty((nslots, u2.shape[0], wp.shape[1]))
+        for i in range(nslots):
+            torch.mm(u2, wp[i].t(), out=slots[i])
+        ctx.save_for_backward(u, weight, rows)
+        ctx.cfg = (k, unique)
+        return z.view(*u.shape[:-1], k), slots
+
+    @staticmethod
+    def backward(ctx, dz, dslots):
+        u, weight, rows = ctx.saved_tensors
+        k, unique = ctx.cfg
+        u2 = u.reshape(-1, u.shape[-1])
+        dz = dz.reshape(-1, k)
+        wp = weight.index_select(0, rows)
+        dside = dslots.transpose(0, 1).reshape(u2.shape[0], -1)  # [N, S*w]: slot i's columns side by side
+        del dslots
+        du = torch.mm(dz, weight[:k])
+        du.addmm_(dside, wp)
+        dw = torch.empty_like(weight)
+        torch.mm(dz.t(), u2, out=dw[:k])
+        dwp = torch.mm(dside.t(), u2)
+        if unique:
+            dw.index_copy_(0, rows, dwp)
+        else:
+            dw[k:].zero_()
+            dw.index_add_(0, rows, dwp)
+        return du.view_as(u), dw, None, None, None, None
+
+
+def slot_in_proj(u: torch.Tensor, weight: torch.Tensor, spec: CoreSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """``in_proj`` for hidden CP as ``z [..., d_inner]`` and the send slots ``[k*cp, N, w]`` of ``spec``."""
+    nslots = spec.chunks * spec.cp_size
+    return _SlotLinear.apply(u, weight, spec.d_inner, spec.slot_rows, nslots, spec.slot_unique)

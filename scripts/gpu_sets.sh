@@ -5,7 +5,8 @@
 #   bash scripts/gpu_sets.sh 3   ours at L 128K (cp 1/2) and 256K (cp 2), NeMo at cp 2 L 128K, the peers at
 #                                cp 1 L 128K (each in its own run: a peer that overflows int32 indexing ends
 #                                its process); projection mode at cp 2 and 8 with 1/2/4 head chunks
-#   bash scripts/gpu_sets.sh 5   the exchange in pieces against one all-to-all + row gather (cp 1/2, L 64K/128K)
+#   bash scripts/gpu_sets.sh 5   GPU tests of the layer, NCCL parity, the exchange into rows against the earlier
+#                                pack + all-to-all + row gather (CP_CORE_EXCHANGE=gather), cp 1/2, L 64K/128K
 #   bash scripts/gpu_sets.sh 4   the GPU tests against mamba-ssm and of NaN isolation, NCCL parity of the
 #                                chunked layer, ours (k 1/2) beside NeMo at cp 2, L 128K in one sweep
 # Results under $OUT (default out/). Needs mamba-ssm, causal-conv1d, nvtx, nemo-automodel (scripts/gpu_setup.sh).
@@ -34,8 +35,10 @@ elif [ "$stage" = 5 ]; then
     python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.nccl.version())"; } > "$OUT/machine.txt" 2>&1
   MAMBA_DETERMINISTIC=1 timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_mamba_ssm_gpu.py \
     -k nan_in_its_row 2>&1 | grep -vE "Warning|warn" | tail -25 | tee "$OUT/gpu_nan.txt"
-  MAMBA_DETERMINISTIC=1 timeout 100 torchrun --nproc-per-node 2 tests/nccl_parity.py --cp 2 --strategies hidden \
-    2>&1 | tee "$OUT/nccl_parity.txt" | grep -E "FAIL|passed"
+  MAMBA_DETERMINISTIC=1 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_mixer_gpu.py 2>&1 \
+    | tail -4 | tee "$OUT/gpu_mixer.txt"
+  MAMBA_DETERMINISTIC=1 timeout 110 torchrun --nproc-per-node 2 tests/nccl_parity.py --cp 2 --strategies hidden \
+    hidden@2 --dtypes bfloat16 2>&1 | tee "$OUT/nccl_parity.txt" | grep -E "FAIL|passed"
   for ex in gather direct; do
     CP_CORE_EXCHANGE=$ex timeout 150 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/exchange-$ex \
       --set 'sweep.seq_len=[65536, 131072]' --set 'sweep.cp_size=[1, 2]' --set 'sweep.packing=[\"none\"]' \

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from cases import cu_from_lengths, doc_lengths, randn
 from ranks import verdict
 
-from cp_core import comm
+from cp_core import comm, hidden
 from cp_core.layout import granule, shard
 from cp_core.mixer import Mamba2Config, Mamba2Mixer
 
@@ -150,6 +150,23 @@ def test_hidden_parity_bf16(ranks, fmt):
     cfg = small_cfg(8, 2)
     cfg["d_model"] = 32
     check(ranks.run(parity_case, 4, cfg, "head_tail", batch, n_docs, "bfloat16"))
+
+
+def gather_parity_case(group, *args, **kw):
+    """:func:`parity_case` with the earlier exchange (pack, one all-to-all, row gather; ``in_proj`` not
+    writing the send buffers): the benchmark's baseline and the path of plans with many pieces."""
+    before, hidden.EXCHANGE = hidden.EXCHANGE, "gather"
+    try:
+        return parity_case(group, *args, **kw)
+    finally:
+        hidden.EXCHANGE = before
+
+
+@pytest.mark.parametrize("fmt", ["bshd", "thd"])
+@pytest.mark.parametrize("cp, ng", [(2, 2), (4, 2)])
+def test_hidden_parity_gather_exchange(ranks, cp, ng, fmt):
+    batch, n_docs = (2, None) if fmt == "bshd" else (1, 5)
+    check(ranks.run(gather_parity_case, cp, small_cfg(8, ng), "head_tail", batch, n_docs, "float32"))
 
 
 def layer_input(cfg, layout, cp, batch, n_docs, units, seed):
