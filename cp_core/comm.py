@@ -109,6 +109,17 @@ def exchange(sends: list[list[torch.Tensor]], recvs: list[list[torch.Tensor]], g
                 b.copy_(a)
         return
     me = dist.get_rank(group)
+    if sends[me] and sends[me][0].is_cuda and dist.get_backend(group) == "gloo":
+        # gloo moves CUDA tensors in collectives but not point to point: stage through the host (a test
+        # set-up, e.g. two ranks sharing one GPU; it synchronises, NCCL never takes this branch)
+        hs = [[t.cpu() for t in ts] for ts in sends]
+        hr = [[torch.empty(t.shape, dtype=t.dtype) for t in ts] for ts in recvs]
+        COUNTS["all_to_all"] -= 1
+        exchange(hs, hr, group)
+        for ts, hts in zip(recvs, hr, strict=True):
+            for t, h in zip(ts, hts, strict=True):
+                t.copy_(h)
+        return
     ops = []
     for step in range(1, cp):
         dst, src = (me + step) % cp, (me - step) % cp

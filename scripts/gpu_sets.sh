@@ -33,18 +33,15 @@ elif [ "$stage" = 4 ]; then
 elif [ "$stage" = 5 ]; then
   { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nvidia-smi topo -m;
     python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.nccl.version())"; } > "$OUT/machine.txt" 2>&1
-  MAMBA_DETERMINISTIC=1 timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_mamba_ssm_gpu.py \
-    -k nan_in_its_row 2>&1 | grep -vE "Warning|warn" | tail -25 | tee "$OUT/gpu_nan.txt"
-  MAMBA_DETERMINISTIC=1 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_mixer_gpu.py 2>&1 \
-    | tail -4 | tee "$OUT/gpu_mixer.txt"
-  MAMBA_DETERMINISTIC=1 timeout 110 torchrun --nproc-per-node 2 tests/nccl_parity.py --cp 2 --strategies hidden \
-    hidden@2 --dtypes bfloat16 2>&1 | tee "$OUT/nccl_parity.txt" | grep -E "FAIL|passed"
+  MAMBA_DETERMINISTIC=1 timeout 170 python3 -m pytest -q -p no:cacheprovider tests/test_mamba_ssm_gpu.py \
+    tests/test_mixer_gpu.py 2>&1 | grep -vE "Warning|warn" | tail -8 | tee "$OUT/gpu_tests.txt"
   for ex in gather direct; do
     CP_CORE_EXCHANGE=$ex timeout 150 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/exchange-$ex \
       --set 'sweep.seq_len=[65536, 131072]' --set 'sweep.cp_size=[1, 2]' --set 'sweep.packing=[\"none\"]' \
-      --set 'sweep.impl=[\"cp_core\"]' --set 'sweep.overlap_chunks=[1, 2]' --set run.iters=3" | tail -2
-    python3 -m cpbench report "$OUT/exchange-$ex" --metrics layer_ms peak_mem_GiB exposed_comm_ms layer_nocomm_ms 2>&1 | tail -14
+      --set 'sweep.impl=[\"cp_core\"]' --set 'sweep.overlap_chunks=[1, 2]' --set run.iters=3" | tail -1
+    python3 -m cpbench report "$OUT/exchange-$ex" --metrics layer_ms layer_nocomm_ms exposed_comm_ms 2>&1 | tail -8
   done
+  (cd "$OUT" && rm -f exchange-*/.cpbench.lock && tar czf exchange.tgz exchange-gather exchange-direct && rm -rf exchange-gather exchange-direct)
 elif [ "$stage" = 2 ]; then
   timeout 150 bash -c "$(declare -f sweep); sweep scenarios/strategies2.toml --out $OUT/strategies" | tail -4
 else
