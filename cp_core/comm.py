@@ -158,7 +158,10 @@ def send(tensor: torch.Tensor, dst: int, group) -> None:
     COUNTS["send"] += 1
     if _SUPPRESSED or isinstance(group, LocalGroup) or group is None:
         return
-    dist.send(tensor.contiguous(), dst=dist.get_global_rank(group, dst), group=group)
+    t = tensor.contiguous()
+    if t.is_cuda and dist.get_backend(group) == "gloo":  # gloo has no CUDA point to point (see exchange)
+        t = t.cpu()
+    dist.send(t, dst=dist.get_global_rank(group, dst), group=group)
 
 
 def recv(like: torch.Tensor, src: int, group) -> torch.Tensor:
@@ -170,6 +173,10 @@ def recv(like: torch.Tensor, src: int, group) -> torch.Tensor:
         return like
     if isinstance(group, LocalGroup) or group is None:
         return out.copy_(like) if not isinstance(group, LocalGroup) or group.copy else like
+    if out.is_cuda and dist.get_backend(group) == "gloo":
+        host = torch.empty(out.shape, dtype=out.dtype)
+        dist.recv(host, src=dist.get_global_rank(group, src), group=group)
+        return out.copy_(host)
     dist.recv(out, src=dist.get_global_rank(group, src), group=group)
     return out
 
