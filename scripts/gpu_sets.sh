@@ -7,6 +7,7 @@
 #                                its process); projection mode at cp 2 and 8 with 1/2/4 head chunks
 #   bash scripts/gpu_sets.sh 5   GPU tests of the layer, NCCL parity, the exchange into rows against the earlier
 #                                pack + all-to-all + row gather (CP_CORE_EXCHANGE=gather), cp 1/2, L 64K/128K
+#   bash scripts/gpu_sets.sh 6   the same at L 128K: contiguous and head_tail layouts, BSHD and 64 documents
 #   bash scripts/gpu_sets.sh 4   the GPU tests against mamba-ssm and of NaN isolation, NCCL parity of the
 #                                chunked layer, ours (k 1/2) beside NeMo at cp 2, L 128K in one sweep
 # Results under $OUT (default out/). Needs mamba-ssm, causal-conv1d, nvtx, nemo-automodel (scripts/gpu_setup.sh).
@@ -42,6 +43,14 @@ elif [ "$stage" = 5 ]; then
     python3 -m cpbench report "$OUT/exchange-$ex" --metrics layer_ms layer_nocomm_ms exposed_comm_ms 2>&1 | tail -8
   done
   (cd "$OUT" && rm -f exchange-*/.cpbench.lock && tar czf exchange.tgz exchange-gather exchange-direct && rm -rf exchange-gather exchange-direct)
+elif [ "$stage" = 6 ]; then
+  for ex in gather direct; do
+    CP_CORE_EXCHANGE=$ex timeout 200 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/exchange6-$ex \
+      --set 'sweep.seq_len=[131072]' --set 'sweep.cp_size=[2]' --set 'sweep.layout=[\"contiguous\", \"head_tail\"]' \
+      --set 'sweep.impl=[\"cp_core\"]' --set 'sweep.overlap_chunks=[1, 2]' --set run.iters=3" | tail -1
+    python3 -m cpbench report "$OUT/exchange6-$ex" --metrics layer_ms layer_nocomm_ms exposed_comm_ms 2>&1 | tail -12
+  done
+  (cd "$OUT" && rm -f exchange6-*/.cpbench.lock && tar czf exchange6.tgz exchange6-gather exchange6-direct && rm -rf exchange6-*)
 elif [ "$stage" = 2 ]; then
   timeout 150 bash -c "$(declare -f sweep); sweep scenarios/strategies2.toml --out $OUT/strategies" | tail -4
 else
