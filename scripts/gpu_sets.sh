@@ -31,26 +31,27 @@ elif [ "$stage" = 4 ]; then
     --set 'sweep.cp_size=[2]' --set 'sweep.packing=[\"none\"]' --set 'sweep.overlap_chunks=[1, 2]' \
     --set 'sweep.impl=[\"cp_core\", \"nemo\"]' --set run.iters=3" | tail -2
   python3 -m cpbench report "$OUT/peers128" --vs nemo --metrics layer_ms peak_mem_GiB exposed_comm_ms 2>&1 | tail -12
-elif [ "$stage" = 5 ]; then
-  { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nvidia-smi topo -m;
-    python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.nccl.version())"; } > "$OUT/machine.txt" 2>&1
-  MAMBA_DETERMINISTIC=1 timeout 170 python3 -m pytest -q -p no:cacheprovider tests/test_mamba_ssm_gpu.py \
-    tests/test_mixer_gpu.py 2>&1 | grep -vE "Warning|warn" | tail -8 | tee "$OUT/gpu_tests.txt"
-  for ex in gather direct; do
-    CP_CORE_EXCHANGE=$ex timeout 150 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/exchange-$ex \
-      --set 'sweep.seq_len=[65536, 131072]' --set 'sweep.cp_size=[1, 2]' --set 'sweep.packing=[\"none\"]' \
-      --set 'sweep.impl=[\"cp_core\"]' --set 'sweep.overlap_chunks=[1, 2]' --set run.iters=3" | tail -1
-    python3 -m cpbench report "$OUT/exchange-$ex" --metrics layer_ms layer_nocomm_ms exposed_comm_ms 2>&1 | tail -8
-  done
-  (cd "$OUT" && rm -f exchange-*/.cpbench.lock && tar czf exchange.tgz exchange-gather exchange-direct && rm -rf exchange-gather exchange-direct)
-elif [ "$stage" = 6 ]; then
-  for ex in gather direct; do
-    CP_CORE_EXCHANGE=$ex timeout 200 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/exchange6-$ex \
-      --set 'sweep.seq_len=[131072]' --set 'sweep.cp_size=[2]' --set 'sweep.layout=[\"contiguous\", \"head_tail\"]' \
-      --set 'sweep.impl=[\"cp_core\"]' --set 'sweep.overlap_chunks=[1, 2]' --set run.iters=3" | tail -1
-    python3 -m cpbench report "$OUT/exchange6-$ex" --metrics layer_ms layer_nocomm_ms exposed_comm_ms 2>&1 | tail -12
-  done
-  (cd "$OUT" && rm -f exchange6-*/.cpbench.lock && tar czf exchange6.tgz exchange6-gather exchange6-direct && rm -rf exchange6-*)
+elif [ "$stage" = 5 ] || [ "$stage" = 6 ]; then
+  # exchange_ab NAME SETS...: the same sweep with the earlier exchange and the default one, one tarball
+  exchange_ab() {
+    local name=$1; shift
+    for ex in gather direct; do
+      CP_CORE_EXCHANGE=$ex timeout 200 bash -c "$(declare -f sweep); sweep scenarios/peers.toml \
+        --out $OUT/$name-$ex --set 'sweep.impl=[\"cp_core\"]' --set 'sweep.overlap_chunks=[1, 2]' \
+        --set run.iters=3 $*" | tail -1
+      python3 -m cpbench report "$OUT/$name-$ex" --metrics layer_ms layer_nocomm_ms exposed_comm_ms 2>&1 | tail -12
+    done
+    (cd "$OUT" && rm -f "$name"-*/.cpbench.lock && tar czf "$name.tgz" "$name"-gather "$name"-direct && rm -rf "$name"-*)
+  }
+  if [ "$stage" = 5 ]; then
+    { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nvidia-smi topo -m;
+      python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.nccl.version())"; } > "$OUT/machine.txt" 2>&1
+    MAMBA_DETERMINISTIC=1 timeout 170 python3 -m pytest -q -p no:cacheprovider -p no:warnings \
+      tests/test_mamba_ssm_gpu.py tests/test_mixer_gpu.py 2>&1 | tail -8 | tee "$OUT/gpu_tests.txt"
+    exchange_ab exchange "--set 'sweep.seq_len=[65536, 131072]' --set 'sweep.cp_size=[1, 2]' --set 'sweep.packing=[\"none\"]'"
+  else
+    exchange_ab exchange6 "--set 'sweep.seq_len=[131072]' --set 'sweep.cp_size=[2]' --set 'sweep.layout=[\"contiguous\", \"head_tail\"]'"
+  fi
 elif [ "$stage" = 2 ]; then
   timeout 150 bash -c "$(declare -f sweep); sweep scenarios/strategies2.toml --out $OUT/strategies" | tail -4
 else
