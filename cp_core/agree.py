@@ -63,7 +63,8 @@ def _crc(s: str) -> int:
     return v
 
 
-for _s in ("hidden", "state_passing", "state_passing_chain", "head_tail", "contiguous", "mixer", "mamba_cp"):
+_HIDDEN = [h + g for h in ("hidden", "hidden, seed path") for g in ("", ", CP_CORE_EXCHANGE=gather")]
+for _s in ("state_passing", "state_passing_chain", "head_tail", "contiguous", "mixer", "mamba_cp", *_HIDDEN):
     _crc(_s)
 for _d in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
     _crc(str(_d))

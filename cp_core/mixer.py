@@ -403,13 +403,18 @@ class Mamba2Mixer(nn.Module):
         strategy = "state_passing_chain" if self.state_exchange == "chain" else self.strategy
         fields = {
             "call": "mixer",
-            "strategy": strategy if self.strategy == "state_passing" else "hidden",
+            "strategy": strategy if self.strategy == "state_passing" else self._hidden_mode(),
             "width": c.d_model,
             "dtype": str(getattr(x, "dtype", "")),
             "config": repr(c),
         }
         device = x.device if isinstance(x, torch.Tensor) else "cpu"
         checked_plan(self.cp_group, self.layout, batch, length, device, cu_seqlens, fields, error)
+
+    def _hidden_mode(self) -> str:
+        """The hidden strategy's variant, as the ranks must agree on it (their collectives differ)."""
+        mode = "hidden" if self.fused else "hidden, seed path"
+        return mode + (", CP_CORE_EXCHANGE=gather" if hidden.EXCHANGE == "gather" else "")
 
     # ------------------------------------------------------------------ forward
 

@@ -7,7 +7,7 @@ from cases import cu_from_lengths, randn
 from ranks import RankError, verdict
 from test_mixer_parity import small_cfg
 
-from cp_core import comm
+from cp_core import comm, hidden
 from cp_core.layout import shard
 from cp_core.mamba_cp import MambaContextParallel
 from cp_core.mixer import Mamba2Config, Mamba2Mixer
@@ -43,6 +43,12 @@ def disagree_case(group, which):
         _mixer(group, dtype=dtype)(torch.zeros(1, g // cp, 16, dtype=dtype))
     elif which == "strategy":
         _mixer(group, "state_passing:chain" if r == 0 else "state_passing")(torch.zeros(1, g // cp, 16))
+    elif which == "exchange":
+        before, hidden.EXCHANGE = hidden.EXCHANGE, "gather" if r == 1 else "direct"
+        try:
+            _mixer(group)(torch.zeros(1, g // cp, 16))
+        finally:
+            hidden.EXCHANGE = before
     elif which == "invalid cu on one rank":
         cu = cu_from_lengths([g + 1, g - 1]) if r == 1 else cu_from_lengths([g, g])
         _mixer(group, "state_passing")(torch.zeros(2 * g // cp, 16), cu)
@@ -63,6 +69,7 @@ DISAGREE = {
     "batch hidden": "batch: rank(s) [0]: 1, rank(s) [1]: 2",
     "dtype": "dtype: rank(s) [0]: 'torch.float32', rank(s) [1]: 'torch.float64'",
     "strategy": "strategy: rank(s) [0]: 'state_passing_chain', rank(s) [1]: 'state_passing'",
+    "exchange": "strategy: rank(s) [0]: 'hidden', rank(s) [1]: 'hidden, CP_CORE_EXCHANGE=gather'",
     "invalid cu on one rank": "document 0 has length 5",
     "wrong width on one rank": "d_model 16, got shape (1, 2, 17)",
     "wrong width on one rank, seed api": "last-dim width 37, expected 36",
