@@ -3,7 +3,8 @@
 Every document (a row of ``[B, L]`` input counts as one) is cut into ``nseg`` segments, ``2*cp``
 (head-tail: rank ``r`` owns segments ``r`` and ``2cp-1-r``) or ``cp`` (contiguous). A rank works on
 its *pieces* (its segments of every document), laid out as the rows of a left-padded
-``[R, Lmax]`` batch, so the SSD kernel runs them as independent sequences:
+``[R, lrow]`` batch, so the SSD kernel runs them as independent sequences (a piece longer than
+``lrow`` takes several rows, chained locally before the exchange; see :class:`_Pieces`):
 
 1. conv1d: each piece is preceded by a halo, the ``d_conv-1`` tokens before it in its document
    (zeros at the document start), looked up in an all-gather of every piece's last ``d_conv-1``
@@ -23,6 +24,8 @@ later segments' initial states. Bytes per layer: :func:`cp_core.cost.comm_bytes`
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -31,79 +34,124 @@ from .layout import granule
 from .plan import TokenPlan, get_plan
 from .regions import CONV1D, LAYOUT, SSM, STATE_XCHG, region
 
+#: Tokens per SSD row when pieces are split (``None``: chosen per batch, see :class:`_Pieces`);
+#: ``CP_CORE_ROW_TOKENS`` at import (tests force short rows with it).
+ROW_TOKENS: int | None = (
+    int(os.environ["CP_CORE_ROW_TOKENS"]) if os.environ.get("CP_CORE_ROW_TOKENS") else None
+)
+
 
 class _Pieces:
-    """Index maps between this rank's token stream and its left-padded piece rows (device tensors)."""
+    """Index maps between this rank's token stream and its left-padded SSD rows (device tensors).
 
-    def __init__(self, doc_lens: list[int], cp: int, rank: int, layout: str, k: int, device):
+    A *piece* is one of this rank's segments of a document (``pieces = n_docs * nps``). Padding every
+    piece to the longest one costs ``pieces * Lmax`` slots, which many uneven documents blow up (64
+    documents at L 64K: 6.3e9 conv elements for 64K tokens). So when that padding would pass twice the
+    tokens, a piece is split into ``q = ceil(m / lrow)`` consecutive *rows* of ``lrow`` tokens (the last
+    row of a piece left-padded), ``lrow`` the mean piece length rounded up to ``chunk``: each row runs
+    the SSD from a zero state, the rows of a piece are chained here (:meth:`compose`) into the piece's
+    ``(final state, log-decay)`` that the ranks exchange, and the piece's true initial state is carried
+    back into each row's (:meth:`row_states`). Rows after the first take their conv halo from the stream
+    (the previous row of the same piece); first rows take it from the exchanged tails, as before."""
+
+    def __init__(self, doc_lens: list[int], cp: int, rank: int, layout: str, k: int, device, chunk: int = 1):
         nseg = granule(layout, cp)
         nps = nseg // cp  # pieces per document on each rank: 2 (head-tail) or 1
         n_docs = len(doc_lens)
         seg = [n // nseg for n in doc_lens]
-        self.n_docs, self.nseg, self.nps, self.rows = n_docs, nseg, nps, n_docs * nps
+        self.n_docs, self.nseg, self.nps, self.pieces = n_docs, nseg, nps, n_docs * nps
         self.lmax = max(seg + [0])
         self.k = k
         t_loc = sum(doc_lens) // cp
         self.t_loc = t_loc
-        lc = self.lmax + k - 1  # conv row: [pad | halo (k-1) | piece]
+        P = self.pieces
         dev = dict(device=device, dtype=torch.long)
+        # rows per piece
+        if ROW_TOKENS is not None:
+            lrow = ROW_TOKENS
+        elif P * self.lmax <= 2 * t_loc:
+            lrow = self.lmax
+        else:
+            lrow = -(-max(-(-t_loc // max(P, 1)), 1) // chunk) * chunk
+        lrow = max(lrow, k - 1, 1)
+        piece_len = [seg[p // nps] for p in range(P)]
+        q = [max(1, -(-m // lrow)) for m in piece_len]
+        if max(q + [1]) == 1:
+            lrow = max(self.lmax, 1)
+        self.lrow, self.q = lrow, q
+        self.rows = sum(q)
+        R = self.rows
+        lc = lrow + k - 1  # conv row: [pad | halo (k-1) | tokens]
         seg_t = torch.tensor(seg, **dev)
         starts = torch.tensor([0] + doc_lens, **dev).cumsum(0)[:-1]  # global document starts
         lstart = starts // cp  # document starts in the local stream
-        row = torch.arange(self.rows, **dev)
-        d, s = row // nps, row % nps
-        m = seg_t[d]  # piece length of each row
-        chunk = (
+        piece = torch.arange(P, **dev)
+        d, s = piece // nps, piece % nps
+        m = seg_t[d]  # piece length
+        pstart = lstart[d] + s * m  # piece start in the local stream
+        chunk_of = (
             torch.full_like(s, rank)
             if layout == "contiguous"
             else torch.where(s == 0, rank, 2 * cp - 1 - rank)
         )
-        self.row_chunk = chunk
-        # stream -> rows (SSD layout, [R, Lmax]); pad slots point at an extra zero token (index t_loc)
-        col = torch.arange(self.lmax, **dev).view(1, -1)
-        o = col - (self.lmax - m).view(-1, 1)
-        self.valid = o >= 0  # [R, Lmax]
-        # every piece as long as the longest, in row order in the stream (always for [B, L] input):
+        self.row_chunk = chunk_of
+        # rows, piece-major: row -> (piece, sub-row j); row j covers piece tokens [j*lrow, min((j+1)*lrow, m))
+        q_t = torch.tensor(q, **dev)
+        self.row_piece = torch.repeat_interleave(piece, q_t)
+        first_row = q_t.cumsum(0) - q_t
+        jrow = torch.arange(R, **dev) - first_row[self.row_piece]
+        sub0 = jrow * lrow  # offset of the row's first token in its piece
+        rlen = (m[self.row_piece] - sub0).clamp(0, lrow)  # tokens in the row
+        rstart = pstart[self.row_piece] + sub0  # stream index of the row's first token
+        # stream -> rows (SSD layout, [R, lrow]); pad slots point at token 0 and are selected to zero
+        col = torch.arange(lrow, **dev).view(1, -1)
+        o = col - (lrow - rlen).view(-1, 1)
+        self.valid = o >= 0  # [R, lrow]
+        # every piece one row, as long as the longest, in order in the stream (always for [B, L] input):
         # the rows are then a view of the stream and nothing is gathered or padded
-        self.uniform = all(v == self.lmax for v in seg) and self.rows * self.lmax == t_loc
+        self.uniform = R == P and all(v == lrow for v in seg) and R * lrow == t_loc
         # padding slots read token 0 and are then selected to zero (rows_of), so a non-finite token 0
         # never reaches another document's row; B is zero there too, so padding adds nothing to the state
-        self.to_rows = torch.where(self.valid, (lstart[d] + s * m).view(-1, 1) + o, 0).reshape(-1)
-        # rows -> stream: stream token j sits at row-slot from_rows[j]
+        self.to_rows = torch.where(self.valid, rstart.view(-1, 1) + o, 0).reshape(-1)
         self.from_rows = torch.empty(t_loc, **dev)
-        flat = torch.arange(self.rows * self.lmax, **dev).view(self.rows, self.lmax)
-        self.from_rows[self.to_rows.view(self.rows, self.lmax)[self.valid]] = flat[self.valid]
+        flat = torch.arange(R * lrow, **dev).view(R, lrow)
+        self.from_rows[self.to_rows.view(R, lrow)[self.valid]] = flat[self.valid]
         self.valid_f = self.valid.unsqueeze(-1)
-        # conv rows: the piece right-aligned, halo slots just before it
+        # conv rows: the tokens right-aligned, halo slots just before them. Halo of a piece's first row:
+        # the exchanged tails ([xbc; halo; zero] index t_loc + piece*(k-1) + slot); of a later row: the
+        # stream tokens before it (same piece, since lrow >= k-1)
         colc = torch.arange(lc, **dev).view(1, -1)
-        oc = colc - (lc - m).view(-1, 1)
+        oc = colc - (lc - rlen).view(-1, 1)
         halo_slot = oc + (k - 1)  # 0..k-2 inside the halo
         is_tok, is_halo = oc >= 0, (oc < 0) & (halo_slot >= 0)
-        n_halo = self.rows * (k - 1)
-        # conv padding reads the zero row after the stream and the halo
+        n_halo = P * (k - 1)
+        halo_idx = torch.where(
+            (jrow == 0).view(-1, 1),
+            t_loc + self.row_piece.view(-1, 1) * (k - 1) + halo_slot,
+            rstart.view(-1, 1) + oc,
+        )
         self.to_conv = torch.where(
-            is_tok,
-            (lstart[d] + s * m).view(-1, 1) + oc,
-            torch.where(is_halo, t_loc + row.view(-1, 1) * (k - 1) + halo_slot, t_loc + n_halo),
+            is_tok, rstart.view(-1, 1) + oc, torch.where(is_halo, halo_idx, t_loc + n_halo)
         ).reshape(-1)
-        # halo lookup into the all-gathered tails [cp, R, k-1] (+1 zero slot at the end)
-        q = (starts[d] + chunk * m).view(-1, 1) + torch.arange(-(k - 1), 0, **dev).view(1, -1)  # [R, k-1]
-        in_doc = (q >= starts[d].view(-1, 1)) & (m.view(-1, 1) > 0)
+        # the last k-1 tokens of every piece (zero slot t_loc before its start), for the other ranks
+        tq = (pstart + m).view(-1, 1) + torch.arange(-(k - 1), 0, **dev).view(1, -1)
+        self.tail_idx = torch.where(tq >= pstart.view(-1, 1), tq, t_loc).reshape(-1)
+        # halo lookup into the all-gathered tails [cp, P, k-1] (+1 zero slot at the end)
+        qg = (starts[d] + chunk_of * m).view(-1, 1) + torch.arange(-(k - 1), 0, **dev).view(1, -1)  # [P, k-1]
+        in_doc = (qg >= starts[d].view(-1, 1)) & (m.view(-1, 1) > 0)
         mm = m.clamp_min(1).view(-1, 1)
-        c2 = (q - starts[d].view(-1, 1)).clamp_min(0) // mm
+        c2 = (qg - starts[d].view(-1, 1)).clamp_min(0) // mm
         end = starts[d].view(-1, 1) + (c2 + 1) * mm - 1
-        e = end - q  # distance from the end of the source segment, < k-1
+        e = end - qg  # distance from the end of the source segment, < k-1
         if layout == "contiguous":
             owner, s2 = c2, torch.zeros_like(c2)
         else:
             owner = torch.where(c2 < cp, c2, 2 * cp - 1 - c2)
             s2 = (c2 >= cp).long()
-        src_row = d.view(-1, 1) * nps + s2
-        self.halo_src = torch.where(
-            in_doc, (owner * self.rows + src_row) * (k - 1) + (k - 2 - e), cp * n_halo
-        )
+        src_piece = d.view(-1, 1) * nps + s2
+        self.halo_src = torch.where(in_doc, (owner * P + src_piece) * (k - 1) + (k - 2 - e), cp * n_halo)
         self.halo_src = self.halo_src.reshape(-1)
-        # scan: for document d, segment c lives on rank owner(c), row d*nps + s(c)
+        # scan: for document d, segment c lives on rank owner(c), piece d*nps + s(c)
         cs = torch.arange(nseg, **dev)
         if layout == "contiguous":
             own_c, s_c = cs, torch.zeros_like(cs)
@@ -111,16 +159,69 @@ class _Pieces:
             own_c = torch.where(cs < cp, cs, 2 * cp - 1 - cs)
             s_c = (cs >= cp).long()
         docs = torch.arange(n_docs, **dev).view(-1, 1)
-        self.seg_src = (own_c.view(1, -1) * self.rows + docs * nps + s_c.view(1, -1)).reshape(-1)  # [D*nseg]
-        self.my_seg = d * nseg + chunk  # [R] index into [D*nseg]
+        self.seg_src = (own_c.view(1, -1) * P + docs * nps + s_c.view(1, -1)).reshape(-1)  # [D*nseg]
+        self.my_seg = d * nseg + chunk_of  # [P] index into [D*nseg]
+        # chaining the rows of a piece: pieces sorted by row count (descending), so that the pieces with
+        # a j-th row are a prefix [0, n[j]) of that order; rows_at[j] are those pieces' j-th rows
+        if R > P:
+            order = sorted(range(P), key=lambda i: -q[i])
+            self.n = [sum(1 for i in order if q[i] > j) for j in range(max(q))]
+            fr = first_row.tolist()
+            self.order = torch.tensor(order, **dev)
+            self.unorder = torch.empty_like(self.order)
+            self.unorder[self.order] = torch.arange(P, **dev)
+            self.rows_at = [
+                torch.tensor([fr[i] + j for i in order[: self.n[j]]], **dev) for j in range(len(self.n))
+            ]
+            # rows in step-major order (j, then sorted piece) -> row order
+            step_major = torch.cat(self.rows_at)
+            self.unstep = torch.empty_like(step_major)
+            self.unstep[step_major] = torch.arange(R, **dev)
+
+    def compose(self, F_rows: torch.Tensor, ld_rows: torch.Tensor):
+        """Rows' zero-state finals ``F [R, H, P, N]`` and log-decays ``ld [R, H]`` -> the pieces' ``(F, ld)``
+        and, per row, the state ``h_pre`` reached from a zero state at its piece's start and the log-decay
+        ``d_pre`` accumulated before it (both zero for a first row)."""
+        if self.rows == self.pieces:
+            return F_rows, ld_rows, None, None
+        st = F_rows.new_zeros((self.n[0], *F_rows.shape[1:]))
+        dc = ld_rows.new_zeros((self.n[0], ld_rows.shape[1]))
+        h_pre, d_pre, done_F, done_ld = [], [], [], []
+        for j, rows in enumerate(self.rows_at):
+            nj = self.n[j]
+            if nj < st.shape[0]:  # pieces without a j-th row are final
+                done_F.append(st[nj:])
+                done_ld.append(dc[nj:])
+                st, dc = st[:nj], dc[:nj]
+            h_pre.append(st)
+            d_pre.append(dc)
+            ldj = ld_rows.index_select(0, rows)
+            st = torch.exp(ldj)[..., None, None] * st + F_rows.index_select(0, rows)
+            dc = dc + ldj
+        done_F.append(st)
+        done_ld.append(dc)
+        # done_* run from the pieces with the fewest rows (end of the order) to the most: reverse blocks
+        F_sorted = torch.cat(done_F[::-1])
+        ld_sorted = torch.cat(done_ld[::-1])
+        F_p, ld_p = F_sorted.index_select(0, self.unorder), ld_sorted.index_select(0, self.unorder)
+        h_pre = torch.cat(h_pre).index_select(0, self.unstep)
+        d_pre = torch.cat(d_pre).index_select(0, self.unstep)
+        return F_p, ld_p, h_pre, d_pre
+
+    def row_states(self, h0_pieces: torch.Tensor, h_pre, d_pre) -> torch.Tensor:
+        """The true initial state of every row from its piece's: ``exp(d_pre) * h0 + h_pre``."""
+        if h_pre is None:
+            return h0_pieces
+        h0 = h0_pieces.index_select(0, self.row_piece)
+        return torch.exp(d_pre)[..., None, None] * h0 + h_pre
 
 
-def _pieces(plan: TokenPlan | None, doc_lens, cp, rank, layout, k, device) -> _Pieces:
+def _pieces(plan: TokenPlan | None, doc_lens, cp, rank, layout, k, device, chunk) -> _Pieces:
     if plan is None:
-        return _Pieces(doc_lens, cp, rank, layout, k, device)
-    key = ("state_passing", rank, k)
+        return _Pieces(doc_lens, cp, rank, layout, k, device, chunk)
+    key = ("state_passing", rank, k, chunk, ROW_TOKENS)
     if key not in plan.extras:
-        plan.extras[key] = _Pieces(doc_lens, cp, rank, layout, k, device)
+        plan.extras[key] = _Pieces(doc_lens, cp, rank, layout, k, device, chunk)
     return plan.extras[key]
 
 
@@ -229,16 +330,15 @@ def state_passing_conv_ssd(
         plan = get_plan(cp, layout, 1, length, dev, cu_seqlens)
         cu = plan.host_cu
         doc_lens = [cu[i + 1] - cu[i] for i in range(len(cu) - 1)]
-    pc = _pieces(plan, doc_lens, cp, rank, layout, k, dev)
+    pc = _pieces(plan, doc_lens, cp, rank, layout, k, dev, c.chunk_size)
     stream = xbcdt.reshape(-1, xbcdt.shape[-1])  # [T_loc, conv_dim + nh]
     xbc, dt = stream.split([c.conv_dim, nh], dim=-1)
-    R, lmax = pc.rows, pc.lmax
+    R, lmax = pc.rows, pc.lrow
     if dev.type == "cuda":  # every rank has the same pieces: all raise before the first collective
         kernels.check_int32_extent(
-            f"the padded piece rows [R={R}, Lmax+{k - 1}={lmax + k - 1}, conv_dim={c.conv_dim}]",
+            f"the padded SSD rows [R={R}, {lmax}+{k - 1}, conv_dim={c.conv_dim}]",
             R * (lmax + k - 1) * c.conv_dim,
-            "every document's pieces are padded to the longest one; use fewer or more even documents, a "
-            "larger cp_size, or the hidden strategy",
+            "use a larger cp_size or shorter sequences, or the hidden strategy",
         )
 
     def rows_of(t):  # stream [T_loc, C] -> left-padded rows [R, Lmax, C], zeros in the padding
@@ -249,9 +349,8 @@ def state_passing_conv_ssd(
     # 1. conv1d with a halo gathered from the owners of the preceding tokens
     with region(LAYOUT):
         xbc_rows_in = rows_of(xbc)
-        tails = xbc_rows_in[:, max(lmax - (k - 1), 0) :]
-        if tails.shape[1] < k - 1:
-            tails = F.pad(tails, (0, 0, k - 1 - tails.shape[1], 0))
+        # the last k-1 tokens of every piece (zeros before its start)
+        tails = F.pad(xbc, (0, 0, 0, 1)).index_select(0, pc.tail_idx).view(pc.pieces, k - 1, c.conv_dim)
     with region(STATE_XCHG):
         if k > 1:
             all_tails = comm.all_gather(tails.contiguous(), group).reshape(-1, c.conv_dim)
@@ -302,22 +401,26 @@ def state_passing_conv_ssd(
             a = torch.where(pc.valid.unsqueeze(1), a, 0.0)  # no decay accumulates over padding
         acum = a.contiguous().cumsum(-1)
         logdecay = acum[..., -1] if lmax else a.new_zeros(R, nh)
+        # rows of one piece chained: the piece's (final state, log-decay) from a zero start
+        F_loc, logdecay, h_pre, d_pre = pc.compose(F_loc.float(), logdecay)
     # 3. exchange (F, logdecay) of every piece, scan each document's segments
+    P = pc.pieces
     if getattr(mixer, "state_exchange", "allgather") == "chain":
         with region(STATE_XCHG):
             h0 = _ChainScan.apply(
                 F_loc.float().view(pc.n_docs, pc.nps, nh, hd, ns), logdecay.view(pc.n_docs, pc.nps, nh), group
-            ).reshape(R, nh, hd, ns)
+            ).reshape(P, nh, hd, ns)
     else:
         with region(STATE_XCHG):
-            payload = torch.cat([F_loc.float().reshape(R, -1), logdecay], dim=-1)
-            gathered = comm.all_gather(payload, group).reshape(cp * R, -1)
+            payload = torch.cat([F_loc.float().reshape(P, -1), logdecay], dim=-1)
+            gathered = comm.all_gather(payload, group).reshape(cp * P, -1)
         with region(SSM):
             seg = gathered.index_select(0, pc.seg_src).view(pc.n_docs, pc.nseg, -1)
             F_seg = seg[..., : nh * hd * ns].view(pc.n_docs, pc.nseg, nh, hd, ns)
             h0_all = _exclusive_scan(F_seg, seg[..., nh * hd * ns :])
-            h0 = h0_all.reshape(pc.n_docs * pc.nseg, nh, hd, ns).index_select(0, pc.my_seg)  # [R, H, P, N]
+            h0 = h0_all.reshape(pc.n_docs * pc.nseg, nh, hd, ns).index_select(0, pc.my_seg)  # [P, H, P, N]
     with region(SSM):
+        h0 = pc.row_states(h0, h_pre, d_pre)  # [R, H, P, N]
         # 4. y_t += exp(acum_t) * C_t . h0, formed in fp32 and rounded once (one fused pass on CUDA)
         y = kernels.state_correction(y0, C.reshape(R, lmax, ng, ns), h0, acum).reshape(R * lmax, nh * hd)
     with region(LAYOUT):

@@ -10,7 +10,7 @@ import torch
 from cases import cu_from_lengths, randn
 from ranks import verdict
 
-from cp_core import comm
+from cp_core import comm, state_passing
 from cp_core.kernels import conv1d, ssd
 from cp_core.kernels.reference import conv1d_ref, ssd_recurrent_ref
 from cp_core.layout import positions, shard
@@ -172,6 +172,15 @@ def test_state_passing_scan_is_causal_and_per_document():
 CFG = dict(d_model=16, n_heads=4, head_dim=4, n_groups=2, d_state=4, d_conv=4, chunk_size=8)
 
 
+def rows_isolation_case(group, row_tokens, *args, **kw):
+    """:func:`isolation_case` with state-passing pieces cut into SSD rows of ``row_tokens`` tokens."""
+    before, state_passing.ROW_TOKENS = state_passing.ROW_TOKENS, row_tokens
+    try:
+        return isolation_case(group, *args, **kw)
+    finally:
+        state_passing.ROW_TOKENS = before
+
+
 def isolation_case(
     group, strategy, layout, packed, device="cpu", ssd_backend="auto", tol=(1e-6, 1e-7), first=False
 ):
@@ -259,6 +268,18 @@ def isolation_case(
 def test_mixer_keeps_a_nan_in_its_document(ranks, cp, strategy, layout, packed):
     for r, (ok, bad) in enumerate(ranks.run(isolation_case, cp, strategy, layout, packed)):
         assert ok, f"rank {r}: {bad}"
+
+
+@pytest.mark.parametrize(
+    "strategy, layout", [("state_passing", "head_tail"), ("state_passing:chain", "contiguous")]
+)
+def test_state_passing_rows_keep_a_nan_in_its_document(ranks, strategy, layout):
+    """Pieces cut into rows of 3 tokens (the rows of a piece chained locally): still isolated."""
+    for first in (False, True):
+        for r, (ok, bad) in enumerate(
+            ranks.run(rows_isolation_case, 2, 3, strategy, layout, True, first=first)
+        ):
+            assert ok, f"rank {r}, first={first}: {bad}"
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from cases import cu_from_lengths, doc_lengths, randn
 from ranks import verdict
 
-from cp_core import comm, hidden
+from cp_core import comm, hidden, state_passing
 from cp_core.layout import granule, shard
 from cp_core.mixer import Mamba2Config, Mamba2Mixer
 
@@ -264,6 +264,42 @@ def test_state_passing_parity_bf16(ranks, exchange):
     cfg = small_cfg(4, 2)
     cfg["d_model"] = 32
     check(ranks.run(parity_case, 4, cfg, "head_tail", 1, 5, "bfloat16", f"state_passing:{exchange}"))
+
+
+def rows_parity_case(group, row_tokens, *args, **kw):
+    """:func:`parity_case` with state-passing pieces cut into SSD rows of ``row_tokens`` tokens."""
+    before, state_passing.ROW_TOKENS = state_passing.ROW_TOKENS, row_tokens
+    try:
+        return parity_case(group, *args, **kw)
+    finally:
+        state_passing.ROW_TOKENS = before
+
+
+@pytest.mark.parametrize("row_tokens", [3, 8])
+@pytest.mark.parametrize(
+    "cp, layout, fmt", [(2, "head_tail", "thd"), (4, "contiguous", "thd"), (2, "head_tail", "bshd")]
+)
+@pytest.mark.parametrize("exchange", ["allgather", "chain"])
+def test_state_passing_pieces_in_several_rows(ranks, cp, layout, fmt, exchange, row_tokens):
+    """Pieces longer than a row: each row runs the SSD from a zero state, the rows of a piece are chained
+    locally, the exchange carries one state per piece; the halo of a later row is the previous row's
+    last tokens (3 tokens per row: exactly the conv halo)."""
+    batch, n_docs = (2, None) if fmt == "bshd" else (1, 5)
+    strategy = f"state_passing:{exchange}"
+    check(
+        ranks.run(
+            rows_parity_case,
+            cp,
+            row_tokens,
+            small_cfg(4, 2),
+            layout,
+            batch,
+            n_docs,
+            "float32",
+            strategy,
+            units=6,
+        )
+    )
 
 
 def test_projection_mode_runs_every_strategy_in_one_process():
