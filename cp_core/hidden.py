@@ -7,8 +7,10 @@ buffer -> one ``all_to_all_single`` -> one row gather (the cached :class:`~cp_co
 
 When the token permutation moves a few whole row ranges (:attr:`TokenPlan.runs`: BSHD, or a few packed
 documents) the row gather disappears: the all-to-all is sent in those pieces (:func:`cp_core.comm.exchange`)
-and every piece is received straight into its global rows (and sent from them on the way back): one
-copy per direction. ``CP_CORE_EXCHANGE=gather`` keeps the gather (the benchmark's baseline).
+and every piece is received straight into its global rows (and sent from them on the way back); for the
+contiguous layout of one sequence the slots of a plain all-to-all already are the global order. The
+layer core (:mod:`cp_core.pipeline`) starts from :func:`_to_heads` with the send buffers that ``in_proj``
+wrote (no pack either). ``CP_CORE_EXCHANGE=gather`` keeps pack + all-to-all + gather (the baseline).
 
 Each is a ``torch.autograd.Function`` whose backward is the other direction, so a forward and a
 backward move the same bytes through the same three steps.

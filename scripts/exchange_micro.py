@@ -12,26 +12,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 
 import torch
 import torch.distributed as dist
 
 from cp_core import comm
-
-
-def _time(fn, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    ts = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
+from cpbench.timing import median_ms
 
 
 def _pieces(send, recv, k, group):
@@ -64,7 +50,7 @@ def main() -> int:
             "exchange_2_pieces": lambda s=send, r=recv: _pieces(s, r, 2, group),
         }
         for way, fn in ways.items():
-            ms = _time(fn, a.iters)
+            ms = median_ms(fn, torch.device("cuda"), 3, a.iters)
             busbw = send.numel() * 2 * (cp - 1) / cp / ms / 1e6
             if me == 0:
                 print(f"{mib},{way},{ms:.3f},{busbw:.1f}", flush=True)

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import torch
+
+
+@contextlib.contextmanager
+def setting(module, name: str, value):
+    """``module.name = value`` inside the block (a rank function switching a module-level option)."""
+    before = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, before)
 
 
 def doc_lengths(n_docs: int, granule: int, seed: int, max_units: int = 3) -> list[int]:

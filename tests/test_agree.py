@@ -3,7 +3,7 @@ ValueError (naming what differs and where) before any collective of the layer, o
 
 import pytest
 import torch
-from cases import cu_from_lengths, randn
+from cases import cu_from_lengths, randn, setting
 from ranks import RankError, verdict
 from test_mixer_parity import small_cfg
 
@@ -44,11 +44,8 @@ def disagree_case(group, which):
     elif which == "strategy":
         _mixer(group, "state_passing:chain" if r == 0 else "state_passing")(torch.zeros(1, g // cp, 16))
     elif which == "exchange":
-        before, hidden.EXCHANGE = hidden.EXCHANGE, "gather" if r == 1 else "direct"
-        try:
+        with setting(hidden, "EXCHANGE", "gather" if r == 1 else "direct"):
             _mixer(group)(torch.zeros(1, g // cp, 16))
-        finally:
-            hidden.EXCHANGE = before
     elif which == "invalid cu on one rank":
         cu = cu_from_lengths([g + 1, g - 1]) if r == 1 else cu_from_lengths([g, g])
         _mixer(group, "state_passing")(torch.zeros(2 * g // cp, 16), cu)

@@ -7,7 +7,7 @@ outputs NaN from j on and leaves every other document exactly as it would be wit
 
 import pytest
 import torch
-from cases import cu_from_lengths, randn
+from cases import cu_from_lengths, randn, setting
 from ranks import verdict
 
 from cp_core import comm, state_passing
@@ -174,11 +174,8 @@ CFG = dict(d_model=16, n_heads=4, head_dim=4, n_groups=2, d_state=4, d_conv=4, c
 
 def rows_isolation_case(group, row_tokens, *args, **kw):
     """:func:`isolation_case` with state-passing pieces cut into SSD rows of ``row_tokens`` tokens."""
-    before, state_passing.ROW_TOKENS = state_passing.ROW_TOKENS, row_tokens
-    try:
+    with setting(state_passing, "ROW_TOKENS", row_tokens):
         return isolation_case(group, *args, **kw)
-    finally:
-        state_passing.ROW_TOKENS = before
 
 
 def isolation_case(

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from cases import cu_from_lengths, doc_lengths, owned_channels, randn
+from cases import cu_from_lengths, doc_lengths, owned_channels, randn, setting
 from ranks import RankError, verdict
 from torch.overrides import TorchFunctionMode
 
@@ -23,11 +23,8 @@ def _data(cp, layout, batch, n_docs, width, seed):
 
 def _case(group, layout, batch, n_docs, nh, hd, ng, ds, with_z, exchange="direct"):
     """Everything the fused path must satisfy, on this rank, against references from the global tensors."""
-    before, hidden.EXCHANGE = hidden.EXCHANGE, exchange
-    try:
+    with setting(hidden, "EXCHANGE", exchange):
         return _case_in(group, layout, batch, n_docs, nh, hd, ng, ds, with_z)
-    finally:
-        hidden.EXCHANGE = before
 
 
 def _case_in(group, layout, batch, n_docs, nh, hd, ng, ds, with_z):

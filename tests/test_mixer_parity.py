@@ -8,7 +8,7 @@ builds the same reference; the verdict is reduced over the group.
 import pytest
 import torch
 import torch.distributed as dist
-from cases import cu_from_lengths, doc_lengths, randn
+from cases import cu_from_lengths, doc_lengths, randn, setting
 from ranks import verdict
 
 from cp_core import comm, hidden, state_passing
@@ -155,11 +155,8 @@ def test_hidden_parity_bf16(ranks, fmt):
 def gather_parity_case(group, *args, **kw):
     """:func:`parity_case` with the earlier exchange (pack, one all-to-all, row gather; ``in_proj`` not
     writing the send buffers): the benchmark's baseline and the path of plans with many pieces."""
-    before, hidden.EXCHANGE = hidden.EXCHANGE, "gather"
-    try:
+    with setting(hidden, "EXCHANGE", "gather"):
         return parity_case(group, *args, **kw)
-    finally:
-        hidden.EXCHANGE = before
 
 
 @pytest.mark.parametrize("fmt", ["bshd", "thd"])
@@ -268,11 +265,8 @@ def test_state_passing_parity_bf16(ranks, exchange):
 
 def rows_parity_case(group, row_tokens, *args, **kw):
     """:func:`parity_case` with state-passing pieces cut into SSD rows of ``row_tokens`` tokens."""
-    before, state_passing.ROW_TOKENS = state_passing.ROW_TOKENS, row_tokens
-    try:
+    with setting(state_passing, "ROW_TOKENS", row_tokens):
         return parity_case(group, *args, **kw)
-    finally:
-        state_passing.ROW_TOKENS = before
 
 
 @pytest.mark.parametrize("row_tokens", [3, 8])
