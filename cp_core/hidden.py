@@ -33,8 +33,14 @@ from .regions import A2A_POST, A2A_PRE, LAYOUT, region
 EXCHANGE = os.environ.get("CP_CORE_EXCHANGE", "direct")
 
 
-def _direct(tok: TokenPlan) -> bool:
-    return tok.runs is not None and EXCHANGE != "gather"
+def _mode(tok: TokenPlan) -> str:
+    """How this plan's rows move: ``"identity"`` (contiguous layout, one sequence: the all-to-all's slots
+    already are the global order), ``"pieces"`` (a few row ranges, :attr:`TokenPlan.runs`) or ``"gather"``
+    (one all-to-all and a row gather)."""
+    if tok.runs is None or EXCHANGE == "gather":
+        return "gather"
+    n = tok.batch * tok.local_length
+    return "identity" if all(len(r) == 1 and r[0][1] == s * n for s, r in enumerate(tok.runs)) else "pieces"
 
 
 def _rows(t: torch.Tensor, pieces, col: int) -> list[torch.Tensor]:
@@ -42,20 +48,14 @@ def _rows(t: torch.Tensor, pieces, col: int) -> list[torch.Tensor]:
     return [t[p[col] : p[col] + p[2]] for p in pieces]
 
 
-def _identity(tok: TokenPlan) -> bool:
-    """Rank ``s``'s shard is global rows ``[s*N, (s+1)*N)`` (contiguous layout, one sequence): the
-    all-to-all's slots are already in global order."""
-    n = tok.batch * tok.local_length
-    return all(len(r) == 1 and r[0][1] == s * n for s, r in enumerate(tok.runs))
-
-
 def _to_heads(send: torch.Tensor, chan: ChannelPlan, tok: TokenPlan, group, a2a: str, lay: str):
     """The packed send buffer ``[cp, N, w]`` -> ``[B*L, w]`` in global token order."""
-    if _direct(tok) and _identity(tok):
+    mode = _mode(tok)
+    if mode == "identity":
         with region(a2a):
             out = comm.all_to_all_single(torch.empty_like(send), send, group)
         return out.view(-1, chan.local_width)
-    if _direct(tok):
+    if mode == "pieces":
         # every piece lands in its global rows: no row gather
         runs, me = tok.runs, comm.group_rank(group)
         out = send.new_empty((tok.batch * tok.length, chan.local_width))
@@ -78,10 +78,11 @@ def _to_seq(y2d: torch.Tensor, chan: ChannelPlan, tok: TokenPlan, group, a2a: st
     cp = chan.cp_size
     if recv is None:
         recv = y2d.new_empty((cp, tok.batch * tok.local_length, chan.local_width))
-    if _direct(tok) and _identity(tok):
+    mode = _mode(tok)
+    if mode == "identity":
         with region(a2a):
             return comm.all_to_all_single(recv, y2d.contiguous().view(recv.shape), group).view(recv.shape)
-    if _direct(tok):
+    if mode == "pieces":
         # every piece is sent from its global rows: no row gather
         runs, me = tok.runs, comm.group_rank(group)
         y2d = y2d.contiguous()

@@ -36,6 +36,14 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path, dpi: int = 100, rect=None) -> Path:
+    """Lay out, write and close one figure."""
+    fig.tight_layout(**({} if rect is None else {"rect": rect}))
+    fig.savefig(path, dpi=dpi)
+    _plt().close(fig)
+    return path
+
+
 def _slug(parts: dict) -> str:
     s = "-".join(f"{k}_{v}" for k, v in parts.items()) or "all"
     return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", s)[:150]
@@ -118,11 +126,7 @@ def plot_regions(df, out: Path) -> list[Path]:
         fig.legend(list(legend.values()), list(legend), loc="center right", fontsize="small")
         fig.subplots_adjust(right=0.8)
         fig.suptitle("regions " + (", ".join(f"{k}={v}" for k, v in gkey.items()) or ""), fontsize="medium")
-        fig.tight_layout(rect=(0, 0, 0.82, 1))
-        path = out / f"regions-{_slug(gkey)}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        files.append(path)
+        files.append(_save(fig, out / f"regions-{_slug(gkey)}.png", rect=(0, 0, 0.82, 1)))
     return files
 
 
@@ -166,11 +170,7 @@ def plot_busbw(df, out: Path) -> list[Path]:
     ax.set_ylabel("busbw (GB/s)")
     ax.set_title("all-to-all busbw: layer vs microbenchmark")
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    path = out / "busbw.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return [path]
+    return [_save(fig, out / "busbw.png")]
 
 
 def plot_scaling(df, out: Path) -> list[Path]:
@@ -196,11 +196,7 @@ def plot_scaling(df, out: Path) -> list[Path]:
             "scaling (dotted: ideal 1/cp) " + ", ".join(f"{k}={v}" for k, v in gkey.items()), fontsize="small"
         )
         ax.legend(fontsize="small")
-        fig.tight_layout()
-        path = out / f"scaling-{_slug(gkey)}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        files.append(path)
+        files.append(_save(fig, out / f"scaling-{_slug(gkey)}.png"))
     return files
 
 
@@ -276,11 +272,7 @@ def plot_strategy(df_all, out: Path) -> list[Path]:
     ax.set_ylabel("bytes per rank per layer forward")
     ax.set_title(f"communication volume: hidden vs state passing (packing {packing})", fontsize="medium")
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    path = out / "strategy-bytes.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return [path]
+    return [_save(fig, out / "strategy-bytes.png")]
 
 
 def _num(v) -> bool:
@@ -312,11 +304,7 @@ def plot_overlap(df, out: Path) -> list[Path]:
     ax.set_xticks(sorted(tab["k"].unique()))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    path = out / "overlap.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [_save(fig, out / "overlap.png", dpi=110)]
 
 
 def plot_peers(df, out: Path) -> list[Path]:
@@ -344,11 +332,7 @@ def plot_peers(df, out: Path) -> list[Path]:
             ax.set_ylabel(f"ours / {peer}")
             ax.set_title(f"{what}: ours / {peer} (lower is better)")
             ax.set_yscale("log")
-        fig.tight_layout()
-        path = out / f"peers-vs-{peer}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        files.append(path)
+        files.append(_save(fig, out / f"peers-vs-{peer}.png", dpi=110))
     return files
 
 

@@ -119,6 +119,20 @@ class RankError(Exception):
         return [self.errors[r] for r in sorted(self.errors)]
 
 
+def raises_everywhere(pool, fn, cp: int, text: str, *args) -> None:
+    """``pool.run(fn, cp, *args)`` must end with a ValueError containing ``text`` on every one of the
+    ``cp`` ranks (a rank that did not raise would leave the others waiting in a collective)."""
+    try:
+        pool.run(fn, cp, *args)
+    except RankError as err:
+        raised, msgs = sorted(err.errors), err.all_messages()
+    else:
+        raise AssertionError(f"no rank raised; expected ValueError containing {text!r}")
+    assert len(msgs) == cp, f"only ranks {raised} raised: every rank must"
+    for m in msgs:
+        assert m.startswith("ValueError") and text in m, m
+
+
 def verdict(ok: bool, group) -> bool:
     """The group's verdict: True only if every rank's ``ok`` is True (so all ranks agree and none hangs)."""
     nccl = dist.get_backend(group) == "nccl"
