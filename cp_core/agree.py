@@ -63,7 +63,12 @@ def _crc(s: str) -> int:
     return v
 
 
-_HIDDEN = [h + g for h in ("hidden", "hidden, seed path") for g in ("", ", CP_CORE_EXCHANGE=gather")]
+_HIDDEN = [
+    h + g + t
+    for h in ("hidden", "hidden, seed path")
+    for g in ("", ", CP_CORE_EXCHANGE=gather")
+    for t in ("", ", CP_CORE_TRANSPORT=ce", ", CP_CORE_TRANSPORT=nccl")
+]
 for _s in ("state_passing", "state_passing_chain", "head_tail", "contiguous", "mixer", "mamba_cp", *_HIDDEN):
     _crc(_s)
 for _d in (torch.float16, torch.bfloat16, torch.float32, torch.float64):

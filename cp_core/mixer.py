@@ -414,7 +414,8 @@ class Mamba2Mixer(nn.Module):
     def _hidden_mode(self) -> str:
         """The hidden strategy's variant, as the ranks must agree on it (their collectives differ)."""
         mode = "hidden" if self.fused else "hidden, seed path"
-        return mode + (", CP_CORE_EXCHANGE=gather" if hidden.EXCHANGE == "gather" else "")
+        mode += ", CP_CORE_EXCHANGE=gather" if hidden.EXCHANGE == "gather" else ""
+        return mode + (f", CP_CORE_TRANSPORT={comm.TRANSPORT}" if comm.TRANSPORT != "auto" else "")
 
     # ------------------------------------------------------------------ forward
 

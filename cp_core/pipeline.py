@@ -29,12 +29,14 @@ the same arithmetic per head, so every ``k`` gives the same numbers.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from . import comm
 from .channels import ChannelPlan
 from .hidden import _heads_to_seq, _seq_to_heads, _to_heads, _to_seq
 from .kernels.conv_ssd import ConvSSDSpec, conv_ssd_bwd, conv_ssd_fwd
@@ -75,6 +77,9 @@ class CoreSpec:
 
 
 _STREAMS: dict[int, torch.cuda.Stream] = {}
+#: CUDA priority of the communication stream (``CP_CORE_COMM_PRIORITY``; lower is more urgent, e.g. -1: its
+#: small kernels, the mailbox barrier or NCCL's, are scheduled ahead of the compute stream's blocks)
+COMM_PRIORITY = int(os.environ.get("CP_CORE_COMM_PRIORITY", "0"))
 
 
 def comm_stream(device: torch.device) -> torch.cuda.Stream:
@@ -82,13 +87,15 @@ def comm_stream(device: torch.device) -> torch.cuda.Stream:
     idx = torch.device(device).index
     idx = torch.cuda.current_device() if idx is None else idx
     if idx not in _STREAMS:
-        _STREAMS[idx] = torch.cuda.Stream(device=idx)
+        _STREAMS[idx] = torch.cuda.Stream(device=idx, priority=COMM_PRIORITY)
     return _STREAMS[idx]
 
 
-def _run_chunks(spec: CoreSpec, pre, compute, post, outs: tuple[torch.Tensor, ...]) -> None:
+def _run_chunks(spec: CoreSpec, pre, compute, post, outs: tuple[torch.Tensor, ...], ready=None) -> None:
     """``post(j, compute(j, pre(j)))`` for every chunk; with ``spec.overlap`` the ``pre``/``post`` steps
-    (the communication) run on the communication stream, overlapped with the other chunks' ``compute``."""
+    (the communication) run on the communication stream, overlapped with the other chunks' ``compute``.
+    ``ready[j]`` (CUDA events of the current stream), when given, is when chunk ``j``'s input to ``pre`` is
+    complete: its transfer may then start before the current stream has finished what it queued later."""
     k = spec.chunks
     if not spec.overlap:
         for j in range(k):
@@ -96,21 +103,24 @@ def _run_chunks(spec: CoreSpec, pre, compute, post, outs: tuple[torch.Tensor, ..
         return
     main = torch.cuda.current_stream()
     side = comm_stream(main.device)
-    side.wait_stream(main)
+    if ready is None:
+        side.wait_stream(main)
     for t in outs:
         t.record_stream(side)
     staged = []
-    with torch.cuda.stream(side):
+    with torch.cuda.stream(side), comm.overlapped():
         for j in range(k):
+            if ready is not None:
+                side.wait_event(ready[j])
             a = pre(j)
             staged.append((a, side.record_event()))
     for j in range(k):
-        a, ready = staged[j]
-        main.wait_event(ready)
+        a, ready_j = staged[j]
+        main.wait_event(ready_j)
         a.record_stream(main)
         b = compute(j, a)
         side.wait_event(main.record_event())
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), comm.overlapped():
             b.record_stream(side)
             post(j, b)
     main.wait_stream(side)
@@ -174,7 +184,8 @@ class _LayerCore(torch.autograd.Function):
             def post(j, yh):
                 _heads_to_seq(yh, spec.chans_post[j], tok, group, A2A_POST, LAYOUT, out=y)
 
-            _run_chunks(spec, pre, compute, post, (y,))
+            ready = getattr(xsep, "chunk_ready", None) if spec.slot_rows is not None else None
+            _run_chunks(spec, pre, compute, post, (y,), ready)
         with region(NORM_PROJ):
             normed, rstd = norm_fwd(y, z, norm_w, spec.eps, spec.norm_group, spec.norm_backend)
             out = F.linear(normed, out_w)
@@ -220,6 +231,8 @@ class _LayerCore(torch.autograd.Function):
                 dz=dz, recompute_output=True,
             )  # fmt: skip
             del dnormed, y, rstd
+            # dy is complete: the first chunk's transfer can run beside out_proj's weight gradient
+            dy_ready = torch.cuda.current_stream().record_event() if spec.overlap else None
             dout_w = d2.t() @ normed
             del normed
         if spec.cp_size == 1:
@@ -256,7 +269,7 @@ class _LayerCore(torch.autograd.Function):
                         dxh, spec.chans[j], tok, group, A2A_PRE + "_bwd", LAYOUT + "_bwd", out=dxbcdt
                     )
 
-            _run_chunks(spec, pre, compute, post, (dxbcdt,))
+            _run_chunks(spec, pre, compute, post, (dxbcdt,), None if dy_ready is None else [dy_ready] * k)
             if k == 1:
                 dconv_w, dconv_b, ddt_bias, dA, dD = grads[0]
             else:
@@ -342,13 +355,18 @@ class _SlotLinear(torch.autograd.Function):
     replicated group feeds several slots)."""
 
     @staticmethod
-    def forward(ctx, u, weight, k, rows, nslots, unique):
+    def forward(ctx, u, weight, k, rows, nslots, unique, per_chunk):
         u2 = u.reshape(-1, u.shape[-1])
-        z = u2 @ weight[:k].t()
         wp = weight.index_select(0, rows).view(nslots, -1, weight.shape[1])
         slots = u2.new_empty((nslots, u2.shape[0], wp.shape[1]))
+        ready = []
         for i in range(nslots):
             torch.mm(u2, wp[i].t(), out=slots[i])
+            if per_chunk and (i + 1) % per_chunk == 0:
+                ready.append(torch.cuda.current_stream().record_event())
+        z = u2 @ weight[:k].t()  # after the slots: the first chunk's transfer can run beside it
+        if ready:
+            slots.chunk_ready = ready  # read by the layer core (a missing attribute only costs overlap)
         ctx.save_for_backward(u, weight, rows)
         ctx.cfg = (k, unique)
         return z.view(*u.shape[:-1], k), slots
@@ -372,10 +390,11 @@ class _SlotLinear(torch.autograd.Function):
         else:
             dw[k:].zero_()
             dw.index_add_(0, rows, dwp)
-        return du.view_as(u), dw, None, None, None, None
+        return du.view_as(u), dw, None, None, None, None, None
 
 
 def slot_in_proj(u: torch.Tensor, weight: torch.Tensor, spec: CoreSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """``in_proj`` for hidden CP as ``z [..., d_inner]`` and the send slots ``[k*cp, N, w]`` of ``spec``."""
     nslots = spec.chunks * spec.cp_size
-    return _SlotLinear.apply(u, weight, spec.d_inner, spec.slot_rows, nslots, spec.slot_unique)
+    per_chunk = spec.cp_size if spec.overlap else 0  # an event after each head chunk's slots
+    return _SlotLinear.apply(u, weight, spec.d_inner, spec.slot_rows, nslots, spec.slot_unique, per_chunk)

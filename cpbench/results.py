@@ -264,6 +264,12 @@ def environment() -> dict[str, Any]:
     env["git_commit"] = _run(["git", "rev-parse", "HEAD"], cwd=repo)
     dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo)
     env["git_dirty"] = bool(dirty) if env["git_commit"] else None
+    # the library's own switches and the settings that change what is measured
+    env["settings"] = {
+        k: v
+        for k, v in sorted(os.environ.items())
+        if k.startswith(("CP_CORE_", "NCCL_", "TORCH_SYMM_MEM_")) or k in ("MAMBA_DETERMINISTIC",)
+    }
     return env
 
 

@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from cp_core import mailbox
+
 from .metrics import NAN
 from .packing import batch_cu_seqlens
 from .scenario import Case, Scenario
@@ -254,6 +256,7 @@ def run_iterations(p: Prepared, scenario: Scenario, ctx: RankContext) -> dict[st
             print(f"case {p.case.index}: warm-up took {warmup_s:.1f} s", file=sys.stderr, flush=True)
         if cuda:
             torch.cuda.reset_peak_memory_stats(ctx.device)
+            mailbox.peak_bytes(reset=True)
         regions: dict[str, list[float]] = {}
         n_coll = 0
         with contextlib.ExitStack() as stack:
@@ -281,7 +284,8 @@ def run_iterations(p: Prepared, scenario: Scenario, ctx: RankContext) -> dict[st
         if prof is not None and ctx.trace_dir is not None:
             ctx.trace_dir.mkdir(parents=True, exist_ok=True)
             prof.export_chrome_trace(str(ctx.trace_dir / f"case{p.case.index:04d}-rank{ctx.rank}.json"))
-        peak = float(torch.cuda.max_memory_allocated(ctx.device)) if cuda else NAN
+        # the copy-engine transport's mailboxes live outside the caching allocator: counted here
+        peak = float(torch.cuda.max_memory_allocated(ctx.device) + mailbox.peak_bytes()) if cuda else NAN
         nocomm = _layer_without_comm(p, scenario, ctx, timer) if _wants_nocomm(p, scenario) else None
     backends = dict(getattr(p.mixer, "backends", {}) or {})
     return {

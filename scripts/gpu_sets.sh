@@ -8,12 +8,26 @@
 #   bash scripts/gpu_sets.sh 5   GPU tests of the layer, NCCL parity, the exchange into rows against the earlier
 #                                pack + all-to-all + row gather (CP_CORE_EXCHANGE=gather), cp 1/2, L 64K/128K
 #   bash scripts/gpu_sets.sh 6   the same at L 128K: contiguous and head_tail layouts, BSHD and 64 documents
+#   bash scripts/gpu_sets.sh 7   the all-to-all over NCCL against copy engines (CP_CORE_TRANSPORT=ce): alone and
+#                                beside GEMMs (scripts/exchange_micro.py), NCCL parity, the layer at cp 1/2, L 64K/128K
 #   bash scripts/gpu_sets.sh 4   the GPU tests against mamba-ssm and of NaN isolation, NCCL parity of the
 #                                chunked layer, ours (k 1/2) beside NeMo at cp 2, L 128K in one sweep
 # Results under $OUT (default out/). Needs mamba-ssm, causal-conv1d, nvtx, nemo-automodel (scripts/gpu_setup.sh).
 source scripts/gpu_setup.sh
 stage=${1:?stage 1 or 2}
 sweep() { torchrun --nproc-per-node 2 -m cpbench sweep "$@" --no-progress 2>&1 | grep -vE "UserWarning|warnings.warn"; }
+# ab NAME VAR "V1 V2" SETS...: the same sweep once per value of the environment variable VAR, one tarball
+ab() {
+  local name=$1 var=$2 values=$3; shift 3
+  for v in $values; do
+    env "$var=$v" timeout 200 bash -c "$(declare -f sweep); sweep scenarios/peers.toml \
+      --out $OUT/$name-$v --set 'sweep.impl=[\"cp_core\"]' --set 'sweep.overlap_chunks=[1, 2]' \
+      --set run.iters=3 $*" | tail -1
+    python3 -m cpbench report "$OUT/$name-$v" --metrics layer_ms layer_nocomm_ms exposed_comm_ms 2>&1 | tail -12
+  done
+  (cd "$OUT" && rm -f "$name"-*/.cpbench.lock && tar czf "$name.tgz" "$name"-* && rm -rf "$name"-*/)
+}
+exchange_ab() { local name=$1; shift; ab "$name" CP_CORE_EXCHANGE "gather direct" "$@"; }
 if [ "$stage" = 1 ]; then
   { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nvidia-smi topo -m;
     python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.nccl.version())"; } > "$OUT/machine.txt" 2>&1
@@ -32,17 +46,6 @@ elif [ "$stage" = 4 ]; then
     --set 'sweep.impl=[\"cp_core\", \"nemo\"]' --set run.iters=3" | tail -2
   python3 -m cpbench report "$OUT/peers128" --vs nemo --metrics layer_ms peak_mem_GiB exposed_comm_ms 2>&1 | tail -12
 elif [ "$stage" = 5 ] || [ "$stage" = 6 ]; then
-  # exchange_ab NAME SETS...: the same sweep with the earlier exchange and the default one, one tarball
-  exchange_ab() {
-    local name=$1; shift
-    for ex in gather direct; do
-      CP_CORE_EXCHANGE=$ex timeout 200 bash -c "$(declare -f sweep); sweep scenarios/peers.toml \
-        --out $OUT/$name-$ex --set 'sweep.impl=[\"cp_core\"]' --set 'sweep.overlap_chunks=[1, 2]' \
-        --set run.iters=3 $*" | tail -1
-      python3 -m cpbench report "$OUT/$name-$ex" --metrics layer_ms layer_nocomm_ms exposed_comm_ms 2>&1 | tail -12
-    done
-    (cd "$OUT" && rm -f "$name"-*/.cpbench.lock && tar czf "$name.tgz" "$name"-gather "$name"-direct && rm -rf "$name"-*)
-  }
   if [ "$stage" = 5 ]; then
     { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nvidia-smi topo -m;
       python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.nccl.version())"; } > "$OUT/machine.txt" 2>&1
@@ -51,6 +54,29 @@ elif [ "$stage" = 5 ] || [ "$stage" = 6 ]; then
     exchange_ab exchange "--set 'sweep.seq_len=[65536, 131072]' --set 'sweep.cp_size=[1, 2]' --set 'sweep.packing=[\"none\"]'"
   else
     exchange_ab exchange6 "--set 'sweep.seq_len=[131072]' --set 'sweep.cp_size=[2]' --set 'sweep.layout=[\"contiguous\", \"head_tail\"]'"
+  fi
+elif [ "$stage" = 7 ]; then
+  # the all-to-all's transport: NCCL kernels against copy engines (CP_CORE_TRANSPORT=ce), alone and beside
+  # GEMMs, then the layer at cp 1/2, L 64K/128K, BSHD, k 1/2 with each
+  { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nvidia-smi topo -m;
+    python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.nccl.version())"; } > "$OUT/machine.txt" 2>&1
+  timeout 100 torchrun --nproc-per-node 2 scripts/exchange_micro.py --mib 680,1360 2>&1 \
+    | grep -vE "UserWarning|warnings.warn" | tee "$OUT/transport_micro.csv" | tail -14
+  CP_CORE_TRANSPORT=ce MAMBA_DETERMINISTIC=1 timeout 80 torchrun --nproc-per-node 2 tests/nccl_parity.py --cp 2 \
+    --strategies hidden hidden@2 2>&1 | tee "$OUT/nccl_parity_ce.txt" | grep -E "FAIL|passed|Error"
+  ab transport CP_CORE_TRANSPORT "nccl ce" "--set 'sweep.seq_len=[65536, 131072]' --set 'sweep.cp_size=[1, 2]' \
+    --set 'sweep.packing=[\"none\"]'"
+elif [ "$stage" = 8 ] || [ "$stage" = 9 ]; then
+  # the default transport (copy engines beside compute, NCCL otherwise) against NCCL only, k 1/2/4;
+  # stage 9 adds the communication stream at high priority, 10 iterations per case
+  [ "$stage" = 8 ] && CP_CORE_TRANSPORT=ce MAMBA_DETERMINISTIC=1 timeout 150 torchrun --nproc-per-node 2 \
+    tests/nccl_parity.py --cp 2 --strategies hidden hidden@2 2>&1 | tee "$OUT/nccl_parity_ce.txt" | grep -E "FAIL|passed|Error"
+  sets="--set 'sweep.seq_len=[65536, 131072]' --set 'sweep.cp_size=[1, 2]' --set 'sweep.packing=[\"none\"]' \
+    --set 'sweep.overlap_chunks=[1, 2, 4]'"
+  if [ "$stage" = 8 ]; then ab transport8 CP_CORE_TRANSPORT "nccl auto" "$sets"; else
+    ab transport9 CP_CORE_TRANSPORT "nccl auto" "$sets --set run.iters=10"
+    export CP_CORE_COMM_PRIORITY=-1
+    ab transport9p CP_CORE_TRANSPORT "auto" "$sets --set run.iters=10 --set 'sweep.cp_size=[2]'"
   fi
 elif [ "$stage" = 2 ]; then
   timeout 150 bash -c "$(declare -f sweep); sweep scenarios/strategies2.toml --out $OUT/strategies" | tail -4

@@ -46,6 +46,9 @@ def disagree_case(group, which):
     elif which == "exchange":
         with setting(hidden, "EXCHANGE", "gather" if r == 1 else "direct"):
             _mixer(group)(torch.zeros(1, g // cp, 16))
+    elif which == "transport":
+        with setting(comm, "TRANSPORT", "ce" if r == 1 else "auto"):
+            _mixer(group)(torch.zeros(1, g // cp, 16))
     elif which == "invalid cu on one rank":
         cu = cu_from_lengths([g + 1, g - 1]) if r == 1 else cu_from_lengths([g, g])
         _mixer(group, "state_passing")(torch.zeros(2 * g // cp, 16), cu)
@@ -67,6 +70,7 @@ DISAGREE = {
     "dtype": "dtype: rank(s) [0]: 'torch.float32', rank(s) [1]: 'torch.float64'",
     "strategy": "strategy: rank(s) [0]: 'state_passing_chain', rank(s) [1]: 'state_passing'",
     "exchange": "strategy: rank(s) [0]: 'hidden', rank(s) [1]: 'hidden, CP_CORE_EXCHANGE=gather'",
+    "transport": "strategy: rank(s) [0]: 'hidden', rank(s) [1]: 'hidden, CP_CORE_TRANSPORT=ce'",
     "invalid cu on one rank": "document 0 has length 5",
     "wrong width on one rank": "d_model 16, got shape (1, 2, 17)",
     "wrong width on one rank, seed api": "last-dim width 37, expected 36",

@@ -21,9 +21,9 @@ def _data(cp, layout, batch, n_docs, width, seed):
     return randn((int(cu[-1]), width), seed), cu
 
 
-def _case(group, layout, batch, n_docs, nh, hd, ng, ds, with_z, exchange="direct"):
+def _case(group, layout, batch, n_docs, nh, hd, ng, ds, with_z, exchange="direct", transport="nccl"):
     """Everything the fused path must satisfy, on this rank, against references from the global tensors."""
-    with setting(hidden, "EXCHANGE", exchange):
+    with setting(hidden, "EXCHANGE", exchange), setting(comm, "TRANSPORT", transport):
         return _case_in(group, layout, batch, n_docs, nh, hd, ng, ds, with_z)
 
 
@@ -91,12 +91,12 @@ def _heads(cp, rel):
 FORMATS = {"bshd1": (1, None), "bshd2": (2, None), "thd1": (1, 1), "thd3": (1, 3), "thd17": (1, 17)}
 
 
-def _run(ranks, cp, layout, fmt, rel, with_z=True, exchange="direct"):
+def _run(ranks, cp, layout, fmt, rel, with_z=True, exchange="direct", transport="nccl"):
     if rel == "<" and cp == 1:
         pytest.skip("n_groups < cp_size needs cp_size > 1")
     batch, n_docs = FORMATS[fmt]
     nh, hd, ng, ds = _heads(cp, rel)
-    res = ranks.run(_case, cp, layout, batch, n_docs, nh, hd, ng, ds, with_z, exchange)
+    res = ranks.run(_case, cp, layout, batch, n_docs, nh, hd, ng, ds, with_z, exchange, transport)
     for r, (ok, bad) in enumerate(res):
         assert ok, f"rank {r} failed: {bad}; group verdict False"
 
@@ -128,6 +128,18 @@ def test_gather_exchange_exact(ranks, layout, fmt):
     """The one-message exchange with a row gather (the path of plans with many pieces, and the
     benchmark's baseline) on the formats whose default is the piecewise exchange."""
     _run(ranks, 4, layout, fmt, "==", exchange="gather")
+
+
+@pytest.mark.parametrize("exchange", ["direct", "gather"])
+@pytest.mark.parametrize(
+    "fmt, layout", [("bshd2", "head_tail"), ("thd3", "contiguous"), ("thd17", "head_tail")]
+)
+@pytest.mark.parametrize("cp", [2, 4])
+def test_mailbox_transport_exact(ranks, cp, fmt, layout, exchange):
+    """The copy-engine transport's protocol (stage into the own mailbox, barrier, pull from the peers'),
+    here through shared memory-mapped files between the gloo ranks: the same permutations, bit for bit,
+    for the piecewise exchange, the plain all-to-all and the row-gather baseline."""
+    _run(ranks, cp, layout, fmt, "==", exchange=exchange, transport="ce")
 
 
 def test_runs_are_the_permutation():

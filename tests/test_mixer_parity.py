@@ -166,6 +166,19 @@ def test_hidden_parity_gather_exchange(ranks, cp, ng, fmt):
     check(ranks.run(gather_parity_case, cp, small_cfg(8, ng), "head_tail", batch, n_docs, "float32"))
 
 
+def mailbox_parity_case(group, *args, **kw):
+    """:func:`parity_case` with the all-to-alls through the copy-engine transport's mailboxes
+    (:mod:`cp_core.mailbox`; shared files between the gloo ranks here)."""
+    with setting(comm, "TRANSPORT", "ce"):
+        return parity_case(group, *args, **kw)
+
+
+@pytest.mark.parametrize("fmt", ["bshd", "thd"])
+def test_hidden_parity_mailbox_transport(ranks, fmt):
+    batch, n_docs = (2, None) if fmt == "bshd" else (1, 5)
+    check(ranks.run(mailbox_parity_case, 4, small_cfg(8, 2), "head_tail", batch, n_docs, "float32"))
+
+
 def layer_input(cfg, layout, cp, batch, n_docs, units, seed):
     """Seeded global input: ``[batch, units*granule, d_model]``, or a pack of ``n_docs`` documents with its
     ``cu_seqlens`` (every rank builds the same)."""
