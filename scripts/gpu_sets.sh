@@ -10,6 +10,11 @@
 #   bash scripts/gpu_sets.sh 6   the same at L 128K: contiguous and head_tail layouts, BSHD and 64 documents
 #   bash scripts/gpu_sets.sh 7   the all-to-all over NCCL against copy engines (CP_CORE_TRANSPORT=ce): alone and
 #                                beside GEMMs (scripts/exchange_micro.py), NCCL parity, the layer at cp 1/2, L 64K/128K
+#   bash scripts/gpu_sets.sh 8   the default transport (auto) against NCCL only, cp 1/2, L 64K/128K, k 1/2/4 (9: 10
+#                                iterations a case, and the communication stream at high priority)
+#   bash scripts/gpu_sets.sh 10  GPU tests, NCCL parity, ours beside NeMo AutoModel (cp 2, L 128K, BSHD and 64
+#                                documents) and mamba-ssm's Mamba2 (cp 1, L 128K)
+#   bash scripts/gpu_sets.sh 11  state passing (both exchanges) beside the hidden strategy at cp 2, L 128K, 8/64 docs
 #   bash scripts/gpu_sets.sh 4   the GPU tests against mamba-ssm and of NaN isolation, NCCL parity of the
 #                                chunked layer, ours (k 1/2) beside NeMo at cp 2, L 128K in one sweep
 # Results under $OUT (default out/). Needs mamba-ssm, causal-conv1d, nvtx, nemo-automodel (scripts/gpu_setup.sh).
@@ -78,6 +83,28 @@ elif [ "$stage" = 8 ] || [ "$stage" = 9 ]; then
     export CP_CORE_COMM_PRIORITY=-1
     ab transport9p CP_CORE_TRANSPORT "auto" "$sets --set run.iters=10 --set 'sweep.cp_size=[2]'"
   fi
+elif [ "$stage" = 10 ]; then
+  # the GPU tests, NCCL parity (default transport), ours beside NeMo AutoModel (cp 2) and mamba-ssm (cp 1)
+  { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nvidia-smi topo -m;
+    python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.nccl.version())"; } > "$OUT/machine.txt" 2>&1
+  MAMBA_DETERMINISTIC=1 timeout 150 python3 -m pytest -q -p no:cacheprovider -p no:warnings tests/test_mamba_ssm_gpu.py \
+    tests/test_mixer_gpu.py 2>&1 | tail -4 | tee "$OUT/gpu_tests.txt"
+  MAMBA_DETERMINISTIC=1 timeout 70 torchrun --nproc-per-node 2 tests/nccl_parity.py --cp 2 --strategies hidden@2 \
+    2>&1 | tee "$OUT/nccl_parity.txt" | grep -E "FAIL|passed"
+  timeout 170 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/peers-cp2 --set 'sweep.seq_len=[131072]' \
+    --set 'sweep.cp_size=[2]' --set 'sweep.overlap_chunks=[1, 2]' --set 'sweep.impl=[\"cp_core\", \"nemo\"]' \
+    --set run.iters=3" | tail -1
+  timeout 90 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/peers-cp1 --set 'sweep.seq_len=[131072]' \
+    --set 'sweep.cp_size=[1]' --set 'sweep.packing=[\"none\"]' --set 'sweep.overlap_chunks=[1]' \
+    --set 'sweep.impl=[\"cp_core\", \"mamba_ssm\"]' --set run.iters=3" | tail -1
+  python3 -m cpbench report "$OUT/peers-cp2" --vs nemo --metrics layer_ms peak_mem_GiB 2>&1 | tail -9
+  python3 -m cpbench report "$OUT/peers-cp1" --vs mamba_ssm --metrics layer_ms peak_mem_GiB 2>&1 | tail -6
+  (cd "$OUT" && rm -f peers-*/.cpbench.lock && tar czf peers.tgz peers-cp2 peers-cp1 && rm -rf peers-cp2 peers-cp1)
+elif [ "$stage" = 11 ]; then
+  # state passing at L 128K with 8 and 64 documents beside the hidden strategy (fused)
+  timeout 300 bash -c "$(declare -f sweep); sweep scenarios/strategies2.toml --out $OUT/strategies128 \
+    --set 'sweep.path=[\"fused\"]' --set 'sweep.packing=[{docs = 8, density = 0.9}, {docs = 64, density = 0.9}]'" | tail -3
+  python3 -m cpbench report "$OUT/strategies128" --metrics layer_ms peak_mem_GiB 2>&1 | tail -12
 elif [ "$stage" = 2 ]; then
   timeout 150 bash -c "$(declare -f sweep); sweep scenarios/strategies2.toml --out $OUT/strategies" | tail -4
 else
