@@ -105,6 +105,16 @@ elif [ "$stage" = 11 ]; then
   timeout 300 bash -c "$(declare -f sweep); sweep scenarios/strategies2.toml --out $OUT/strategies128 \
     --set 'sweep.path=[\"fused\"]' --set 'sweep.packing=[{docs = 8, density = 0.9}, {docs = 64, density = 0.9}]'" | tail -3
   python3 -m cpbench report "$OUT/strategies128" --metrics layer_ms peak_mem_GiB 2>&1 | tail -12
+  # mamba-ssm's Mamba2 at cp 1 beside ours: L 64K in one sweep, L 128K on its own (a peer that fails there
+  # ends its process)
+  timeout 90 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/peers-cp1-64k --set 'sweep.seq_len=[65536]' \
+    --set 'sweep.cp_size=[1]' --set 'sweep.packing=[\"none\"]' --set 'sweep.overlap_chunks=[1]' \
+    --set 'sweep.impl=[\"cp_core\", \"mamba_ssm\"]' --set run.iters=3" | tail -1
+  timeout 60 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/peers-cp1-128k --set 'sweep.seq_len=[131072]' \
+    --set 'sweep.cp_size=[1]' --set 'sweep.packing=[\"none\"]' --set 'sweep.overlap_chunks=[1]' \
+    --set 'sweep.impl=[\"mamba_ssm\"]' --set run.iters=3" 2>&1 | tail -3
+  python3 -m cpbench report "$OUT/peers-cp1-64k" --vs mamba_ssm --metrics layer_ms peak_mem_GiB 2>&1 | grep -A4 ratio
+  (cd "$OUT" && rm -f */.cpbench.lock && tar czf sets11.tgz strategies128 peers-cp1-64k peers-cp1-128k && rm -rf strategies128 peers-cp1-*)
 elif [ "$stage" = 2 ]; then
   timeout 150 bash -c "$(declare -f sweep); sweep scenarios/strategies2.toml --out $OUT/strategies" | tail -4
 else
