@@ -67,7 +67,7 @@ _HIDDEN = [
     h + g + t
     for h in ("hidden", "hidden, seed path")
     for g in ("", ", CP_CORE_EXCHANGE=gather")
-    for t in ("", ", CP_CORE_TRANSPORT=ce", ", CP_CORE_TRANSPORT=nccl")
+    for t in ("", ", CP_CORE_TRANSPORT=ce", ", CP_CORE_TRANSPORT=auto")
 ]
 for _s in ("state_passing", "state_passing_chain", "head_tail", "contiguous", "mixer", "mamba_cp", *_HIDDEN):
     _crc(_s)

@@ -33,7 +33,7 @@ _SUPPRESSED = False
 #: streaming multiprocessor is taken from the kernels a pipelined transfer runs beside) or ``"auto"``
 #: (copy engines for the transfers that run beside compute, :func:`overlapped`; NCCL for the others, where
 #: its higher bandwidth alone wins). From ``CP_CORE_TRANSPORT`` at import; the ranks must agree.
-TRANSPORT = os.environ.get("CP_CORE_TRANSPORT", "auto")
+TRANSPORT = os.environ.get("CP_CORE_TRANSPORT", "nccl")
 if TRANSPORT not in ("nccl", "ce", "auto"):
     raise ValueError(f"CP_CORE_TRANSPORT must be 'nccl', 'ce' or 'auto', got {TRANSPORT!r}")
 

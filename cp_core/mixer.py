@@ -415,7 +415,7 @@ class Mamba2Mixer(nn.Module):
         """The hidden strategy's variant, as the ranks must agree on it (their collectives differ)."""
         mode = "hidden" if self.fused else "hidden, seed path"
         mode += ", CP_CORE_EXCHANGE=gather" if hidden.EXCHANGE == "gather" else ""
-        return mode + (f", CP_CORE_TRANSPORT={comm.TRANSPORT}" if comm.TRANSPORT != "auto" else "")
+        return mode + (f", CP_CORE_TRANSPORT={comm.TRANSPORT}" if comm.TRANSPORT != "nccl" else "")
 
     # ------------------------------------------------------------------ forward
 

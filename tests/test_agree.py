@@ -47,7 +47,7 @@ def disagree_case(group, which):
         with setting(hidden, "EXCHANGE", "gather" if r == 1 else "direct"):
             _mixer(group)(torch.zeros(1, g // cp, 16))
     elif which == "transport":
-        with setting(comm, "TRANSPORT", "ce" if r == 1 else "auto"):
+        with setting(comm, "TRANSPORT", "ce" if r == 1 else "nccl"):
             _mixer(group)(torch.zeros(1, g // cp, 16))
     elif which == "invalid cu on one rank":
         cu = cu_from_lengths([g + 1, g - 1]) if r == 1 else cu_from_lengths([g, g])
