@@ -39,12 +39,6 @@ if TRANSPORT not in ("nccl", "ce", "auto"):
 
 _OVERLAPPED = False
 
-#: How :func:`exchange` groups NCCL's point-to-point operations: ``"one"`` group for all pieces, or
-#: ``"per_piece"``: one group per piece index (``CP_CORE_P2P_GROUPS``; the ranks must agree).
-P2P_GROUPS = os.environ.get("CP_CORE_P2P_GROUPS", "one")
-if P2P_GROUPS not in ("one", "per_piece"):
-    raise ValueError(f"CP_CORE_P2P_GROUPS must be 'one' or 'per_piece', got {P2P_GROUPS!r}")
-
 
 @contextlib.contextmanager
 def overlapped():
@@ -163,20 +157,12 @@ def exchange(sends: list[list[torch.Tensor]], recvs: list[list[torch.Tensor]], g
             for t, h in zip(ts, hts, strict=True):
                 t.copy_(h)
         return
-    # one grouped launch for every piece, or (P2P_GROUPS "per_piece") one per piece index: piece i of
-    # every peer together, each peer then sending one message at a time
-    waves = max(len(ts) for ts in sends + recvs) if P2P_GROUPS == "per_piece" else 1
-    reqs = []
-    for wave in range(waves):
-        ops = []
-        for step in range(1, cp):
-            dst, src = (me + step) % cp, (me - step) % cp
-            mine = sends[dst] if waves == 1 else sends[dst][wave : wave + 1]
-            theirs = recvs[src] if waves == 1 else recvs[src][wave : wave + 1]
-            ops += [dist.P2POp(dist.isend, t, dist.get_global_rank(group, dst), group) for t in mine]
-            ops += [dist.P2POp(dist.irecv, t, dist.get_global_rank(group, src), group) for t in theirs]
-        if ops:
-            reqs += dist.batch_isend_irecv(ops)
+    ops = []
+    for step in range(1, cp):
+        dst, src = (me + step) % cp, (me - step) % cp
+        ops += [dist.P2POp(dist.isend, t, dist.get_global_rank(group, dst), group) for t in sends[dst]]
+        ops += [dist.P2POp(dist.irecv, t, dist.get_global_rank(group, src), group) for t in recvs[src]]
+    reqs = dist.batch_isend_irecv(ops)
     for a, b in zip(sends[me], recvs[me], strict=True):  # while the transfers run
         b.copy_(a)
     for req in reqs:

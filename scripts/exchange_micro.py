@@ -34,14 +34,6 @@ def _pieces(send, recv, k, group):
     )
 
 
-def _per_piece(fn):
-    before, comm.P2P_GROUPS = comm.P2P_GROUPS, "per_piece"
-    try:
-        fn()
-    finally:
-        comm.P2P_GROUPS = before
-
-
 def _with(transport, fn):
     def run():
         before, comm.TRANSPORT = comm.TRANSPORT, transport
@@ -89,9 +81,6 @@ def main() -> int:
             ),
             "nccl_exchange_1_piece": _with("nccl", lambda s=send, r=recv: _pieces(s, r, 1, group)),
             "nccl_exchange_2_pieces": _with("nccl", lambda s=send, r=recv: _pieces(s, r, 2, group)),
-            "nccl_exchange_2_pieces_per_piece_groups": _with(
-                "nccl", lambda s=send, r=recv: _per_piece(lambda: _pieces(s, r, 2, group))
-            ),
             "ce_all_to_all_single": _with("ce", lambda s=send, r=recv: comm.all_to_all_single(r, s, group)),
             "ce_exchange_2_pieces": _with("ce", lambda s=send, r=recv: _pieces(s, r, 2, group)),
         }

@@ -21,15 +21,9 @@ def _data(cp, layout, batch, n_docs, width, seed):
     return randn((int(cu[-1]), width), seed), cu
 
 
-def _case(
-    group, layout, batch, n_docs, nh, hd, ng, ds, with_z, exchange="direct", transport="nccl", p2p="one"
-):
+def _case(group, layout, batch, n_docs, nh, hd, ng, ds, with_z, exchange="direct", transport="nccl"):
     """Everything the fused path must satisfy, on this rank, against references from the global tensors."""
-    with (
-        setting(hidden, "EXCHANGE", exchange),
-        setting(comm, "TRANSPORT", transport),
-        setting(comm, "P2P_GROUPS", p2p),
-    ):
+    with setting(hidden, "EXCHANGE", exchange), setting(comm, "TRANSPORT", transport):
         return _case_in(group, layout, batch, n_docs, nh, hd, ng, ds, with_z)
 
 
@@ -97,12 +91,12 @@ def _heads(cp, rel):
 FORMATS = {"bshd1": (1, None), "bshd2": (2, None), "thd1": (1, 1), "thd3": (1, 3), "thd17": (1, 17)}
 
 
-def _run(ranks, cp, layout, fmt, rel, with_z=True, exchange="direct", transport="nccl", p2p="one"):
+def _run(ranks, cp, layout, fmt, rel, with_z=True, exchange="direct", transport="nccl"):
     if rel == "<" and cp == 1:
         pytest.skip("n_groups < cp_size needs cp_size > 1")
     batch, n_docs = FORMATS[fmt]
     nh, hd, ng, ds = _heads(cp, rel)
-    res = ranks.run(_case, cp, layout, batch, n_docs, nh, hd, ng, ds, with_z, exchange, transport, p2p)
+    res = ranks.run(_case, cp, layout, batch, n_docs, nh, hd, ng, ds, with_z, exchange, transport)
     for r, (ok, bad) in enumerate(res):
         assert ok, f"rank {r} failed: {bad}; group verdict False"
 
@@ -146,15 +140,6 @@ def test_mailbox_transport_exact(ranks, cp, fmt, layout, exchange):
     here through shared memory-mapped files between the gloo ranks: the same permutations, bit for bit,
     for the piecewise exchange, the plain all-to-all and the row-gather baseline."""
     _run(ranks, cp, layout, fmt, "==", exchange=exchange, transport="ce")
-
-
-@pytest.mark.parametrize(
-    "fmt, layout", [("bshd2", "head_tail"), ("thd3", "head_tail"), ("thd3", "contiguous")]
-)
-@pytest.mark.parametrize("cp", [2, 4])
-def test_exchange_one_group_per_piece(ranks, cp, fmt, layout):
-    """The piecewise exchange with one point-to-point group per piece index: the same permutations."""
-    _run(ranks, cp, layout, fmt, "==", p2p="per_piece")
 
 
 def test_runs_are_the_permutation():
