@@ -56,8 +56,13 @@ def main() -> int:
     ap.add_argument("trace")
     ap.add_argument("--min-gap-ms", type=float, default=0.05)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--list", default="", help="also list every kernel whose name holds this (absolute ms)")
     a = ap.parse_args()
     ks = _kernels(a.trace)
+    if a.list:
+        for t0, t1, s, name in ks:
+            if a.list.lower() in name.lower():
+                print(f"  {a.list} stream {s}: {t0 / 1e3:.3f} +{(t1 - t0) / 1e3:.3f} ms")
     busy = defaultdict(float)
     for t0, t1, s, _ in ks:
         busy[s] += t1 - t0
