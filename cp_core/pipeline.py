@@ -80,9 +80,6 @@ _STREAMS: dict[int, torch.cuda.Stream] = {}
 #: CUDA priority of the communication stream (``CP_CORE_COMM_PRIORITY``; lower is more urgent, e.g. -1: its
 #: small kernels, the mailbox barrier or NCCL's, are scheduled ahead of the compute stream's blocks)
 COMM_PRIORITY = int(os.environ.get("CP_CORE_COMM_PRIORITY", "0"))
-#: backward: queue the first transfers before ``out_proj``'s weight gradient (``CP_CORE_EARLY_START=0``:
-#: after it, on the compute stream's order)
-EARLY_START = os.environ.get("CP_CORE_EARLY_START", "1") != "0"
 
 
 def comm_stream(device: torch.device) -> torch.cuda.Stream:
@@ -94,42 +91,29 @@ def comm_stream(device: torch.device) -> torch.cuda.Stream:
     return _STREAMS[idx]
 
 
-def _stage(spec: CoreSpec, pre, ready=None) -> list | None:
-    """Queue every chunk's ``pre`` (its transfer) on the communication stream (``spec.overlap`` only):
-    ``[(input of compute, its event)]``. ``ready[j]`` (CUDA events of the current stream), when given, is
-    when chunk ``j``'s input to ``pre`` is complete: its transfer may then start before the current
-    stream has finished what it queues later."""
-    if not spec.overlap:
-        return None
-    main = torch.cuda.current_stream()
-    side = comm_stream(main.device)
-    if ready is None:
-        side.wait_stream(main)
-    staged = []
-    with torch.cuda.stream(side), comm.overlapped():
-        for j in range(spec.chunks):
-            if ready is not None:
-                side.wait_event(ready[j])
-            a = pre(j)
-            staged.append((a, side.record_event()))
-    return staged
-
-
-def _run_chunks(spec: CoreSpec, pre, compute, post, outs: tuple[torch.Tensor, ...], ready=None, staged=None):
+def _run_chunks(spec: CoreSpec, pre, compute, post, outs: tuple[torch.Tensor, ...], ready=None) -> None:
     """``post(j, compute(j, pre(j)))`` for every chunk; with ``spec.overlap`` the ``pre``/``post`` steps
-    (the communication) run on the communication stream, overlapped with the other chunks' ``compute``
-    (the ``pre`` steps queued by :func:`_stage`, here or earlier by the caller: ``staged``)."""
+    (the communication) run on the communication stream, overlapped with the other chunks' ``compute``.
+    ``ready[j]`` (CUDA events of the current stream), when given, is when chunk ``j``'s input to ``pre`` is
+    complete: its transfer may then start before the current stream has finished what it queued later."""
     k = spec.chunks
     if not spec.overlap:
         for j in range(k):
             post(j, compute(j, pre(j)))
         return
-    if staged is None:
-        staged = _stage(spec, pre, ready)
     main = torch.cuda.current_stream()
     side = comm_stream(main.device)
+    if ready is None:
+        side.wait_stream(main)
     for t in outs:
         t.record_stream(side)
+    staged = []
+    with torch.cuda.stream(side), comm.overlapped():
+        for j in range(k):
+            if ready is not None:
+                side.wait_event(ready[j])
+            a = pre(j)
+            staged.append((a, side.record_event()))
     for j in range(k):
         a, ready_j = staged[j]
         main.wait_event(ready_j)
@@ -247,18 +231,8 @@ class _LayerCore(torch.autograd.Function):
                 dz=dz, recompute_output=True,
             )  # fmt: skip
             del dnormed, y, rstd
-            staged = None
-            if spec.cp_size > 1:
-
-                def pre(j):
-                    return _seq_to_heads(
-                        dy, spec.chans_post[j], spec.tok, spec.group, A2A_POST + "_bwd", LAYOUT + "_bwd"
-                    )
-
-                if spec.overlap and EARLY_START:
-                    # dy is complete: queue the transfers now, before out_proj's weight gradient (a GEMM that
-                    # takes every SM while it runs), so that the first chunk's moves beside it
-                    staged = _stage(spec, pre, [torch.cuda.current_stream().record_event()] * spec.chunks)
+            # dy is complete: the first chunk's transfer can run beside out_proj's weight gradient
+            dy_ready = torch.cuda.current_stream().record_event() if spec.overlap else None
             dout_w = d2.t() @ normed
             del normed
         if spec.cp_size == 1:
@@ -271,6 +245,9 @@ class _LayerCore(torch.autograd.Function):
             group, tok = spec.group, spec.tok
             k = spec.chunks
             grads: list[tuple] = [()] * k
+
+            def pre(j):
+                return _seq_to_heads(dy, spec.chans_post[j], tok, group, A2A_POST + "_bwd", LAYOUT + "_bwd")
 
             def compute(j, dyh):
                 xh, saved_xh[j] = saved_xh[j], None  # freed once this chunk's backward is done
@@ -292,7 +269,7 @@ class _LayerCore(torch.autograd.Function):
                         dxh, spec.chans[j], tok, group, A2A_PRE + "_bwd", LAYOUT + "_bwd", out=dxbcdt
                     )
 
-            _run_chunks(spec, pre, compute, post, (dxbcdt,), staged=staged)
+            _run_chunks(spec, pre, compute, post, (dxbcdt,), None if dy_ready is None else [dy_ready] * k)
             if k == 1:
                 dconv_w, dconv_b, ddt_bias, dA, dD = grads[0]
             else:

@@ -15,7 +15,6 @@
 #   bash scripts/gpu_sets.sh 10  GPU tests, NCCL parity, ours beside NeMo AutoModel (cp 2, L 128K, BSHD and 64
 #                                documents) and mamba-ssm's Mamba2 (cp 1, L 128K)
 #   bash scripts/gpu_sets.sh 11  state passing (both exchanges) beside the hidden strategy at cp 2, L 128K, 8/64 docs
-#   bash scripts/gpu_sets.sh 13  backward: the first transfers queued before out_proj's weight gradient or after
 #   bash scripts/gpu_sets.sh 4   the GPU tests against mamba-ssm and of NaN isolation, NCCL parity of the
 #                                chunked layer, ours (k 1/2) beside NeMo at cp 2, L 128K in one sweep
 # Results under $OUT (default out/). Needs mamba-ssm, causal-conv1d, nvtx, nemo-automodel (scripts/gpu_setup.sh).
@@ -116,10 +115,6 @@ elif [ "$stage" = 11 ]; then
     --set 'sweep.impl=[\"mamba_ssm\"]' --set run.iters=3" 2>&1 | tail -3
   python3 -m cpbench report "$OUT/peers-cp1-64k" --vs mamba_ssm --metrics layer_ms peak_mem_GiB 2>&1 | grep -A4 ratio
   (cd "$OUT" && rm -f */.cpbench.lock && tar czf sets11.tgz strategies128 peers-cp1-64k peers-cp1-128k && rm -rf strategies128 peers-cp1-*)
-elif [ "$stage" = 13 ]; then
-  # backward: the first transfers queued before out_proj's weight gradient (default) or after it
-  ab early CP_CORE_EARLY_START "0 1" "--set 'sweep.seq_len=[131072]' --set 'sweep.cp_size=[2]' \
-    --set 'sweep.packing=[\"none\"]' --set run.iters=10"
 elif [ "$stage" = 2 ]; then
   timeout 150 bash -c "$(declare -f sweep); sweep scenarios/strategies2.toml --out $OUT/strategies" | tail -4
 else
