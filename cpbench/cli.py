@@ -10,6 +10,7 @@
     cpbench compare OLD NEW [--threshold 5%] [--alpha 0.05] [--spread 8] [--only-changed] [--metric COL ...]
                     [--ignore COLS] [--allow-missing] [--allow-extra] [--allow-unreadable]
     cpbench nsys-import REPORT.nsys-rep|CSV [--csv OUT]
+    cpbench trace TRACE.json [--min-gap-ms MS] [--top N]
     cpbench scenarios
 
 ``SCENARIO`` is a TOML file (schema: :mod:`cpbench.scenario`) or the name of a scenario shipped in
@@ -180,6 +181,15 @@ def _parser() -> argparse.ArgumentParser:
     n = sub.add_parser("nsys-import", help="region columns from an nsys report or nvtx_gpu_proj_sum CSV")
     n.add_argument("report", type=Path)
     n.add_argument("--csv", type=Path, help="also write the columns as a one-row CSV")
+
+    tr = sub.add_parser(
+        "trace",
+        help="a --profile torch trace: communication/computation overlap (HTA's definition) and where the "
+        "compute stream waits",
+    )
+    tr.add_argument("trace", type=Path, help="a chrome trace (OUT/traces/caseNNNN-rankR.json)")
+    tr.add_argument("--min-gap-ms", type=float, default=0.05, help="shortest gap listed (default 0.05)")
+    tr.add_argument("--top", type=int, default=25, help="longest gaps printed (default 25)")
 
     sub.add_parser("scenarios", help="list the scenarios shipped in the package")
     return p
@@ -393,6 +403,19 @@ def _nsys_import(args) -> int:
     return 0
 
 
+def _trace(args) -> int:
+    from . import trace
+
+    if not args.trace.is_file():
+        raise UserError(f"no trace file {args.trace}")
+    try:
+        kernels = trace.load(args.trace)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{args.trace} is not a chrome trace: {e}") from None
+    print(trace.summary(kernels, args.min_gap_ms, args.top))
+    return 0
+
+
 def _scenarios(args) -> int:
     from .scenario import embedded_scenarios, load_scenario
 
@@ -417,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         "plot": _plot,
         "compare": _compare,
         "nsys-import": _nsys_import,
+        "trace": _trace,
         "scenarios": _scenarios,
     }
     try:

@@ -24,6 +24,11 @@ Conventions (as nccl-tests):
   ``comm_ms`` is the time of the communication regions (events on the stream that ran them): the
   share of the communication that ran concurrently with compute, as Holistic Trace Analysis defines
   overlap, here measured with events instead of a trace. Modeled (fake) rows: from the model.
+* With ``--profile torch``, from each rank's trace (:mod:`cpbench.trace`, the kernels inside the measured
+  iterations): ``trace_comm_ms`` (communication kernels' time per iteration, max over ranks),
+  ``trace_overlap_pct`` (HTA's overlap: communication time with computation kernels running at once
+  over communication time, the lowest rank) and ``trace_idle_ms`` (the compute stream's idle time in
+  gaps of 0.05 ms or more per iteration, max over ranks).
 * ``warmup_s``: the wall time of the untimed warm-up iterations (first-call autotuning), max over ranks.
 """
 
@@ -288,6 +293,13 @@ def aggregate(
     row["norm_backend"] = backends.get("norm", "")
     warm = [p.get("warmup_s") for p in payloads if p.get("warmup_s") is not None]
     row["warmup_s"] = max(warm) if warm else NAN
+
+    # from a --profile torch trace (per measured iteration): communication kernel time, HTA's overlap,
+    # the compute stream's idle time; the worst rank
+    traces = [p.get("trace") for p in payloads if p.get("trace")]
+    row["trace_comm_ms"] = max(t["comm_ms"] for t in traces) if traces else NAN
+    row["trace_overlap_pct"] = min((t["overlap_pct"] for t in traces), default=NAN) if traces else NAN
+    row["trace_idle_ms"] = max(t["idle_ms"] for t in traces) if traces else NAN
 
     # exposed communication: the layer against the same layer with its collectives suppressed
     row["layer_nocomm_ms"] = row["exposed_comm_ms"] = row["overlap_pct"] = NAN

@@ -281,6 +281,11 @@ def overlap_table(df):
                 "overlap %": getattr(r, "overlap_pct", math.nan),
             }
         )
+        if math.isfinite(
+            getattr(r, "trace_overlap_pct", math.nan)
+        ):  # --profile torch: HTA's, and the idle time
+            rows[-1]["overlap % (trace)"] = r.trace_overlap_pct
+            rows[-1]["idle ms (trace)"] = r.trace_idle_ms
     import pandas as pd
 
     return pd.DataFrame(rows).sort_values(["cp_size", "packing", "seq_len", "k"]).reset_index(drop=True)

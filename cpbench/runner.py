@@ -37,6 +37,7 @@ import torch
 
 from cp_core import mailbox
 
+from . import trace
 from .metrics import NAN
 from .packing import batch_cu_seqlens
 from .scenario import Case, Scenario
@@ -259,6 +260,7 @@ def run_iterations(p: Prepared, scenario: Scenario, ctx: RankContext) -> dict[st
             mailbox.peak_bytes(reset=True)
         regions: dict[str, list[float]] = {}
         n_coll = 0
+        traced = None
         with contextlib.ExitStack() as stack:
             stack.enter_context(timer.mark(f"case {p.case.index}: {p.case.describe()}"))
             prof = None
@@ -274,7 +276,12 @@ def run_iterations(p: Prepared, scenario: Scenario, ctx: RankContext) -> dict[st
                 _group_sync(ctx)
                 COUNTS.clear()
                 timer.start_iteration(measure=True)
-                _step(p, timer)
+                with (
+                    torch.profiler.record_function(trace.ITERATION)
+                    if prof is not None
+                    else contextlib.nullcontext()
+                ):
+                    _step(p, timer)
                 synchronize(ctx.device)
                 times = timer.stop_iteration()
                 n_coll = sum(COUNTS.values())
@@ -283,7 +290,9 @@ def run_iterations(p: Prepared, scenario: Scenario, ctx: RankContext) -> dict[st
                 _clear_grads(p)
         if prof is not None and ctx.trace_dir is not None:
             ctx.trace_dir.mkdir(parents=True, exist_ok=True)
-            prof.export_chrome_trace(str(ctx.trace_dir / f"case{p.case.index:04d}-rank{ctx.rank}.json"))
+            path = ctx.trace_dir / f"case{p.case.index:04d}-rank{ctx.rank}.json"
+            prof.export_chrome_trace(str(path))
+            traced = trace.case_stats(path)
         # the copy-engine transport's mailboxes live outside the caching allocator: counted here
         peak = float(torch.cuda.max_memory_allocated(ctx.device) + mailbox.peak_bytes()) if cuda else NAN
         nocomm = _layer_without_comm(p, scenario, ctx, timer) if _wants_nocomm(p, scenario) else None
@@ -296,6 +305,7 @@ def run_iterations(p: Prepared, scenario: Scenario, ctx: RankContext) -> dict[st
         "n_collectives": n_coll,
         "warmup_s": warmup_s,
         "nocomm": nocomm,
+        "trace": traced,
     }
 
 
