@@ -87,7 +87,7 @@ class _FileBox:
 
 
 def _box(group, nbytes: int, cuda: bool):
-    key = (id(group), cuda)
+    key = (getattr(group, "group_name", None) or id(group), cuda)
     box = _BOXES.get(key)
     if box is None or box.nbytes < nbytes:
         if box is not None and cuda:
