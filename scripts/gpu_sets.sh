@@ -10,7 +10,7 @@
 #   bash scripts/gpu_sets.sh 6   the same at L 128K: contiguous and head_tail layouts, BSHD and 64 documents
 #   bash scripts/gpu_sets.sh 7   the all-to-all over NCCL against copy engines (CP_CORE_TRANSPORT=ce): alone and
 #                                beside GEMMs (scripts/exchange_micro.py), NCCL parity, the layer at cp 1/2, L 64K/128K
-#   bash scripts/gpu_sets.sh 8   the default transport (auto) against NCCL only, cp 1/2, L 64K/128K, k 1/2/4 (9: 10
+#   bash scripts/gpu_sets.sh 8   CP_CORE_TRANSPORT=auto against NCCL only, cp 1/2, L 64K/128K, k 1/2/4 (9: 10
 #                                iterations a case, and the communication stream at high priority)
 #   bash scripts/gpu_sets.sh 10  GPU tests, NCCL parity, ours beside NeMo AutoModel (cp 2, L 128K, BSHD and 64
 #                                documents) and mamba-ssm's Mamba2 (cp 1, L 128K)
@@ -72,7 +72,7 @@ elif [ "$stage" = 7 ]; then
   ab transport CP_CORE_TRANSPORT "nccl ce" "--set 'sweep.seq_len=[65536, 131072]' --set 'sweep.cp_size=[1, 2]' \
     --set 'sweep.packing=[\"none\"]'"
 elif [ "$stage" = 8 ] || [ "$stage" = 9 ]; then
-  # the default transport (copy engines beside compute, NCCL otherwise) against NCCL only, k 1/2/4;
+  # CP_CORE_TRANSPORT=auto (copy engines beside compute, NCCL otherwise) against NCCL only, k 1/2/4;
   # stage 9 adds the communication stream at high priority, 10 iterations per case
   [ "$stage" = 8 ] && CP_CORE_TRANSPORT=ce MAMBA_DETERMINISTIC=1 timeout 150 torchrun --nproc-per-node 2 \
     tests/nccl_parity.py --cp 2 --strategies hidden hidden@2 2>&1 | tee "$OUT/nccl_parity_ce.txt" | grep -E "FAIL|passed|Error"
