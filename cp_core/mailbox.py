@@ -123,6 +123,7 @@ def _bytes(ts: list[torch.Tensor]) -> int:
 def exchange(sends: list[list[torch.Tensor]], recvs: list[list[torch.Tensor]], group) -> None:
     """:func:`cp_core.comm.exchange` through the mailboxes (same contract). Every rank must send the same
     number of bytes to every peer (equal-split all-to-alls and the token plans' pieces do)."""
+    global _PEAK
     cp, me = dist.get_world_size(group), dist.get_rank(group)
     sizes = {_bytes(sends[d]) for d in range(cp)} | {_bytes(recvs[p]) for p in range(cp)}
     if len(sizes) != 1:
@@ -140,7 +141,6 @@ def exchange(sends: list[list[torch.Tensor]], recvs: list[list[torch.Tensor]], g
             b.copy_(a)
         return
     first = next(t for ts in sends for t in ts)
-    global _PEAK
     box = _box(group, (cp - 1) * region, first.is_cuda)
     if first.is_cuda:
         _PEAK = max(_PEAK, (cp - 1) * region)

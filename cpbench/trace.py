@@ -48,17 +48,13 @@ def kind(name: str) -> str:
 ITERATION = "cpbench_iteration"
 
 
-def _events(path: str | Path) -> list[dict]:
+def read(path: str | Path, window: str | None = ITERATION) -> tuple[list[Kernel], list[tuple[float, float]]]:
+    """One pass over a chrome trace: its GPU events (kernels, copies, memsets) by start time and the GPU
+    ranges (us) of the ``window`` annotations (``record_function`` ranges as the GPU ran them: one per
+    measured iteration). When there are such ranges, only the events inside them are kept."""
     with open(path) as f:
         events = json.load(f)
-    return events.get("traceEvents", []) if isinstance(events, dict) else events
-
-
-def load(path: str | Path, window: str | None = ITERATION) -> list[Kernel]:
-    """The GPU events (kernels, copies, memsets) of a chrome trace, by start time; with ``window``, only
-    those inside the GPU ranges of that name (``record_function`` ranges as the GPU ran them), when the
-    trace has any."""
-    events = _events(path)
+    events = events.get("traceEvents", []) if isinstance(events, dict) else events
     out = []
     ranges = []
     for e in events:
@@ -73,25 +69,25 @@ def load(path: str | Path, window: str | None = ITERATION) -> list[Kernel]:
             ranges.append((t0, t1))
     if ranges:
         out = [k for k in out if any(a <= k.start_us and k.end_us <= b for a, b in ranges)]
-    return sorted(out, key=lambda k: (k.start_us, k.end_us))
+    return sorted(out, key=lambda k: (k.start_us, k.end_us)), sorted(ranges)
+
+
+def load(path: str | Path, window: str | None = ITERATION) -> list[Kernel]:
+    """The GPU events of a chrome trace (inside the ``window`` ranges, where it has any): :func:`read`."""
+    return read(path, window)[0]
 
 
 def windows(path: str | Path, window: str = ITERATION) -> list[tuple[float, float]]:
-    """The GPU ranges (us) of the ``window`` annotations (one per measured iteration; none in a trace
-    written without them)."""
-    return sorted(
-        (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)))
-        for e in _events(path)
-        if e.get("ph") == "X" and e.get("cat") == "gpu_user_annotation" and e.get("name") == window
-    )
+    """The GPU ranges of the ``window`` annotations (none in a trace written without them): :func:`read`."""
+    return read(path, window)[1]
 
 
 def case_stats(path: str | Path, min_gap_ms: float = 0.05) -> dict[str, float]:
     """Per measured iteration: communication kernel time, HTA's overlap and the compute stream's idle time
     in gaps of at least ``min_gap_ms`` inside an iteration (what the sweep's CSV reports from a
     ``--profile torch`` trace)."""
-    kernels = load(path)
-    ranges = windows(path) or [(-math.inf, math.inf)]
+    kernels, ranges = read(path)
+    ranges = ranges or [(-math.inf, math.inf)]
     ov = comm_overlap(kernels)
     idle = 0.0
     for a, b in ranges:
