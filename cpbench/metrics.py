@@ -13,6 +13,12 @@ Conventions (as nccl-tests):
 * ``layer_ms`` is ``layer_fwd`` (+ ``layer_bwd`` for ``fwd+bwd``), per iteration, then as above;
   ``comm_ms`` is the sum of the communication regions (those ``comm_bytes`` names, and their
   ``_bwd`` variants) per iteration, then as above.
+* Bandwidth is measured from the moment the last rank enters a collective, as nccl-tests measures it
+  (its ranks start every call together): per iteration and region, the fastest rank's time (the rank
+  that arrived last waited for no one; the others' extra time is waiting for it, i.e. load imbalance,
+  not transfer), then the median over iterations: ``{region}_xfer_ms``; ``comm_xfer_ms`` is their sum
+  per iteration, median. ``{region}_busbw_GBps`` and ``busbw_GBps`` / ``algbw_GBps`` come from these;
+  ``comm_wait_ms = comm_ms - comm_xfer_ms`` is the time the slowest rank spent waiting inside them.
 * Fake backend (one process standing in for rank 0 of the group): the communication regions
   are replaced by a model, ``t = S / algbw_model`` with ``algbw_model = busbw * n / (n - 1)``;
   the layer time becomes measured - measured local copies + modeled *exposed* communication: all of
@@ -80,6 +86,15 @@ def across_ranks(per_rank: Sequence[Sequence[float]]) -> dict[str, float]:
     if not meds:
         return {"max": NAN, "min": NAN, "iqr": NAN}
     return {"max": max(meds), "min": min(meds), "iqr": max(iqrs)}
+
+
+def fastest_per_iteration(per_rank: Sequence[Sequence[float]]) -> list[float]:
+    """Per iteration, the fastest rank's time: for a collective, its duration from the moment the last
+    rank entered it. Ranks with no samples are ignored."""
+    series = [s for s in per_rank if len(s)]
+    if not series:
+        return []
+    return [min(vals) for vals in zip(*series, strict=False)]
 
 
 def slowest_per_iteration(per_rank: Sequence[Sequence[float]]) -> list[float]:
@@ -238,6 +253,14 @@ def aggregate(
     if not regions:
         row["comm_ms"] = row["comm_min_ms"] = row["comm_iqr_ms"] = NAN
         row["comm_ms_samples"] = ""
+    # each collective from the moment the last rank entered it (see the module's conventions)
+    xfer = {
+        r: fastest_per_iteration([p["regions"][r] for p in payloads if r in p.get("regions", {})])
+        for r in regions
+    }
+    per_iter = [sum(v) for v in zip(*[s for s in xfer.values() if s], strict=False)]
+    row["comm_xfer_ms"] = median(per_iter) * 1e3 if regions and per_iter else NAN
+    row["comm_wait_ms"] = row["comm_ms"] - row["comm_xfer_ms"]
 
     # every region that appeared on any rank
     names: list[str] = []
@@ -260,9 +283,10 @@ def aggregate(
     row["comm_bytes"] = total
     for r, b in regions.items():
         row[f"{r}_bytes"] = b
-        t = per_region.get(r, {}).get("max", NAN)
+        t = median(xfer[r]) if xfer[r] else NAN
+        row[f"{r}_xfer_ms"] = t * 1e3
         row[f"{r}_busbw_GBps"] = busbw(algbw(b, t), cp_size) / GB
-    comm_s = row["comm_ms"] / 1e3
+    comm_s = row["comm_xfer_ms"] / 1e3
     row["algbw_GBps"] = algbw(total, comm_s) / GB if total else NAN
     row["busbw_GBps"] = busbw(row["algbw_GBps"], cp_size) if total else NAN
 

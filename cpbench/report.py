@@ -24,6 +24,7 @@ DEFAULT_METRICS = (
     "layer_ms",
     "layer_iqr_ms",
     "comm_ms",
+    "comm_wait_ms",
     "busbw_GBps",
     "bench_busbw_GBps",
     "busbw_pct",
@@ -164,6 +165,12 @@ def tables(df, group_by: Sequence[str] = (), metrics: Sequence[str] | None = Non
             "at the same sizes. The microbenchmark is a baseline, not a ceiling: on CPU (gloo) both are "
             "per-call latency and waiting for ranks that share cores, and a few back-to-back calls vary "
             "several-fold from run to run (compare bench busbw between runs)"
+        )
+    if "busbw_GBps" in metrics and "comm_wait_ms" in ok.columns and (ok["comm_wait_ms"] > 0).any():
+        notes.append(
+            "busbw: each collective timed from the last rank's entry (per iteration the fastest rank's time), "
+            "as nccl-tests times ranks that start together; comm wait = comm - that: the slowest rank's "
+            "time inside collectives waiting for the others (load imbalance)"
         )
     if modeled_label:
         notes.append(

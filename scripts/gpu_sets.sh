@@ -15,6 +15,9 @@
 #   bash scripts/gpu_sets.sh 10  GPU tests, NCCL parity, ours beside NeMo AutoModel (cp 2, L 128K, BSHD and 64
 #                                documents) and mamba-ssm's Mamba2 (cp 1, L 128K)
 #   bash scripts/gpu_sets.sh 11  state passing (both exchanges) beside the hidden strategy at cp 2, L 128K, 8/64 docs
+#   bash scripts/gpu_sets.sh 14  a change against the code before it (base/cp_core), cp 2, L 64K/128K, k 2,
+#                                NCCL parity, one profiled iteration and its compute-stream gaps
+#   bash scripts/gpu_sets.sh 15  the communication stream's priority and GEMMs leaving SMs to the transfers (cp 2, k 2)
 #   bash scripts/gpu_sets.sh 4   the GPU tests against mamba-ssm and of NaN isolation, NCCL parity of the
 #                                chunked layer, ours (k 1/2) beside NeMo at cp 2, L 128K in one sweep
 # Results under $OUT (default out/). Needs mamba-ssm, causal-conv1d, nvtx, nemo-automodel (scripts/gpu_setup.sh).
@@ -115,6 +118,44 @@ elif [ "$stage" = 11 ]; then
     --set 'sweep.impl=[\"mamba_ssm\"]' --set run.iters=3" 2>&1 | tail -3
   python3 -m cpbench report "$OUT/peers-cp1-64k" --vs mamba_ssm --metrics layer_ms peak_mem_GiB 2>&1 | grep -A4 ratio
   (cd "$OUT" && rm -f */.cpbench.lock && tar czf sets11.tgz strategies128 peers-cp1-64k peers-cp1-128k && rm -rf strategies128 peers-cp1-*)
+elif [ "$stage" = 14 ]; then
+  # a change measured against the code before it, on one warm machine: base/cp_core (a copy of cp_core at
+  # an earlier commit: mkdir base && git archive COMMIT cp_core | tar -x -C base) against the working tree,
+  # cp 2, L 64K/128K, BSHD, k 2 (the change: also k 1, and cp 1), 10 iterations; then one profiled
+  # iteration of the change at L 128K, k 2, and where each rank's compute stream waits
+  MAMBA_DETERMINISTIC=1 timeout 100 torchrun --nproc-per-node 2 tests/nccl_parity.py --cp 2 --strategies hidden hidden@2 \
+    2>&1 | tee "$OUT/nccl_parity.txt" | grep -E "FAIL|passed|Error"
+  sets="--set 'sweep.impl=[\"cp_core\"]' --set 'sweep.seq_len=[65536, 131072]' --set 'sweep.packing=[\"none\"]' \
+    --set run.iters=10"
+  for v in base new; do
+    case $v in
+      base) pp=/tmp/site:$PWD/base:$PWD; extra="--set 'sweep.cp_size=[2]' --set 'sweep.overlap_chunks=[2]'" ;;
+      new) pp=/tmp/site:$PWD; extra="--set 'sweep.cp_size=[1, 2]' --set 'sweep.overlap_chunks=[1, 2]'" ;;
+    esac
+    PYTHONPATH=$pp timeout 200 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/ab-$v $sets $extra" | tail -1
+    python3 -m cpbench report "$OUT/ab-$v" --metrics layer_ms exposed_comm_ms comm_ms comm_wait_ms busbw_pct \
+      peak_mem_GiB 2>&1 | tail -7
+  done
+  timeout 100 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/ab-trace --profile torch \
+    --set 'sweep.impl=[\"cp_core\"]' --set 'sweep.seq_len=[131072]' --set 'sweep.packing=[\"none\"]' \
+    --set 'sweep.cp_size=[2]' --set 'sweep.overlap_chunks=[2]' --set run.iters=1" | tail -1
+  for t in "$OUT"/ab-trace/traces/*.json; do echo "== $t"; python3 -m cpbench trace "$t" --min-gap-ms 0.3 --top 8 | tail -14; done
+  rm -rf "$OUT"/ab-trace/traces
+  (cd "$OUT" && rm -f ab-*/.cpbench.lock && tar czf ab.tgz ab-* && rm -rf ab-*/)
+elif [ "$stage" = 15 ]; then
+  # transfers against the GEMMs queued beside them: the communication stream at high priority
+  # (CP_CORE_COMM_PRIORITY=-1) and/or those GEMMs leaving SMs free (CP_CORE_GEMM_CARVEOUT=N), cp 2,
+  # L 64K/128K, k 2, 10 iterations; cp 1 once
+  sets="--set 'sweep.impl=[\"cp_core\"]' --set 'sweep.seq_len=[65536, 131072]' --set 'sweep.packing=[\"none\"]' \
+    --set run.iters=10 --set 'sweep.overlap_chunks=[1]'"
+  timeout 100 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/cv-cp1 $sets --set 'sweep.cp_size=[1]'" | tail -1
+  python3 -m cpbench report "$OUT/cv-cp1" --metrics layer_ms 2>&1 | tail -4
+  for v in ${VARIANTS:-0/0 -1/0 0/16 -1/16 0/32}; do
+    CP_CORE_COMM_PRIORITY=${v%/*} CP_CORE_GEMM_CARVEOUT=${v#*/} timeout 120 bash -c "$(declare -f sweep); sweep \
+      scenarios/peers.toml --out $OUT/cv-${v//\//_} $sets --set 'sweep.cp_size=[2]' --set 'sweep.overlap_chunks=[2]'" | tail -1
+    echo "priority/carveout $v"; python3 -m cpbench report "$OUT/cv-${v//\//_}" --metrics layer_ms exposed_comm_ms 2>&1 | tail -4
+  done
+  (cd "$OUT" && rm -f cv-*/.cpbench.lock && tar czf cv.tgz cv-* && rm -rf cv-*/)
 elif [ "$stage" = 2 ]; then
   timeout 150 bash -c "$(declare -f sweep); sweep scenarios/strategies2.toml --out $OUT/strategies" | tail -4
 else

@@ -88,9 +88,14 @@ def test_aggregate_measured():
     assert row["ssm_ms"] == pytest.approx(600.0) and row["ssm_min_ms"] == pytest.approx(500.0)
     assert row["comm_bytes_fwd"] == 1000 and row["comm_bytes_bwd"] == 1000 and row["comm_bytes"] == 2000
     assert row["a2a_pre_bytes"] == 1000 and row["a2a_pre_bwd_bytes"] == 1000
-    assert row["algbw_GBps"] == pytest.approx(2000 / 0.6 / GB)
+    # bandwidth from the last rank to enter each collective: per iteration the fastest rank's time,
+    # a2a_pre [.1,.2,.3] -> .2, a2a_pre_bwd [.1,.1,.1] -> .1; their sum per iteration [.2,.3,.4] -> .3
+    assert row["a2a_pre_xfer_ms"] == pytest.approx(200.0)
+    assert row["a2a_pre_bwd_xfer_ms"] == pytest.approx(100.0)
+    assert row["comm_xfer_ms"] == pytest.approx(300.0) and row["comm_wait_ms"] == pytest.approx(300.0)
+    assert row["algbw_GBps"] == pytest.approx(2000 / 0.3 / GB)
     assert row["busbw_GBps"] == pytest.approx(row["algbw_GBps"] / 2)
-    assert row["a2a_pre_busbw_GBps"] == pytest.approx(1000 / 0.4 / 2 / GB)
+    assert row["a2a_pre_busbw_GBps"] == pytest.approx(1000 / 0.2 / 2 / GB)
     # microbenchmark: the slowest rank (0.2 s) per all-to-all, twice (fwd and bwd)
     assert row["bench_busbw_GBps"] == pytest.approx(2000 / 0.4 / 2 / GB)
     assert row["busbw_pct"] == pytest.approx(100 * row["busbw_GBps"] / row["bench_busbw_GBps"])
