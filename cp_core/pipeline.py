@@ -35,7 +35,6 @@ the same arithmetic per head, so every ``k`` gives the same numbers.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -87,26 +86,6 @@ _STREAMS: dict[int, torch.cuda.Stream] = {}
 #: CUDA priority of the communication stream (``CP_CORE_COMM_PRIORITY``; lower is more urgent, e.g. -1: its
 #: small kernels, the mailbox barrier or NCCL's, are scheduled ahead of the compute stream's blocks)
 COMM_PRIORITY = int(os.environ.get("CP_CORE_COMM_PRIORITY", "0"))
-#: SMs a GEMM queued right beside a transfer leaves free (``CP_CORE_GEMM_CARVEOUT``, 0: off): cuBLAS's
-#: persistent GEMMs otherwise take every SM before NCCL's kernel is scheduled, and the transfer waits for
-#: the GEMM (cuBLASLt's SM count target, through PyTorch's experimental carve-out)
-GEMM_CARVEOUT = int(os.environ.get("CP_CORE_GEMM_CARVEOUT", "0"))
-
-
-@contextlib.contextmanager
-def _beside_transfer(active: bool):
-    """GEMMs inside leave :data:`GEMM_CARVEOUT` SMs to a transfer running beside them (when ``active``)."""
-    if not active or GEMM_CARVEOUT <= 0 or not hasattr(torch._C, "_set_sm_carveout_experimental"):
-        yield
-        return
-    before, lib = torch._C._get_sm_carveout_experimental(), torch.backends.cuda.preferred_blas_library()
-    torch.backends.cuda.preferred_blas_library("cublaslt")  # the carve-out is a cuBLASLt attribute
-    torch._C._set_sm_carveout_experimental(GEMM_CARVEOUT)
-    try:
-        yield
-    finally:
-        torch._C._set_sm_carveout_experimental(before)
-        torch.backends.cuda.preferred_blas_library(lib)
 
 
 def comm_stream(device: torch.device) -> torch.cuda.Stream:
@@ -252,7 +231,7 @@ class _LayerCore(torch.autograd.Function):
                 post,
                 (y,),
                 ready,
-                tail=None if handoff is None else lambda: handoff.fill(True),
+                tail=None if handoff is None else handoff.fill,
             )
         if handoff is not None:
             handoff.fill()  # (done already, right after the last chunk's SSD)
@@ -325,8 +304,7 @@ class _LayerCore(torch.autograd.Function):
                 with region(LAYOUT + "_bwd"):
                     send0 = pack(dy, spec.chans_post[0])
                 staged = _stage(spec, pre, [torch.cuda.current_stream().record_event()] * k)
-            with _beside_transfer(spec.overlap):
-                dout_w = d2.t() @ normed
+            dout_w = d2.t() @ normed
             del normed
         if spec.cp_size == 1:
             with region(SSM + "_bwd"):
@@ -447,10 +425,9 @@ class _Handoff:
     z_fill = None
     event: torch.cuda.Event | None = None
 
-    def fill(self, beside_transfer: bool = False) -> None:
+    def fill(self) -> None:
         if self.z_fill is not None:
-            with _beside_transfer(beside_transfer):
-                self.z_fill()
+            self.z_fill()
             self.z_fill = None
 
 

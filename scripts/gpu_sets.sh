@@ -17,7 +17,8 @@
 #   bash scripts/gpu_sets.sh 11  state passing (both exchanges) beside the hidden strategy at cp 2, L 128K, 8/64 docs
 #   bash scripts/gpu_sets.sh 14  a change against the code before it (base/cp_core), cp 2, L 64K/128K, k 2,
 #                                NCCL parity, one profiled iteration and its compute-stream gaps
-#   bash scripts/gpu_sets.sh 15  the communication stream's priority and GEMMs leaving SMs to the transfers (cp 2, k 2)
+#   bash scripts/gpu_sets.sh 15  the communication stream's priority and GEMMs leaving SMs to the transfers (cp 2, k 2;
+#                                CP_CORE_GEMM_CARVEOUT exists at commit 1f63378 only)
 #   bash scripts/gpu_sets.sh 4   the GPU tests against mamba-ssm and of NaN isolation, NCCL parity of the
 #                                chunked layer, ours (k 1/2) beside NeMo at cp 2, L 128K in one sweep
 # Results under $OUT (default out/). Needs mamba-ssm, causal-conv1d, nvtx, nemo-automodel (scripts/gpu_setup.sh).
