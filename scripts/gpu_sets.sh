@@ -124,7 +124,11 @@ elif [ "$stage" = 14 ]; then
   # an earlier commit: mkdir base && git archive COMMIT cp_core | tar -x -C base) against the working tree,
   # cp 2, L 64K/128K, BSHD, k 2 (the change: also k 1, and cp 1), 10 iterations; then one profiled
   # iteration of the change at L 128K, k 2, and where each rank's compute stream waits
-  MAMBA_DETERMINISTIC=1 timeout 100 torchrun --nproc-per-node 2 tests/nccl_parity.py --cp 2 --strategies hidden hidden@2 \
+  { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nvidia-smi topo -m;
+    python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.nccl.version())"; } > "$OUT/machine.txt" 2>&1
+  MAMBA_DETERMINISTIC=1 timeout 150 python3 -m pytest -q -p no:cacheprovider -p no:warnings tests/test_mamba_ssm_gpu.py \
+    tests/test_mixer_gpu.py 2>&1 | tail -3 | tee "$OUT/gpu_tests.txt"
+  MAMBA_DETERMINISTIC=1 timeout 150 torchrun --nproc-per-node 2 tests/nccl_parity.py --cp 2 --strategies hidden hidden@2 \
     2>&1 | tee "$OUT/nccl_parity.txt" | grep -E "FAIL|passed|Error"
   sets="--set 'sweep.impl=[\"cp_core\"]' --set 'sweep.seq_len=[65536, 131072]' --set 'sweep.packing=[\"none\"]' \
     --set run.iters=10"
@@ -137,10 +141,10 @@ elif [ "$stage" = 14 ]; then
     python3 -m cpbench report "$OUT/ab-$v" --metrics layer_ms exposed_comm_ms comm_ms comm_wait_ms busbw_pct \
       peak_mem_GiB 2>&1 | tail -7
   done
-  timeout 100 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/ab-trace --profile torch \
+  [ -n "$NO_TRACE" ] || timeout 100 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/ab-trace --profile torch \
     --set 'sweep.impl=[\"cp_core\"]' --set 'sweep.seq_len=[131072]' --set 'sweep.packing=[\"none\"]' \
     --set 'sweep.cp_size=[2]' --set 'sweep.overlap_chunks=[2]' --set run.iters=1" | tail -1
-  for t in "$OUT"/ab-trace/traces/*.json; do echo "== $t"; python3 -m cpbench trace "$t" --min-gap-ms 0.3 --top 8 | tail -14; done
+  for t in $(ls "$OUT"/ab-trace/traces/*.json 2>/dev/null); do echo "== $t"; python3 -m cpbench trace "$t" --min-gap-ms 0.3 --top 8 | tail -14; done
   rm -rf "$OUT"/ab-trace/traces
   (cd "$OUT" && rm -f ab-*/.cpbench.lock && tar czf ab.tgz ab-* && rm -rf ab-*/)
 elif [ "$stage" = 15 ]; then
