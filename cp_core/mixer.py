@@ -453,7 +453,7 @@ class Mamba2Mixer(nn.Module):
             spec = self._core_spec(hidden_states, plan, batch, length)
             with region(NORM_PROJ):
                 if spec.slot_rows is not None:  # in_proj writes the all-to-all's send buffers
-                    z, xbcdt = slot_in_proj(hidden_states, self.in_proj.weight, spec, defer_z=True)
+                    z, xbcdt = slot_in_proj(hidden_states, self.in_proj.weight, spec)
                 else:
                     z, xbcdt = split_in_proj(hidden_states, self.in_proj.weight, c.d_inner)
             w = (self.norm.weight, self.out_proj.weight)

@@ -20,12 +20,6 @@ forward all-to-alls are queued on a communication stream up front; chunk ``j``'s
 the compute stream as soon as its own all-to-all is done, and its return all-to-all is queued on the
 communication stream right after, so the transfers of chunk ``j+1`` (and the return of chunk ``j``)
 run while chunk ``j`` (``j+1``) computes. The backward does the same in reverse order of data flow.
-What no chunk can hide sits beside work that does not need it: ``in_proj`` writes the send slots chunk
-by chunk (each chunk's transfer starts after its own slots) and computes ``z`` only after the last
-chunk's SSD, beside the last return; in backward the first chunk's ``dy`` is packed on the compute
-stream and its transfer queued before ``out_proj``'s weight gradient, and the last return runs beside
-``in_proj``'s products of ``dz`` (:class:`_SlotLinear` waits for it only before the gradient slots),
-each chunk's returned slots laid side by side on the communication stream as they arrive.
 Cross-stream safety: the communication stream waits on an event of the compute stream before it reads
 what the compute stream produced and vice versa; every tensor used on the other stream is marked with
 ``record_stream``. No host synchronisation anywhere. ``k = 1`` runs everything on the current stream,
@@ -43,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from . import comm
-from .channels import ChannelPlan, pack
+from .channels import ChannelPlan
 from .hidden import _heads_to_seq, _seq_to_heads, _to_heads, _to_seq
 from .kernels.conv_ssd import ConvSSDSpec, conv_ssd_bwd, conv_ssd_fwd
 from .kernels.norm import norm_bwd, norm_fwd
@@ -97,55 +91,29 @@ def comm_stream(device: torch.device) -> torch.cuda.Stream:
     return _STREAMS[idx]
 
 
-def _stage(spec: CoreSpec, pre, ready=None) -> list:
-    """Queue every chunk's ``pre`` (its transfer) on the communication stream: ``[(input of compute,
-    its event)]``. ``ready[j]`` (CUDA events of the current stream), when given, is when chunk ``j``'s
-    input to ``pre`` is complete: its transfer may then start before the current stream has finished
-    what it queues later (``spec.overlap`` only)."""
-    main = torch.cuda.current_stream()
-    side = comm_stream(main.device)
-    if ready is None:
-        side.wait_stream(main)
-    staged = []
-    with torch.cuda.stream(side), comm.overlapped():
-        for j in range(spec.chunks):
-            if ready is not None:
-                side.wait_event(ready[j])
-            a = pre(j)
-            staged.append((a, side.record_event()))
-    return staged
-
-
-def _run_chunks(
-    spec: CoreSpec,
-    pre,
-    compute,
-    post,
-    outs: tuple[torch.Tensor, ...],
-    ready=None,
-    staged=None,
-    handoff=None,
-    tail=None,
-):
+def _run_chunks(spec: CoreSpec, pre, compute, post, outs: tuple[torch.Tensor, ...], ready=None) -> None:
     """``post(j, compute(j, pre(j)))`` for every chunk; with ``spec.overlap`` the ``pre``/``post`` steps
-    (the communication) run on the communication stream, overlapped with the other chunks' ``compute``
-    (the ``pre`` steps queued by :func:`_stage`, here with ``ready`` or earlier by the caller: ``staged``).
-    ``tail()`` is queued on the current stream after the last ``compute``, beside the last ``post``.
-    With a ``handoff`` the current stream does not wait for the last ``post``: its event is left in
-    ``handoff.event`` for the consumer of ``outs`` to wait on (after work of its own that does not read them)."""
+    (the communication) run on the communication stream, overlapped with the other chunks' ``compute``.
+    ``ready[j]`` (CUDA events of the current stream), when given, is when chunk ``j``'s input to ``pre`` is
+    complete: its transfer may then start before the current stream has finished what it queued later."""
     k = spec.chunks
     if not spec.overlap:
         for j in range(k):
             post(j, compute(j, pre(j)))
-        if tail is not None:
-            tail()
         return
-    if staged is None:
-        staged = _stage(spec, pre, ready)
     main = torch.cuda.current_stream()
     side = comm_stream(main.device)
+    if ready is None:
+        side.wait_stream(main)
     for t in outs:
         t.record_stream(side)
+    staged = []
+    with torch.cuda.stream(side), comm.overlapped():
+        for j in range(k):
+            if ready is not None:
+                side.wait_event(ready[j])
+            a = pre(j)
+            staged.append((a, side.record_event()))
     for j in range(k):
         a, ready_j = staged[j]
         main.wait_event(ready_j)
@@ -155,12 +123,7 @@ def _run_chunks(
         with torch.cuda.stream(side), comm.overlapped():
             b.record_stream(side)
             post(j, b)
-    if tail is not None:
-        tail()
-    if handoff is not None:
-        handoff.event = side.record_event()
-    else:
-        main.wait_stream(side)
+    main.wait_stream(side)
 
 
 def _chunk_params(spec: CoreSpec, j: int, conv_w, conv_b, dt_bias, A, D):
@@ -193,8 +156,6 @@ class _LayerCore(torch.autograd.Function):
         z, xbcdt = _views(spec, zx, xsep)
         n = z.shape[0]
         saved_xh: list[torch.Tensor] = []
-        # the pipelined layer's slots from in_proj (_SlotLinear): z may still have to be computed here
-        handoff = getattr(xsep, "handoff", None) if spec.slot_rows is not None else None
         if spec.cp_size == 1:
             with region(SSM):
                 y = conv_ssd_fwd(
@@ -224,23 +185,11 @@ class _LayerCore(torch.autograd.Function):
                 _heads_to_seq(yh, spec.chans_post[j], tok, group, A2A_POST, LAYOUT, out=y)
 
             ready = getattr(xsep, "chunk_ready", None) if spec.slot_rows is not None else None
-            _run_chunks(
-                spec,
-                pre,
-                compute,
-                post,
-                (y,),
-                ready,
-                tail=None if handoff is None else handoff.fill,
-            )
-        if handoff is not None:
-            handoff.fill()  # (done already, right after the last chunk's SSD)
+            _run_chunks(spec, pre, compute, post, (y,), ready)
         with region(NORM_PROJ):
             normed, rstd = norm_fwd(y, z, norm_w, spec.eps, spec.norm_group, spec.norm_backend)
             out = F.linear(normed, out_w)
         ctx.spec = spec
-        # in_proj's slots (:class:`_SlotLinear`) take the gradient slots after work of their own (see there)
-        ctx.handoff = handoff
         # at cp > 1 nothing needs xbcdt after its all-to-all (the conv input kept is the head-sharded one)
         keep_x = xsep if (xsep is not None and spec.cp_size == 1) else None
         ctx.shapes = (zx.shape, None if xsep is None else xsep.shape)
@@ -270,11 +219,7 @@ class _LayerCore(torch.autograd.Function):
             dz, dxbcdt = dz2[:, : spec.d_inner], dz2[:, spec.d_inner :]
         elif spec.slot_rows is not None:
             z, dz, xbcdt = z2, dz2, None
-            # the gradient slots [S, N, w] as a view of [N, S, w]: the slots side by side, as in_proj's
-            # backward multiplies them (_SlotLinear), laid out by each chunk's return on arrival
-            nslots, n_loc, w = xshape
-            side_by_side = torch.empty((n_loc, nslots, w), dtype=z2.dtype, device=z2.device)
-            dxbcdt = side_by_side.transpose(0, 1)
+            dxbcdt = torch.empty(xshape, dtype=z2.dtype, device=z2.device)  # the received slots
         else:
             z, dz = z2, dz2
             xbcdt = None if keep_x is None else keep_x.reshape(n, -1)
@@ -286,24 +231,8 @@ class _LayerCore(torch.autograd.Function):
                 dz=dz, recompute_output=True,
             )  # fmt: skip
             del dnormed, y, rstd
-            group, tok, k = spec.group, spec.tok, spec.chunks
-            send0 = None
-
-            def pre(j):
-                if j == 0 and send0 is not None:
-                    send0.record_stream(torch.cuda.current_stream())
-                    return _to_heads(
-                        send0, spec.chans_post[0], tok, group, A2A_POST + "_bwd", LAYOUT + "_bwd"
-                    )
-                return _seq_to_heads(dy, spec.chans_post[j], tok, group, A2A_POST + "_bwd", LAYOUT + "_bwd")
-
-            staged = None
-            if spec.overlap:
-                # the first chunk's dy is packed here and every transfer is queued before out_proj's weight
-                # gradient: packed on the communication stream, it waited for that GEMM to leave the SMs
-                with region(LAYOUT + "_bwd"):
-                    send0 = pack(dy, spec.chans_post[0])
-                staged = _stage(spec, pre, [torch.cuda.current_stream().record_event()] * k)
+            # dy is complete: the first chunk's transfer can run beside out_proj's weight gradient
+            dy_ready = torch.cuda.current_stream().record_event() if spec.overlap else None
             dout_w = d2.t() @ normed
             del normed
         if spec.cp_size == 1:
@@ -313,7 +242,12 @@ class _LayerCore(torch.autograd.Function):
                     conv_w, conv_b, dt_bias, A, D, spec.seq_idx, dxbcdt=dxbcdt.view(spec.batch, -1, cs.width),
                 )  # fmt: skip
         else:
+            group, tok = spec.group, spec.tok
+            k = spec.chunks
             grads: list[tuple] = [()] * k
+
+            def pre(j):
+                return _seq_to_heads(dy, spec.chans_post[j], tok, group, A2A_POST + "_bwd", LAYOUT + "_bwd")
 
             def compute(j, dyh):
                 xh, saved_xh[j] = saved_xh[j], None  # freed once this chunk's backward is done
@@ -328,16 +262,14 @@ class _LayerCore(torch.autograd.Function):
 
             def post(j, dxh):
                 if spec.slot_rows is not None:
-                    recv = _to_seq(dxh, spec.chans[j], tok, group, A2A_PRE + "_bwd", LAYOUT + "_bwd")
-                    with region(LAYOUT + "_bwd"):
-                        dxbcdt[j * spec.cp_size : (j + 1) * spec.cp_size].copy_(recv)
+                    recv = dxbcdt[j * spec.cp_size : (j + 1) * spec.cp_size]
+                    _to_seq(dxh, spec.chans[j], tok, group, A2A_PRE + "_bwd", LAYOUT + "_bwd", recv=recv)
                 else:
                     _heads_to_seq(
                         dxh, spec.chans[j], tok, group, A2A_PRE + "_bwd", LAYOUT + "_bwd", out=dxbcdt
                     )
 
-            handoff = ctx.handoff if ctx.needs_input_grad[1] else None
-            _run_chunks(spec, pre, compute, post, (dxbcdt,), staged=staged, handoff=handoff)
+            _run_chunks(spec, pre, compute, post, (dxbcdt,), None if dy_ready is None else [dy_ready] * k)
             if k == 1:
                 dconv_w, dconv_b, ddt_bias, dA, dD = grads[0]
             else:
@@ -350,7 +282,7 @@ class _LayerCore(torch.autograd.Function):
                 ddt_bias = torch.cat([g[2] for g in grads])
                 dA = torch.cat([g[3] for g in grads])
                 dD = None if D is None else torch.cat([g[4] for g in grads])
-        dx_out = None if xshape is None else dxbcdt.reshape(xshape)
+        dx_out = None if xshape is None else dxbcdt.view(xshape)
         return dz2.view(zshape), dx_out, dconv_w, dconv_b, ddt_bias, dA, dD, dnorm_w, dout_w, None
 
 
@@ -413,24 +345,6 @@ def slot_rows(chans: tuple[ChannelPlan, ...], offset: int) -> tuple[torch.Tensor
     return rows, bool(rows.unique().numel() == rows.numel())
 
 
-class _Handoff:
-    """What :class:`_SlotLinear` and the layer core leave each other (the pipelined layer only).
-
-    ``z_fill``: forward, ``in_proj``'s ``z`` product, left to the layer core to queue after the last head
-    chunk's SSD, where the last return transfer runs beside it (``z`` is read by the norm only).
-    ``event``: backward, set by the layer core when its last return transfer is still in flight on the
-    communication stream (when it is done); :class:`_SlotLinear`'s backward waits for it after the
-    products of ``dz``."""
-
-    z_fill = None
-    event: torch.cuda.Event | None = None
-
-    def fill(self) -> None:
-        if self.z_fill is not None:
-            self.z_fill()
-            self.z_fill = None
-
-
 class _SlotLinear(torch.autograd.Function):
     """``z = u @ W[:k].T`` and hidden CP's send buffers ``slots[i] = u @ W[rows_i].T`` (``[S, N, w]``):
     ``in_proj`` writes every destination rank's channels where the all-to-all reads them, so no pack pass
@@ -438,12 +352,10 @@ class _SlotLinear(torch.autograd.Function):
     gradient slots are laid side by side (one copy, the pass the pack saved going forward) so that
     ``du = dz @ W[:k] + dslots @ W[rows]`` is two GEMMs with fp32 accumulation, as without slots (one
     GEMM per slot would round ``du`` once per slot); ``dW`` goes back to its rows (summed where a
-    replicated group feeds several slots). With the pipelined layer the products of ``dz`` come first:
-    the last head chunk's return transfer runs beside them (the slots carry a :class:`_Handoff`), and
-    only then are the gradient slots read."""
+    replicated group feeds several slots)."""
 
     @staticmethod
-    def forward(ctx, u, weight, k, rows, nslots, unique, per_chunk, defer_z):
+    def forward(ctx, u, weight, k, rows, nslots, unique, per_chunk):
         u2 = u.reshape(-1, u.shape[-1])
         wp = weight.index_select(0, rows).view(nslots, -1, weight.shape[1])
         slots = u2.new_empty((nslots, u2.shape[0], wp.shape[1]))
@@ -452,20 +364,12 @@ class _SlotLinear(torch.autograd.Function):
             torch.mm(u2, wp[i].t(), out=slots[i])
             if per_chunk and (i + 1) % per_chunk == 0:
                 ready.append(torch.cuda.current_stream().record_event())
-        ctx.handoff = _Handoff() if (ready or defer_z) else None
-        if defer_z:
-            z = u.new_empty((*u.shape[:-1], k))  # written by the layer core (_Handoff.fill)
-            wz = weight[:k]
-            ctx.handoff.z_fill = lambda: torch.mm(u2, wz.t(), out=z.view(-1, k))
-        else:
-            z = (u2 @ weight[:k].t()).view(*u.shape[:-1], k)  # the first chunk's transfer runs beside it
+        z = u2 @ weight[:k].t()  # after the slots: the first chunk's transfer can run beside it
         if ready:
             slots.chunk_ready = ready  # read by the layer core (a missing attribute only costs overlap)
-        if ctx.handoff is not None:
-            slots.handoff = ctx.handoff
         ctx.save_for_backward(u, weight, rows)
         ctx.cfg = (k, unique)
-        return z, slots
+        return z.view(*u.shape[:-1], k), slots
 
     @staticmethod
     def backward(ctx, dz, dslots):
@@ -473,34 +377,24 @@ class _SlotLinear(torch.autograd.Function):
         k, unique = ctx.cfg
         u2 = u.reshape(-1, u.shape[-1])
         dz = dz.reshape(-1, k)
-        du = torch.mm(dz, weight[:k])
-        dw = torch.empty_like(weight)
-        torch.mm(dz.t(), u2, out=dw[:k])
-        if ctx.handoff is not None and ctx.handoff.event is not None:
-            torch.cuda.current_stream().wait_event(ctx.handoff.event)  # the gradient slots have arrived
-            ctx.handoff.event = None
         wp = weight.index_select(0, rows)
         dside = dslots.transpose(0, 1).reshape(u2.shape[0], -1)  # [N, S*w]: slot i's columns side by side
         del dslots
+        du = torch.mm(dz, weight[:k])
         du.addmm_(dside, wp)
+        dw = torch.empty_like(weight)
+        torch.mm(dz.t(), u2, out=dw[:k])
         dwp = torch.mm(dside.t(), u2)
         if unique:
             dw.index_copy_(0, rows, dwp)
         else:
             dw[k:].zero_()
             dw.index_add_(0, rows, dwp)
-        return du.view_as(u), dw, None, None, None, None, None, None
+        return du.view_as(u), dw, None, None, None, None, None
 
 
-def slot_in_proj(
-    u: torch.Tensor, weight: torch.Tensor, spec: CoreSpec, defer_z: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``in_proj`` for hidden CP as ``z [..., d_inner]`` and the send slots ``[k*cp, N, w]`` of ``spec``.
-    ``defer_z``: ``z`` is only allocated here and computed inside :func:`layer_core` (which must be given
-    exactly these two tensors) after the last head chunk's SSD, where the pipelined layer's last return
-    transfer runs beside it (and ``z`` does not occupy memory during the SSD)."""
+def slot_in_proj(u: torch.Tensor, weight: torch.Tensor, spec: CoreSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """``in_proj`` for hidden CP as ``z [..., d_inner]`` and the send slots ``[k*cp, N, w]`` of ``spec``."""
     nslots = spec.chunks * spec.cp_size
     per_chunk = spec.cp_size if spec.overlap else 0  # an event after each head chunk's slots
-    return _SlotLinear.apply(
-        u, weight, spec.d_inner, spec.slot_rows, nslots, spec.slot_unique, per_chunk, defer_z
-    )
+    return _SlotLinear.apply(u, weight, spec.d_inner, spec.slot_rows, nslots, spec.slot_unique, per_chunk)

@@ -19,6 +19,7 @@
 #                                NCCL parity, one profiled iteration and its compute-stream gaps
 #   bash scripts/gpu_sets.sh 15  the communication stream's priority and GEMMs leaving SMs to the transfers (cp 2, k 2;
 #                                CP_CORE_GEMM_CARVEOUT exists at commit 1f63378 only)
+#   bash scripts/gpu_sets.sh 16  the peers only: ours vs NeMo AutoModel (cp 2, L 128K) and mamba-ssm (cp 1, L 64K)
 #   bash scripts/gpu_sets.sh 4   the GPU tests against mamba-ssm and of NaN isolation, NCCL parity of the
 #                                chunked layer, ours (k 1/2) beside NeMo at cp 2, L 128K in one sweep
 # Results under $OUT (default out/). Needs mamba-ssm, causal-conv1d, nvtx, nemo-automodel (scripts/gpu_setup.sh).
@@ -161,6 +162,18 @@ elif [ "$stage" = 15 ]; then
     echo "priority/carveout $v"; python3 -m cpbench report "$OUT/cv-${v//\//_}" --metrics layer_ms exposed_comm_ms 2>&1 | tail -4
   done
   (cd "$OUT" && rm -f cv-*/.cpbench.lock && tar czf cv.tgz cv-* && rm -rf cv-*/)
+elif [ "$stage" = 16 ]; then
+  # the peers only (no tests): ours beside NeMo AutoModel at cp 2, L 128K (BSHD, 64 documents), and beside
+  # mamba-ssm's Mamba2 at cp 1, L 64K
+  timeout 200 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/peers-cp2 --set 'sweep.seq_len=[131072]' \
+    --set 'sweep.cp_size=[2]' --set 'sweep.overlap_chunks=[2]' --set 'sweep.impl=[\"cp_core\", \"nemo\"]' \
+    --set run.iters=3" | tail -1
+  timeout 100 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/peers-cp1 --set 'sweep.seq_len=[65536]' \
+    --set 'sweep.cp_size=[1]' --set 'sweep.packing=[\"none\"]' --set 'sweep.overlap_chunks=[1]' \
+    --set 'sweep.impl=[\"cp_core\", \"mamba_ssm\"]' --set run.iters=3" | tail -1
+  python3 -m cpbench report "$OUT/peers-cp2" --vs nemo --metrics layer_ms peak_mem_GiB 2>&1 | tail -9
+  python3 -m cpbench report "$OUT/peers-cp1" --vs mamba_ssm --metrics layer_ms peak_mem_GiB 2>&1 | tail -6
+  (cd "$OUT" && rm -f peers-*/.cpbench.lock && tar czf peers.tgz peers-cp2 peers-cp1 && rm -rf peers-cp2 peers-cp1)
 elif [ "$stage" = 2 ]; then
   timeout 150 bash -c "$(declare -f sweep); sweep scenarios/strategies2.toml --out $OUT/strategies" | tail -4
 else
