@@ -166,7 +166,7 @@ elif [ "$stage" = 16 ]; then
   # the peers only (no tests): ours beside NeMo AutoModel at cp 2, L 128K (BSHD, 64 documents), and beside
   # mamba-ssm's Mamba2 at cp 1, L 64K
   timeout 200 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/peers-cp2 --set 'sweep.seq_len=[131072]' \
-    --set 'sweep.cp_size=[2]' --set 'sweep.overlap_chunks=[2]' --set 'sweep.impl=[\"cp_core\", \"nemo\"]' \
+    --set 'sweep.cp_size=[2]' --set 'sweep.overlap_chunks=[1, 2]' --set 'sweep.impl=[\"cp_core\", \"nemo\"]' \
     --set run.iters=3" | tail -1
   timeout 100 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/peers-cp1 --set 'sweep.seq_len=[65536]' \
     --set 'sweep.cp_size=[1]' --set 'sweep.packing=[\"none\"]' --set 'sweep.overlap_chunks=[1]' \
