@@ -88,22 +88,21 @@ def across_ranks(per_rank: Sequence[Sequence[float]]) -> dict[str, float]:
     return {"max": max(meds), "min": min(meds), "iqr": max(iqrs)}
 
 
+def _per_iteration(per_rank: Sequence[Sequence[float]], pick) -> list[float]:
+    series = [s for s in per_rank if len(s)]  # ranks with no samples are ignored
+    return [pick(vals) for vals in zip(*series, strict=False)] if series else []
+
+
 def fastest_per_iteration(per_rank: Sequence[Sequence[float]]) -> list[float]:
     """Per iteration, the fastest rank's time: for a collective, its duration from the moment the last
-    rank entered it. Ranks with no samples are ignored."""
-    series = [s for s in per_rank if len(s)]
-    if not series:
-        return []
-    return [min(vals) for vals in zip(*series, strict=False)]
+    rank entered it."""
+    return _per_iteration(per_rank, min)
 
 
 def slowest_per_iteration(per_rank: Sequence[Sequence[float]]) -> list[float]:
     """Per iteration, the slowest rank's time (the group's pace in that iteration; ranks start each
-    iteration together). Ranks with no samples are ignored."""
-    series = [s for s in per_rank if len(s)]
-    if not series:
-        return []
-    return [max(vals) for vals in zip(*series, strict=False)]
+    iteration together)."""
+    return _per_iteration(per_rank, max)
 
 
 def format_samples(seconds: Sequence[float]) -> str:

@@ -37,10 +37,26 @@ ab() {
   done
   (cd "$OUT" && rm -f "$name"-*/.cpbench.lock && tar czf "$name.tgz" "$name"-* && rm -rf "$name"-*/)
 }
-exchange_ab() { local name=$1; shift; ab "$name" CP_CORE_EXCHANGE "gather direct" "$@"; }
-if [ "$stage" = 1 ]; then
+machine_facts() {
   { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nvidia-smi topo -m;
     python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.nccl.version())"; } > "$OUT/machine.txt" 2>&1
+}
+# peers L1: ours beside NeMo AutoModel (cp 2, L 128K, BSHD and 64 documents, k 1/2) and beside mamba-ssm's
+# Mamba2 (cp 1, L L1), the ratios printed, one tarball
+peers() {
+  timeout 200 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/peers-cp2 --set 'sweep.seq_len=[131072]' \
+    --set 'sweep.cp_size=[2]' --set 'sweep.overlap_chunks=[1, 2]' --set 'sweep.impl=[\"cp_core\", \"nemo\"]' \
+    --set run.iters=3" | tail -1
+  timeout 100 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/peers-cp1 --set 'sweep.seq_len=[$1]' \
+    --set 'sweep.cp_size=[1]' --set 'sweep.packing=[\"none\"]' --set 'sweep.overlap_chunks=[1]' \
+    --set 'sweep.impl=[\"cp_core\", \"mamba_ssm\"]' --set run.iters=3" | tail -1
+  python3 -m cpbench report "$OUT/peers-cp2" --vs nemo --metrics layer_ms peak_mem_GiB 2>&1 | tail -9
+  python3 -m cpbench report "$OUT/peers-cp1" --vs mamba_ssm --metrics layer_ms peak_mem_GiB 2>&1 | tail -6
+  (cd "$OUT" && rm -f peers-*/.cpbench.lock && tar czf peers.tgz peers-cp2 peers-cp1 && rm -rf peers-cp2 peers-cp1)
+}
+exchange_ab() { local name=$1; shift; ab "$name" CP_CORE_EXCHANGE "gather direct" "$@"; }
+if [ "$stage" = 1 ]; then
+  machine_facts
   MAMBA_DETERMINISTIC=1 timeout 170 python3 -m pytest -q -m gpu -p no:cacheprovider \
     tests/test_peers_gpu.py tests/test_mixer_gpu.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
   MAMBA_DETERMINISTIC=1 timeout 120 torchrun --nproc-per-node 2 tests/nccl_parity.py --cp 2 --strategies hidden hidden@2 \
@@ -57,8 +73,7 @@ elif [ "$stage" = 4 ]; then
   python3 -m cpbench report "$OUT/peers128" --vs nemo --metrics layer_ms peak_mem_GiB exposed_comm_ms 2>&1 | tail -12
 elif [ "$stage" = 5 ] || [ "$stage" = 6 ]; then
   if [ "$stage" = 5 ]; then
-    { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nvidia-smi topo -m;
-      python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.nccl.version())"; } > "$OUT/machine.txt" 2>&1
+    machine_facts
     MAMBA_DETERMINISTIC=1 timeout 170 python3 -m pytest -q -p no:cacheprovider -p no:warnings \
       tests/test_mamba_ssm_gpu.py tests/test_mixer_gpu.py 2>&1 | tail -8 | tee "$OUT/gpu_tests.txt"
     exchange_ab exchange "--set 'sweep.seq_len=[65536, 131072]' --set 'sweep.cp_size=[1, 2]' --set 'sweep.packing=[\"none\"]'"
@@ -68,8 +83,7 @@ elif [ "$stage" = 5 ] || [ "$stage" = 6 ]; then
 elif [ "$stage" = 7 ]; then
   # the all-to-all's transport: NCCL kernels against copy engines (CP_CORE_TRANSPORT=ce), alone and beside
   # GEMMs, then the layer at cp 1/2, L 64K/128K, BSHD, k 1/2 with each
-  { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nvidia-smi topo -m;
-    python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.nccl.version())"; } > "$OUT/machine.txt" 2>&1
+  machine_facts
   timeout 100 torchrun --nproc-per-node 2 scripts/exchange_micro.py --mib 680,1360 2>&1 \
     | grep -vE "UserWarning|warnings.warn" | tee "$OUT/transport_micro.csv" | tail -14
   CP_CORE_TRANSPORT=ce MAMBA_DETERMINISTIC=1 timeout 80 torchrun --nproc-per-node 2 tests/nccl_parity.py --cp 2 \
@@ -90,21 +104,12 @@ elif [ "$stage" = 8 ] || [ "$stage" = 9 ]; then
   fi
 elif [ "$stage" = 10 ]; then
   # the GPU tests, NCCL parity (default transport), ours beside NeMo AutoModel (cp 2) and mamba-ssm (cp 1)
-  { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nvidia-smi topo -m;
-    python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.nccl.version())"; } > "$OUT/machine.txt" 2>&1
+  machine_facts
   MAMBA_DETERMINISTIC=1 timeout 150 python3 -m pytest -q -p no:cacheprovider -p no:warnings tests/test_mamba_ssm_gpu.py \
     tests/test_mixer_gpu.py 2>&1 | tail -4 | tee "$OUT/gpu_tests.txt"
   MAMBA_DETERMINISTIC=1 timeout 70 torchrun --nproc-per-node 2 tests/nccl_parity.py --cp 2 --strategies hidden@2 \
     2>&1 | tee "$OUT/nccl_parity.txt" | grep -E "FAIL|passed"
-  timeout 170 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/peers-cp2 --set 'sweep.seq_len=[131072]' \
-    --set 'sweep.cp_size=[2]' --set 'sweep.overlap_chunks=[1, 2]' --set 'sweep.impl=[\"cp_core\", \"nemo\"]' \
-    --set run.iters=3" | tail -1
-  timeout 90 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/peers-cp1 --set 'sweep.seq_len=[131072]' \
-    --set 'sweep.cp_size=[1]' --set 'sweep.packing=[\"none\"]' --set 'sweep.overlap_chunks=[1]' \
-    --set 'sweep.impl=[\"cp_core\", \"mamba_ssm\"]' --set run.iters=3" | tail -1
-  python3 -m cpbench report "$OUT/peers-cp2" --vs nemo --metrics layer_ms peak_mem_GiB 2>&1 | tail -9
-  python3 -m cpbench report "$OUT/peers-cp1" --vs mamba_ssm --metrics layer_ms peak_mem_GiB 2>&1 | tail -6
-  (cd "$OUT" && rm -f peers-*/.cpbench.lock && tar czf peers.tgz peers-cp2 peers-cp1 && rm -rf peers-cp2 peers-cp1)
+  peers 131072
 elif [ "$stage" = 11 ]; then
   # state passing at L 128K with 8 and 64 documents beside the hidden strategy (fused)
   timeout 300 bash -c "$(declare -f sweep); sweep scenarios/strategies2.toml --out $OUT/strategies128 \
@@ -125,8 +130,7 @@ elif [ "$stage" = 14 ]; then
   # an earlier commit: mkdir base && git archive COMMIT cp_core | tar -x -C base) against the working tree,
   # cp 2, L 64K/128K, BSHD, k 2 (the change: also k 1, and cp 1), 10 iterations; then one profiled
   # iteration of the change at L 128K, k 2, and where each rank's compute stream waits
-  { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nvidia-smi topo -m;
-    python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.nccl.version())"; } > "$OUT/machine.txt" 2>&1
+  machine_facts
   MAMBA_DETERMINISTIC=1 timeout 150 python3 -m pytest -q -p no:cacheprovider -p no:warnings tests/test_mamba_ssm_gpu.py \
     tests/test_mixer_gpu.py 2>&1 | tail -3 | tee "$OUT/gpu_tests.txt"
   MAMBA_DETERMINISTIC=1 timeout 150 torchrun --nproc-per-node 2 tests/nccl_parity.py --cp 2 --strategies hidden hidden@2 \
@@ -165,15 +169,7 @@ elif [ "$stage" = 15 ]; then
 elif [ "$stage" = 16 ]; then
   # the peers only (no tests): ours beside NeMo AutoModel at cp 2, L 128K (BSHD, 64 documents), and beside
   # mamba-ssm's Mamba2 at cp 1, L 64K
-  timeout 200 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/peers-cp2 --set 'sweep.seq_len=[131072]' \
-    --set 'sweep.cp_size=[2]' --set 'sweep.overlap_chunks=[1, 2]' --set 'sweep.impl=[\"cp_core\", \"nemo\"]' \
-    --set run.iters=3" | tail -1
-  timeout 100 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/peers-cp1 --set 'sweep.seq_len=[65536]' \
-    --set 'sweep.cp_size=[1]' --set 'sweep.packing=[\"none\"]' --set 'sweep.overlap_chunks=[1]' \
-    --set 'sweep.impl=[\"cp_core\", \"mamba_ssm\"]' --set run.iters=3" | tail -1
-  python3 -m cpbench report "$OUT/peers-cp2" --vs nemo --metrics layer_ms peak_mem_GiB 2>&1 | tail -9
-  python3 -m cpbench report "$OUT/peers-cp1" --vs mamba_ssm --metrics layer_ms peak_mem_GiB 2>&1 | tail -6
-  (cd "$OUT" && rm -f peers-*/.cpbench.lock && tar czf peers.tgz peers-cp2 peers-cp1 && rm -rf peers-cp2 peers-cp1)
+  peers 65536
 elif [ "$stage" = 2 ]; then
   timeout 150 bash -c "$(declare -f sweep); sweep scenarios/strategies2.toml --out $OUT/strategies" | tail -4
 else
