@@ -315,9 +315,16 @@ class Mamba2Mixer(nn.Module):
         )
         slots = cp > 1 and hidden.EXCHANGE != "gather"  # "gather": the pack-pass design (the baseline)
         srows, unique = slot_rows(chans, c.d_inner) if slots else (None, True)
+        # the returned y slots go to the norm as they are where every norm group lies in one slot
+        w_slot, norm_group = c.d_inner // (cp * k), c.d_inner // c.n_groups
+        y_cols = (
+            tuple(r * (c.d_inner // cp) + j * w_slot for j in range(k) for r in range(cp))
+            if slots and w_slot % norm_group == 0
+            else ()
+        )
         spec = CoreSpec(
             d_inner=c.d_inner,
-            norm_group=c.d_inner // c.n_groups,
+            norm_group=norm_group,
             eps=c.norm_eps,
             norm_backend=norm_backend,
             conv=conv,
@@ -335,6 +342,7 @@ class Mamba2Mixer(nn.Module):
             overlap=k > 1 and x.is_cuda,
             slot_rows=None if srows is None else srows.to(x.device),
             slot_unique=unique,
+            y_cols=y_cols,
         )
         if len(self._specs) >= 8:
             self._specs.pop(next(iter(self._specs)))

@@ -5,9 +5,11 @@
 1. (hidden CP) ``[x | B | C | dt]`` to head-sharded global order: pack, one all-to-all, one row gather
    (:mod:`cp_core.hidden`); ``z`` stays on its rank;
 2. conv1d + SiLU + SSD (:mod:`cp_core.kernels.conv_ssd`, keeps only its input);
-3. (hidden CP) ``y`` back to the sequence shard: row gather, one all-to-all, unpack;
+3. (hidden CP) ``y`` back to the sequence shard: one all-to-all into one slot per rank and head chunk;
 4. gated RMSNorm with the local ``z`` and ``out_proj`` (:mod:`cp_core.kernels.norm`; the normalised
-   activations are recomputed in backward, not kept).
+   activations are recomputed in backward, not kept). The norm reads ``y`` in the received slots and its
+   backward writes ``dy`` in the slots that are sent (no unpack or pack pass) where every norm group
+   lies in one slot; otherwise the slots are unpacked into ``y`` first (and ``dy`` packed again).
 
 Why one function: the backward writes ``dz`` (norm backward) and ``d[x|B|C|dt]`` (conv backward, or the
 return all-to-all's unpack) straight into the two column ranges of one ``d zxbcdt`` buffer, with no
@@ -40,7 +42,7 @@ from . import comm
 from .channels import ChannelPlan
 from .hidden import _heads_to_seq, _seq_to_heads, _to_heads, _to_seq
 from .kernels.conv_ssd import ConvSSDSpec, conv_ssd_bwd, conv_ssd_fwd
-from .kernels.norm import norm_bwd, norm_fwd
+from .kernels.norm import norm_bwd, norm_bwd_slots, norm_fwd, norm_fwd_slots
 from .plan import TokenPlan
 from .regions import A2A_POST, A2A_PRE, LAYOUT, NORM_PROJ, SSM, region
 
@@ -70,6 +72,11 @@ class CoreSpec:
     #: ``[x|B|C|dt]`` as the send buffers themselves (:func:`slot_in_proj`), with no pack
     slot_rows: torch.Tensor | None = None
     slot_unique: bool = True  # no in_proj row feeds two slots (no B/C group replicated over ranks)
+    #: hidden CP: the first channel of every returned ``y`` slot (slot ``j*cp + r``: rank ``r``'s head chunk
+    #: ``j``) when the norm reads the slots as received and its backward writes the slots that are sent
+    #: (every norm group inside one slot; :func:`~cp_core.kernels.norm.norm_fwd_slots`); empty: the
+    #: slots are unpacked into ``y`` first and ``dy`` packed again
+    y_cols: tuple[int, ...] = ()
 
     @property
     def chunks(self) -> int:
@@ -163,8 +170,11 @@ class _LayerCore(torch.autograd.Function):
                 )
             y = y.view(n, spec.d_inner)
         else:
-            y = z.new_empty((n, spec.d_inner))
-            group, tok = spec.group, spec.tok
+            group, tok, cp = spec.group, spec.tok, spec.cp_size
+            if spec.y_cols:  # the returned slots as received, [k*cp, N, w]
+                y = z.new_empty((spec.chunks * cp, n, spec.d_inner // (spec.chunks * cp)))
+            else:
+                y = z.new_empty((n, spec.d_inner))
 
             def pre(j):
                 if spec.slot_rows is not None:  # xsep holds the send buffers: [k*cp, N, w]
@@ -182,12 +192,22 @@ class _LayerCore(torch.autograd.Function):
                 return yh.view(-1, cs.dim)
 
             def post(j, yh):
-                _heads_to_seq(yh, spec.chans_post[j], tok, group, A2A_POST, LAYOUT, out=y)
+                if spec.y_cols:
+                    _to_seq(
+                        yh, spec.chans_post[j], tok, group, A2A_POST, LAYOUT, recv=y[j * cp : (j + 1) * cp]
+                    )
+                else:
+                    _heads_to_seq(yh, spec.chans_post[j], tok, group, A2A_POST, LAYOUT, out=y)
 
             ready = getattr(xsep, "chunk_ready", None) if spec.slot_rows is not None else None
             _run_chunks(spec, pre, compute, post, (y,), ready)
         with region(NORM_PROJ):
-            normed, rstd = norm_fwd(y, z, norm_w, spec.eps, spec.norm_group, spec.norm_backend)
+            if spec.y_cols:
+                normed, rstd = norm_fwd_slots(
+                    y, spec.y_cols, z, norm_w, spec.eps, spec.norm_group, spec.norm_backend
+                )
+            else:
+                normed, rstd = norm_fwd(y, z, norm_w, spec.eps, spec.norm_group, spec.norm_backend)
             out = F.linear(normed, out_w)
         ctx.spec = spec
         # at cp > 1 nothing needs xbcdt after its all-to-all (the conv input kept is the head-sharded one)
@@ -226,10 +246,17 @@ class _LayerCore(torch.autograd.Function):
             dxbcdt = torch.empty((n, xshape[-1]), dtype=z2.dtype, device=z2.device)
         with region(NORM_PROJ + "_bwd"):
             dnormed = d2 @ out_w
-            dy, _, dnorm_w, normed = norm_bwd(
-                dnormed, y, z, norm_w, rstd, spec.eps, spec.norm_group, spec.norm_backend,
-                dz=dz, recompute_output=True,
-            )  # fmt: skip
+            if spec.y_cols:  # dy in the slots that are sent
+                dy = torch.empty_like(y)
+                dnorm_w, normed = norm_bwd_slots(
+                    dnormed, y, spec.y_cols, z, norm_w, rstd, spec.eps, spec.norm_group, spec.norm_backend,
+                    dz=dz, dx=dy,
+                )  # fmt: skip
+            else:
+                dy, _, dnorm_w, normed = norm_bwd(
+                    dnormed, y, z, norm_w, rstd, spec.eps, spec.norm_group, spec.norm_backend,
+                    dz=dz, recompute_output=True,
+                )  # fmt: skip
             del dnormed, y, rstd
             # dy is complete: the first chunk's transfer can run beside out_proj's weight gradient
             dy_ready = torch.cuda.current_stream().record_event() if spec.overlap else None
@@ -247,6 +274,9 @@ class _LayerCore(torch.autograd.Function):
             grads: list[tuple] = [()] * k
 
             def pre(j):
+                if spec.y_cols:
+                    send = dy[j * spec.cp_size : (j + 1) * spec.cp_size]
+                    return _to_heads(send, spec.chans_post[j], tok, group, A2A_POST + "_bwd", LAYOUT + "_bwd")
                 return _seq_to_heads(dy, spec.chans_post[j], tok, group, A2A_POST + "_bwd", LAYOUT + "_bwd")
 
             def compute(j, dyh):
@@ -269,7 +299,7 @@ class _LayerCore(torch.autograd.Function):
                         dxh, spec.chans[j], tok, group, A2A_PRE + "_bwd", LAYOUT + "_bwd", out=dxbcdt
                     )
 
-            _run_chunks(spec, pre, compute, post, (dxbcdt,), None if dy_ready is None else [dy_ready] * k)
+            _run_chunks(spec, pre, compute, post, (dxbcdt, dy), None if dy_ready is None else [dy_ready] * k)
             if k == 1:
                 dconv_w, dconv_b, ddt_bias, dA, dD = grads[0]
             else:

@@ -20,6 +20,8 @@
 #   bash scripts/gpu_sets.sh 15  the communication stream's priority and GEMMs leaving SMs to the transfers (cp 2, k 2;
 #                                CP_CORE_GEMM_CARVEOUT exists at commit 1f63378 only)
 #   bash scripts/gpu_sets.sh 16  the peers only: ours vs NeMo AutoModel (cp 2, L 128K) and mamba-ssm (cp 1, L 64K)
+#   bash scripts/gpu_sets.sh 17  a change against base/cp_core, k 1/2, L 64K/128K, with GPU tests, NCCL parity and cp 1;
+#                                18: more interleaved rounds of the same A/B (ROUNDS, default 2)
 #   bash scripts/gpu_sets.sh 4   the GPU tests against mamba-ssm and of NaN isolation, NCCL parity of the
 #                                chunked layer, ours (k 1/2) beside NeMo at cp 2, L 128K in one sweep
 # Results under $OUT (default out/). Needs mamba-ssm, causal-conv1d, nvtx, nemo-automodel (scripts/gpu_setup.sh).
@@ -166,6 +168,36 @@ elif [ "$stage" = 15 ]; then
     echo "priority/carveout $v"; python3 -m cpbench report "$OUT/cv-${v//\//_}" --metrics layer_ms exposed_comm_ms 2>&1 | tail -4
   done
   (cd "$OUT" && rm -f cv-*/.cpbench.lock && tar czf cv.tgz cv-* && rm -rf cv-*/)
+elif [ "$stage" = 17 ] || [ "$stage" = 18 ]; then
+  # a change against the code before it (base/cp_core, as stage 14), both k 1 and 2 on both sides, L 64K/128K,
+  # BSHD, 10 iterations, in interleaved rounds (base, new; 17: the GPU tests, NCCL parity and one round with
+  # cp 1; 18: ROUNDS more rounds, default 2, on the same warm machine)
+  sets="--set 'sweep.impl=[\"cp_core\"]' --set 'sweep.seq_len=[65536, 131072]' --set 'sweep.packing=[\"none\"]' \
+    --set run.iters=10 --set 'sweep.overlap_chunks=[1, 2]'"
+  rounds=1
+  if [ "$stage" = 17 ]; then
+    machine_facts
+    MAMBA_DETERMINISTIC=1 timeout 150 python3 -m pytest -q -p no:cacheprovider -p no:warnings tests/test_mamba_ssm_gpu.py \
+      tests/test_mixer_gpu.py tests/test_kernels_gpu.py 2>&1 | tail -3 | tee "$OUT/gpu_tests.txt"
+    MAMBA_DETERMINISTIC=1 timeout 150 torchrun --nproc-per-node 2 tests/nccl_parity.py --cp 2 --strategies hidden hidden@2 \
+      2>&1 | tee "$OUT/nccl_parity.txt" | grep -E "FAIL|passed|Error"
+    timeout 100 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/r-cp1 $sets --set 'sweep.cp_size=[1]' \
+      --set 'sweep.overlap_chunks=[1]'" | tail -1
+    python3 -m cpbench report "$OUT/r-cp1" --metrics layer_ms peak_mem_GiB 2>&1 | tail -4
+  else
+    rounds=${ROUNDS:-2}
+  fi
+  for i in $(seq 1 "$rounds"); do
+    for v in base new; do
+      pp=/tmp/site:$PWD; [ $v = base ] && pp=/tmp/site:$PWD/base:$PWD
+      d="$OUT/r$stage-$i-$v"
+      PYTHONPATH=$pp timeout 140 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $d $sets \
+        --set 'sweep.cp_size=[2]'" | tail -1
+      echo "round $i $v"; python3 -m cpbench report "$d" --metrics layer_ms layer_nocomm_ms exposed_comm_ms layout_ms \
+        peak_mem_GiB 2>&1 | tail -8
+    done
+  done
+  (cd "$OUT" && rm -f r*/.cpbench.lock && tar czf "ab$stage.tgz" r*/ && rm -rf r*/)
 elif [ "$stage" = 16 ]; then
   # the peers only (no tests): ours beside NeMo AutoModel at cp 2, L 128K (BSHD, 64 documents), and beside
   # mamba-ssm's Mamba2 at cp 1, L 64K

@@ -592,3 +592,60 @@ def test_conv_validation(args, match):
     call.update(args)
     with pytest.raises(ValueError, match=match):
         conv1d(call.pop("x"), call.pop("weight"), call.pop("bias"), **call)
+
+
+def _norm_slots_case(M, cp, k, G, dtype, device):
+    """A y of S = k*cp slots as hidden CP returns it (slot j*cp + r: rank r's head chunk j), the same y laid
+    side by side, z as a column slice of a wider tensor, and the slots' first channels."""
+    from cp_core.channels import ChannelPlan, unpack_torch
+
+    S, N = k * cp, 4 * G * k * cp // 2  # two norm groups per slot
+    w = N // S
+    gen = torch.Generator().manual_seed(5)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    ys, zw, wt, dout = rnd(S, M, w), rnd(M, N + 3), 1 + 0.1 * rnd(N), rnd(M, N)
+    y = torch.empty(M, N, device=device, dtype=dtype)
+    for j in range(k):
+        unpack_torch(ys[j * cp : (j + 1) * cp], ChannelPlan.single(cp, N // cp, (j, k)), y)
+    cols = tuple(r * (N // cp) + j * w for j in range(k) for r in range(cp))
+    return ys, y, zw[:, 3:], wt, dout, cols
+
+
+@pytest.mark.parametrize("cp, k", [(1, 1), (2, 1), (2, 2), (4, 2)])
+def test_norm_on_slots_equals_norm_on_unpacked_y(cp, k):
+    """The gated norm read from the returned slots (and its backward written into the slots that are sent)
+    equals the norm of the unpacked y: forward and recomputed output, dz, the slots' dy and the weight
+    gradient (torch's CPU reductions block by width, so to the last bits; the GPU test asks for the same
+    bits from the Triton kernels); the forward also against a float64 definition."""
+    from cp_core.kernels.norm import norm_bwd, norm_bwd_slots, norm_fwd, norm_fwd_slots
+
+    G, eps = 8, 1e-5
+    ys, y, z, wt, dout, cols = _norm_slots_case(11, cp, k, G, torch.float32, "cpu")
+
+    def close(a, b):
+        return torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+
+    out, rstd = norm_fwd_slots(ys, cols, z, wt, eps, G, "torch")
+    ref, _ = norm_fwd(y, z, wt, eps, G, "torch")
+    assert rstd == [None] * len(cols) and close(out, ref)
+    h = (y.double() * torch.nn.functional.silu(z.double())).view(11, -1, G)
+    oracle = (h / (h.pow(2).mean(-1, keepdim=True) + eps).sqrt()).view(11, -1) * wt.double()
+    assert torch.allclose(out.double(), oracle, rtol=1e-5, atol=1e-6)
+    dz, dys = torch.empty_like(z), torch.empty_like(ys)
+    dw, out2 = norm_bwd_slots(dout, ys, cols, z, wt, rstd, eps, G, "torch", dz=dz, dx=dys)
+    dy_ref, dz_ref, dw_ref, _ = norm_bwd(dout, y, z, wt, None, eps, G, "torch")
+    w = ys.shape[-1]
+    for i, c in enumerate(cols):
+        assert close(dys[i], dy_ref[:, c : c + w]), i
+    assert close(dz, dz_ref) and close(out2, ref) and close(dw, dw_ref)
+
+
+def test_norm_on_slots_needs_whole_groups():
+    from cp_core.kernels.norm import norm_fwd_slots
+
+    ys, _, z, wt, _, cols = _norm_slots_case(3, 2, 1, 8, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="whole norm groups of 32"):
+        norm_fwd_slots(ys, cols, z, wt, 1e-5, 32, "torch")

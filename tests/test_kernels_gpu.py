@@ -258,3 +258,35 @@ def test_state_correction_triton_matches_torch(dtype, R, L, H, P, G, N):
     tol = 2e-3 if dtype == torch.float32 else 1e-2  # tf32 dots; one bf16 rounding of y and dC
     for name, a, b in zip(("y", "dy0", "dC", "dh0", "dacum"), *res, strict=True):
         assert a.dtype == b.dtype and rel_err(a, b) < tol, (name, rel_err(a, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cp, k", [(2, 1), (2, 2), (4, 2)])
+def test_norm_on_slots_triton_bit_identical_to_one_call(dtype, cp, k):
+    """mamba-ssm's norm kernels on the returned slots, one launch per slot, give exactly what one call on
+    the unpacked y gives: output, statistics, dz, the slots' dy, the recomputed output and the weight
+    gradient (reduced over the same row blocks)."""
+    from test_kernels import _norm_slots_case
+
+    from cp_core.kernels import norm
+
+    need_cuda()
+    if not norm.triton_available()[0]:
+        pytest.skip("mamba-ssm's norm kernels unavailable")
+    G, eps = 64, 1e-5
+    ys, y, z, wt, dout, cols = _norm_slots_case(1000, cp, k, G, dtype, "cuda")
+    out, rstd = norm.norm_fwd_slots(ys, cols, z, wt, eps, G, "triton")
+    ref, rstd_ref = norm.norm_fwd(y, z, wt, eps, G, "triton")
+    assert torch.equal(out, ref)
+    M, w = y.shape[0], ys.shape[-1]
+    for i, c in enumerate(cols):  # rstd is [group, row]
+        assert torch.equal(rstd[i], rstd_ref[c // G * M : (c + w) // G * M]), i
+    dz, dys = torch.empty_like(z), torch.empty_like(ys)
+    dw, out2 = norm.norm_bwd_slots(dout, ys, cols, z, wt, rstd, eps, G, "triton", dz=dz, dx=dys)
+    dz_ref = torch.empty_like(z)
+    dy_ref, _, dw_ref, out_ref = norm.norm_bwd(
+        dout, y, z, wt, rstd_ref, eps, G, "triton", dz=dz_ref, recompute_output=True
+    )
+    for i, c in enumerate(cols):
+        assert torch.equal(dys[i], dy_ref[:, c : c + w]), i
+    assert torch.equal(dz, dz_ref) and torch.equal(out2, out_ref) and torch.equal(dw, dw_ref)

@@ -23,6 +23,8 @@ them in the norm's backward pass (as mamba-ssm's fused ``Mamba2`` path does), wh
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -32,6 +34,8 @@ __all__ = [
     "gated_rmsnorm_torch",
     "norm_fwd",
     "norm_bwd",
+    "norm_fwd_slots",
+    "norm_bwd_slots",
     "gated_norm_out_proj",
     "triton_available",
     "BACKENDS",
@@ -66,17 +70,18 @@ def resolve(backend: str, y: torch.Tensor) -> str:
     return backend
 
 
-def norm_fwd(y, z, weight, eps: float, group_size: int, backend: str):
+def norm_fwd(y, z, weight, eps: float, group_size: int, backend: str, out=None):
     """``(out, rstd)`` for 2-D ``y, z [M, N]`` (last dim contiguous; ``z`` may be a column slice of a
-    wider tensor). ``rstd`` is the Triton kernel's per-(row, group) statistic, ``None`` for torch."""
+    wider tensor). ``rstd`` is the Triton kernel's per-(row, group) statistic, ``None`` for torch.
+    ``out`` (optional, ``[M, N]``, last dim contiguous, e.g. a column slice) receives the result."""
     if backend == "triton":
         mod, _ = load_submodule(_MODULE)
-        out, _, rstd = mod._layer_norm_fwd(
-            y, weight, None, eps, z=z, group_size=group_size, norm_before_gate=False, is_rms_norm=True
-        )
+        kw = dict(z=z, out=out, group_size=group_size, norm_before_gate=False, is_rms_norm=True)
+        out, _, rstd = mod._layer_norm_fwd(y, weight, None, eps, **kw)
         return out, rstd
     with torch.no_grad():
-        return gated_rmsnorm_torch(y, z, weight, eps, group_size), None
+        res = gated_rmsnorm_torch(y, z, weight, eps, group_size)
+    return (res if out is None else out.copy_(res)), None
 
 
 def norm_bwd(
@@ -100,6 +105,83 @@ def norm_bwd(
         dz.copy_(dz_new)
         dz_new = dz
     return dy, dz_new, dw, (out.detach() if recompute_output else None)
+
+
+def norm_fwd_slots(ys, cols, z, weight, eps: float, group_size: int, backend: str):
+    """The norm of a ``y`` held as *slots*: ``ys [S, M, w]``, slot ``i`` holding the channels
+    ``[cols[i], cols[i] + w)`` (hidden CP's received buffers, so no pass lays them side by side first).
+    Every norm group lies in one slot (``w`` a multiple of ``group_size``, every ``cols[i]`` too).
+    ``(out [M, S*w] in channel order, rstd: one per slot)``; each slot's numbers are those of one call
+    on the whole ``y`` (the statistics are per row and group)."""
+    S, M, w = ys.shape
+    _check_slots(ys, cols, group_size)
+    out = ys.new_empty((M, S * w))
+    rstd = []
+    for i, c in enumerate(cols):
+        sl = slice(c, c + w)
+        rstd.append(norm_fwd(ys[i], z[:, sl], weight[sl], eps, group_size, backend, out=out[:, sl])[1])
+    return out, rstd
+
+
+def norm_bwd_slots(dout, ys, cols, z, weight, rstd, eps: float, group_size: int, backend: str, *, dz, dx):
+    """Backward of :func:`norm_fwd_slots`: ``dx [S, M, w]`` (slot ``i``'s gradient, in the slots' layout:
+    hidden CP sends them as they are) and ``dz [M, N]`` are written in place; returns
+    ``(dweight, out)`` with the forward output recomputed. With Triton the weight gradient is reduced
+    over the same row blocks as one call on the whole ``y`` would (the same bits)."""
+    S, M, w = ys.shape
+    _check_slots(ys, cols, group_size)
+    out = ys.new_empty((M, S * w))
+    if backend == "triton":
+        mod, _ = load_submodule(_MODULE)
+        dw = _triton_bwd_slots(mod, dout, ys, cols, z, weight, rstd, eps, group_size, dz, dx, out)
+        return dw, out
+    dw = torch.empty_like(weight)
+    for i, c in enumerate(cols):
+        sl = slice(c, c + w)
+        dxi, _, dw[sl], out[:, sl] = norm_bwd(
+            dout[:, sl], ys[i], z[:, sl], weight[sl], None, eps, group_size, backend,
+            dz=dz[:, sl], recompute_output=True,
+        )  # fmt: skip
+        dx[i].copy_(dxi)
+    return dw, out
+
+
+def _check_slots(ys, cols, group_size: int) -> None:
+    S, _, w = ys.shape
+    if len(cols) != S or w % group_size or any(c % group_size for c in cols):
+        raise ValueError(
+            f"slots of width {w} at channels {list(cols)} must hold whole norm groups of {group_size} "
+            f"(one start per slot, {S} slots)"
+        )
+
+
+def _triton_bwd_slots(mod, dout, ys, cols, z, weight, rstd, eps, group_size, dz, dx, out):
+    """mamba-ssm's norm backward kernel launched once per slot, with the launch shape (warps, row blocks)
+    its own wrapper picks for the whole width, each slot writing its columns of one weight-gradient
+    partial-sum buffer and its own ``dx`` slot."""
+    S, M, w = ys.shape
+    N = S * w
+    block_n = 1 << max(group_size - 1, 0).bit_length()  # next power of 2
+    if group_size > 65536 // ys.element_size():
+        raise RuntimeError("the norm kernel takes groups under 64 KB")
+    num_warps = min(max(block_n // 256, 1), 8)
+    sm_count = torch.cuda.get_device_properties(ys.device).multi_processor_count
+    nrow_groups = math.ceil(sm_count * math.ceil(4 / num_warps) / (N // group_size))
+    rows_per_program = math.ceil(M / nrow_groups)
+    dw_part = torch.empty((nrow_groups, N), dtype=torch.float32, device=weight.device)
+    with torch.cuda.device(ys.device.index):
+        for i, c in enumerate(cols):
+            sl = slice(c, c + w)
+            x, zi, dzi, dyi, oi = ys[i], z[:, sl], dz[:, sl], dout[:, sl], out[:, sl]
+            if dyi.stride(-1) != 1 or zi.stride(-1) != 1 or dzi.stride(-1) != 1:
+                raise ValueError("the norm backward needs the last dim of dout, z and dz contiguous")
+            mod._layer_norm_bwd_kernel[(nrow_groups, w // group_size)](
+                x, weight[sl], None, zi, oi, dyi, dx[i], dw_part[:, sl], None, dzi, None, rstd[i],
+                x.stride(0), zi.stride(0), oi.stride(0), dyi.stride(0), dx[i].stride(0), dzi.stride(0),
+                dw_part.stride(0), 0, M, group_size, eps, rows_per_program,
+                BLOCK_N=block_n, NORM_BEFORE_GATE=False, IS_RMS_NORM=True, num_warps=num_warps,
+            )  # fmt: skip
+    return dw_part.sum(0).to(weight.dtype)
 
 
 class _GatedNormOutProj(torch.autograd.Function):
