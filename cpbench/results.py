@@ -260,6 +260,10 @@ def environment() -> dict[str, Any]:
             env["driver"] = env["driver"].splitlines()[0].strip()
     for dist in ("triton", "mamba-ssm", "causal-conv1d", "nvtx", "pandas", "rich"):
         env[dist.replace("-", "_")] = _version(dist)
+    import cp_core
+
+    # where the measured library was imported from (an A/B against an older copy names that copy)
+    env["cp_core_path"] = str(Path(cp_core.__file__).resolve().parent)
     repo = str(Path(__file__).resolve().parent.parent)
     env["git_commit"] = _run(["git", "rev-parse", "HEAD"], cwd=repo)
     dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo)

@@ -264,8 +264,8 @@ def test_state_correction_triton_matches_torch(dtype, R, L, H, P, G, N):
 @pytest.mark.parametrize("cp, k", [(2, 1), (2, 2), (4, 2)])
 def test_norm_on_slots_triton_bit_identical_to_one_call(dtype, cp, k):
     """mamba-ssm's norm kernels on the returned slots, one launch per slot, give exactly what one call on
-    the unpacked y gives: output, statistics, dz, the slots' dy, the recomputed output and the weight
-    gradient (reduced over the same row blocks)."""
+    the unpacked y gives: output, statistics, dz, the slots' dy and the recomputed output; the weight
+    gradient to the rounding of its sum over other row blocks."""
     from test_kernels import _norm_slots_case
 
     from cp_core.kernels import norm
@@ -289,4 +289,7 @@ def test_norm_on_slots_triton_bit_identical_to_one_call(dtype, cp, k):
     )
     for i, c in enumerate(cols):
         assert torch.equal(dys[i], dy_ref[:, c : c + w]), i
-    assert torch.equal(dz, dz_ref) and torch.equal(out2, out_ref) and torch.equal(dw, dw_ref)
+    assert torch.equal(dz, dz_ref) and torch.equal(out2, out_ref)
+    assert torch.allclose(
+        dw.float(), dw_ref.float(), rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-6
+    )

@@ -195,9 +195,10 @@ def test_meta_and_out_dir(tmp_path):
         "causal_conv1d",
         "nvtx",
         "git_commit",
+        "cp_core_path",
     ):
         assert k in env
-    assert env["torch"]
+    assert env["torch"] and env["cp_core_path"].endswith("cp_core")
     write_meta(tmp_path / "meta.json", {"env": env, "when": datetime(2024, 1, 2)})
     assert json.loads((tmp_path / "meta.json").read_text())["env"]["host"] == env["host"]
     assert (

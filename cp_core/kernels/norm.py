@@ -126,16 +126,30 @@ def norm_fwd_slots(ys, cols, z, weight, eps: float, group_size: int, backend: st
 def norm_bwd_slots(dout, ys, cols, z, weight, rstd, eps: float, group_size: int, backend: str, *, dz, dx):
     """Backward of :func:`norm_fwd_slots`: ``dx [S, M, w]`` (slot ``i``'s gradient, in the slots' layout:
     hidden CP sends them as they are) and ``dz [M, N]`` are written in place; returns
-    ``(dweight, out)`` with the forward output recomputed. With Triton the weight gradient is reduced
-    over the same row blocks as one call on the whole ``y`` would (the same bits)."""
+    ``(dweight, out)`` with the forward output recomputed. ``dx``, ``dz`` and the output are those of one
+    call on the whole ``y``; the weight gradient is summed over other row blocks (its last bits may differ)."""
     S, M, w = ys.shape
     _check_slots(ys, cols, group_size)
     out = ys.new_empty((M, S * w))
+    dw = torch.empty_like(weight)
     if backend == "triton":
         mod, _ = load_submodule(_MODULE)
-        dw = _triton_bwd_slots(mod, dout, ys, cols, z, weight, rstd, eps, group_size, dz, dx, out)
+        for i, c in enumerate(cols):
+            sl = slice(c, c + w)
+            dw[sl] = _triton_bwd_into(
+                mod,
+                dout[:, sl],
+                ys[i],
+                z[:, sl],
+                weight[sl],
+                rstd[i],
+                eps,
+                group_size,
+                dz[:, sl],
+                dx[i],
+                out[:, sl],
+            )
         return dw, out
-    dw = torch.empty_like(weight)
     for i, c in enumerate(cols):
         sl = slice(c, c + w)
         dxi, _, dw[sl], out[:, sl] = norm_bwd(
@@ -155,32 +169,28 @@ def _check_slots(ys, cols, group_size: int) -> None:
         )
 
 
-def _triton_bwd_slots(mod, dout, ys, cols, z, weight, rstd, eps, group_size, dz, dx, out):
-    """mamba-ssm's norm backward kernel launched once per slot, with the launch shape (warps, row blocks)
-    its own wrapper picks for the whole width, each slot writing its columns of one weight-gradient
-    partial-sum buffer and its own ``dx`` slot."""
-    S, M, w = ys.shape
-    N = S * w
-    block_n = 1 << max(group_size - 1, 0).bit_length()  # next power of 2
-    if group_size > 65536 // ys.element_size():
+def _triton_bwd_into(mod, dy, x, z, weight, rstd, eps, group_size, dz, dx, out):
+    """mamba-ssm's norm backward kernel with ``dx`` written where the caller asks (its wrapper allocates it),
+    launched as that wrapper launches it (warps, row blocks per SM count); returns the weight gradient."""
+    M, N = x.shape
+    if group_size > 65536 // x.element_size():
         raise RuntimeError("the norm kernel takes groups under 64 KB")
+    for t in (x, dy, z, dz, dx, out):
+        if t.stride(-1) != 1:
+            raise ValueError("the norm backward needs every operand's last dim contiguous")
+    block_n = 1 << max(group_size - 1, 0).bit_length()  # next power of 2
     num_warps = min(max(block_n // 256, 1), 8)
-    sm_count = torch.cuda.get_device_properties(ys.device).multi_processor_count
-    nrow_groups = math.ceil(sm_count * math.ceil(4 / num_warps) / (N // group_size))
-    rows_per_program = math.ceil(M / nrow_groups)
+    ngroups = N // group_size
+    sm_count = torch.cuda.get_device_properties(x.device).multi_processor_count
+    nrow_groups = math.ceil(sm_count * math.ceil(4 / num_warps) / ngroups)
     dw_part = torch.empty((nrow_groups, N), dtype=torch.float32, device=weight.device)
-    with torch.cuda.device(ys.device.index):
-        for i, c in enumerate(cols):
-            sl = slice(c, c + w)
-            x, zi, dzi, dyi, oi = ys[i], z[:, sl], dz[:, sl], dout[:, sl], out[:, sl]
-            if dyi.stride(-1) != 1 or zi.stride(-1) != 1 or dzi.stride(-1) != 1:
-                raise ValueError("the norm backward needs the last dim of dout, z and dz contiguous")
-            mod._layer_norm_bwd_kernel[(nrow_groups, w // group_size)](
-                x, weight[sl], None, zi, oi, dyi, dx[i], dw_part[:, sl], None, dzi, None, rstd[i],
-                x.stride(0), zi.stride(0), oi.stride(0), dyi.stride(0), dx[i].stride(0), dzi.stride(0),
-                dw_part.stride(0), 0, M, group_size, eps, rows_per_program,
-                BLOCK_N=block_n, NORM_BEFORE_GATE=False, IS_RMS_NORM=True, num_warps=num_warps,
-            )  # fmt: skip
+    with torch.cuda.device(x.device.index):
+        mod._layer_norm_bwd_kernel[(nrow_groups, ngroups)](
+            x, weight, None, z, out, dy, dx, dw_part, None, dz, None, rstd,
+            x.stride(0), z.stride(0), out.stride(0), dy.stride(0), dx.stride(0), dz.stride(0),
+            dw_part.stride(0), 0, M, group_size, eps, math.ceil(M / nrow_groups),
+            BLOCK_N=block_n, NORM_BEFORE_GATE=False, IS_RMS_NORM=True, num_warps=num_warps,
+        )  # fmt: skip
     return dw_part.sum(0).to(weight.dtype)
 
 
