@@ -22,6 +22,7 @@
 #   bash scripts/gpu_sets.sh 16  the peers only: ours vs NeMo AutoModel (cp 2, L 128K) and mamba-ssm (cp 1, L 64K)
 #   bash scripts/gpu_sets.sh 17  a change against base/cp_core, k 1/2, L 64K/128K, with GPU tests, NCCL parity and cp 1;
 #                                18: more interleaved rounds of the same A/B (ROUNDS, default 2)
+#   bash scripts/gpu_sets.sh 19  the peers (as 16) and the exchange into rows against pack + all-to-all + gather
 #   bash scripts/gpu_sets.sh 4   the GPU tests against mamba-ssm and of NaN isolation, NCCL parity of the
 #                                chunked layer, ours (k 1/2) beside NeMo at cp 2, L 128K in one sweep
 # Results under $OUT (default out/). Needs mamba-ssm, causal-conv1d, nvtx, nemo-automodel (scripts/gpu_setup.sh).
@@ -206,6 +207,14 @@ elif [ "$stage" = 17 ] || [ "$stage" = 18 ]; then
     done
   done
   (cd "$OUT" && rm -f r*/.cpbench.lock && tar czf "ab$stage.tgz" r*/ && rm -rf r*/)
+elif [ "$stage" = 19 ]; then
+  # the peers with the code of the tree (as 16), and the exchange into rows against pack + all-to-all + row
+  # gather (CP_CORE_EXCHANGE=gather: NCCL's all-to-all at full size, one more copy), cp 2, L 128K, k 1/2
+  MAMBA_DETERMINISTIC=1 timeout 100 python3 -m pytest -q -p no:cacheprovider -p no:warnings \
+    tests/test_kernels_gpu.py::test_norm_on_slots_triton_bit_identical_to_one_call 2>&1 | tail -2 | tee "$OUT/gpu_norm_test.txt"
+  peers 65536
+  exchange_ab exchange19 "--set 'sweep.seq_len=[131072]' --set 'sweep.cp_size=[2]' --set 'sweep.packing=[\"none\"]' \
+    --set run.iters=10"
 elif [ "$stage" = 16 ]; then
   # the peers only (no tests): ours beside NeMo AutoModel at cp 2, L 128K (BSHD, 64 documents), and beside
   # mamba-ssm's Mamba2 at cp 1, L 64K
