@@ -21,7 +21,7 @@
 #                                CP_CORE_GEMM_CARVEOUT exists at commit 1f63378 only)
 #   bash scripts/gpu_sets.sh 16  the peers only: ours vs NeMo AutoModel (cp 2, L 128K) and mamba-ssm (cp 1, L 64K)
 #   bash scripts/gpu_sets.sh 17  a change against base/cp_core, k 1/2, L 64K/128K, with GPU tests, NCCL parity and cp 1;
-#                                18: more interleaved rounds of the same A/B (ROUNDS, default 2)
+#                                (SKIP_TESTS=1: without them; ROUNDS=N: N rounds); 18: ROUNDS (default 2) more rounds
 #   bash scripts/gpu_sets.sh 19  the peers (as 16) and the exchange into rows against pack + all-to-all + gather
 #   bash scripts/gpu_sets.sh 4   the GPU tests against mamba-ssm and of NaN isolation, NCCL parity of the
 #                                chunked layer, ours (k 1/2) beside NeMo at cp 2, L 128K in one sweep
@@ -179,17 +179,17 @@ elif [ "$stage" = 15 ]; then
   (cd "$OUT" && rm -f cv-*/.cpbench.lock && tar czf cv.tgz cv-* && rm -rf cv-*/)
 elif [ "$stage" = 17 ] || [ "$stage" = 18 ]; then
   # a change against the code before it (base/cp_core, as stage 14), both k 1 and 2 on both sides, L 64K/128K,
-  # BSHD, 10 iterations, in interleaved rounds (base, new; 17: the GPU tests, NCCL parity and one round with
-  # cp 1; 18: ROUNDS more rounds, default 2, on the same warm machine)
+  # BSHD, 10 iterations, in interleaved rounds (base, new; 17: the GPU tests and NCCL parity unless SKIP_TESTS is
+  # set, cp 1, ROUNDS rounds, default 1; 18: ROUNDS more rounds, default 2, on the same warm machine)
   sets="--set 'sweep.impl=[\"cp_core\"]' --set 'sweep.seq_len=[65536, 131072]' --set 'sweep.packing=[\"none\"]' \
     --set run.iters=10 --set 'sweep.overlap_chunks=[1, 2]'"
-  rounds=1
+  rounds=${ROUNDS:-1}
   if [ "$stage" = 17 ]; then
     machine_facts
-    MAMBA_DETERMINISTIC=1 timeout 200 python3 -m pytest -q -p no:cacheprovider -p no:warnings tests/test_mamba_ssm_gpu.py \
+    [ -n "$SKIP_TESTS" ] || MAMBA_DETERMINISTIC=1 timeout 200 python3 -m pytest -q -p no:cacheprovider -p no:warnings tests/test_mamba_ssm_gpu.py \
       tests/test_mixer_gpu.py tests/test_kernels_gpu.py::test_norm_on_slots_triton_bit_identical_to_one_call 2>&1 \
       | tail -3 | tee "$OUT/gpu_tests.txt"
-    MAMBA_DETERMINISTIC=1 timeout 150 torchrun --nproc-per-node 2 tests/nccl_parity.py --cp 2 --strategies hidden hidden@2 \
+    [ -n "$SKIP_TESTS" ] || MAMBA_DETERMINISTIC=1 timeout 150 torchrun --nproc-per-node 2 tests/nccl_parity.py --cp 2 --strategies hidden hidden@2 \
       2>&1 | tee "$OUT/nccl_parity.txt" | grep -E "FAIL|passed|Error"
     run_in new "sweep scenarios/peers.toml --out $OUT/r-cp1 $sets --set 'sweep.cp_size=[1]' \
       --set 'sweep.overlap_chunks=[1]'" 100 | tail -1
