@@ -23,6 +23,7 @@
 #   bash scripts/gpu_sets.sh 17  a change against base/cp_core, k 1/2, L 64K/128K, with GPU tests, NCCL parity and cp 1;
 #                                (SKIP_TESTS=1: without them; ROUNDS=N: N rounds); 18: ROUNDS (default 2) more rounds
 #   bash scripts/gpu_sets.sh 19  the peers (as 16) and the exchange into rows against pack + all-to-all + gather
+#   bash scripts/gpu_sets.sh 20  cp 2 with k 1/2/4 measured and in projection mode (the model checked), cp 1
 #   bash scripts/gpu_sets.sh 4   the GPU tests against mamba-ssm and of NaN isolation, NCCL parity of the
 #                                chunked layer, ours (k 1/2) beside NeMo at cp 2, L 128K in one sweep
 # Results under $OUT (default out/). Needs mamba-ssm, causal-conv1d, nvtx, nemo-automodel (scripts/gpu_setup.sh).
@@ -215,6 +216,23 @@ elif [ "$stage" = 19 ]; then
   peers 65536
   exchange_ab exchange19 "--set 'sweep.seq_len=[131072]' --set 'sweep.cp_size=[2]' --set 'sweep.packing=[\"none\"]' \
     --set run.iters=10"
+elif [ "$stage" = 20 ]; then
+  # the tree's code: cp 1, and cp 2 with k 1/2/4 (L 64K/128K, BSHD, 10 iterations) measured over NCCL, then
+  # the same cp 2 cases in projection mode (one process, communication modeled at 370 and 325 GB/s busbw)
+  machine_facts
+  sets="--set 'sweep.impl=[\"cp_core\"]' --set 'sweep.seq_len=[65536, 131072]' --set 'sweep.packing=[\"none\"]' \
+    --set run.iters=10"
+  timeout 100 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/k-cp1 $sets --set 'sweep.cp_size=[1]' \
+    --set 'sweep.overlap_chunks=[1]'" | tail -1
+  timeout 200 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/k-measured $sets --set 'sweep.cp_size=[2]' \
+    --set 'sweep.overlap_chunks=[1, 2, 4]'" | tail -1
+  python3 -m cpbench report "$OUT/k-measured" --metrics layer_ms exposed_comm_ms 2>&1 | tail -9
+  for bw in 370 325; do
+    timeout 100 bash -c "python3 -m cpbench sweep scenarios/peers.toml --backend fake --fake-busbw $bw --no-progress \
+      --out $OUT/k-projected-$bw $sets --set 'sweep.cp_size=[2]' --set 'sweep.overlap_chunks=[1, 2, 4]'" 2>&1 | tail -1
+    python3 -m cpbench report "$OUT/k-projected-$bw" --metrics layer_ms exposed_comm_ms 2>&1 | tail -9
+  done
+  (cd "$OUT" && rm -f k-*/.cpbench.lock && tar czf k.tgz k-* && rm -rf k-*/)
 elif [ "$stage" = 16 ]; then
   # the peers only (no tests): ours beside NeMo AutoModel at cp 2, L 128K (BSHD, 64 documents), and beside
   # mamba-ssm's Mamba2 at cp 1, L 64K
