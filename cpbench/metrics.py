@@ -21,9 +21,11 @@ Conventions (as nccl-tests):
   ``comm_wait_ms = comm_ms - comm_xfer_ms`` is the time the slowest rank spent waiting inside them.
 * Fake backend (one process standing in for rank 0 of the group): the communication regions
   are replaced by a model, ``t = S / algbw_model`` with ``algbw_model = busbw * n / (n - 1)``;
-  the layer time becomes measured - measured local copies + modeled *exposed* communication: all of
-  it for blocking collectives, :func:`exposed_model` for ``overlap_chunks > 1``. Such rows say
-  ``comm_model = modeled@<B>GBps``.
+  the layer time becomes the layer timed with every collective suppressed (nothing moves: its compute
+  and copies alone) + modeled *exposed* communication: all of it for blocking collectives,
+  :func:`exposed_model` for ``overlap_chunks > 1``. (Without that run: measured - measured local
+  copies + modeled exposed, which is right only while the copies block the compute stream, ``k = 1``.)
+  Such rows say ``comm_model = modeled@<B>GBps``.
 * Exposed communication (cp > 1): ``layer_nocomm_ms`` is the layer timed again with every collective
   suppressed (:func:`cp_core.comm.suppressed`), ``exposed_comm_ms = layer_ms - layer_nocomm_ms`` (the
   communication compute did not hide), ``overlap_pct = 100 * (1 - exposed / comm_ms)``, where
@@ -185,12 +187,21 @@ def model_payload(
 ) -> dict:
     """Replace the measured communication regions of a payload by modeled times, and adjust the layer.
 
-    The local-copy time the fake collectives took is removed from ``layer_fwd``/``layer_bwd`` (the
-    regions named ``*_bwd`` belong to the backward) and the modeled exposed time added instead
-    (:func:`exposed_model`: all of it for blocking collectives, ``chunks = 1``).
+    ``layer_fwd``/``layer_bwd`` become the payload's run with every collective suppressed
+    (``nocomm``, ``nocomm_fwd``) plus the modeled exposed time (:func:`exposed_model`: all of it for
+    blocking collectives, ``chunks = 1``; the regions named ``*_bwd`` belong to the backward). Without
+    that run the local-copy time the fake collectives took is removed from the measured layer instead,
+    which overstates the saving where the copies ran beside compute (``chunks > 1``).
     """
     iters = payload["iters"]
     times = {k: list(v) for k, v in payload.get("regions", {}).items()}
+    nocomm, nocomm_fwd = payload.get("nocomm"), payload.get("nocomm_fwd")
+    quiet = None  # per pass, the layer's per-iteration seconds with nothing moved
+    if nocomm and nocomm_fwd and len(nocomm) == len(nocomm_fwd) == iters:
+        quiet = {
+            LAYER_FWD: list(nocomm_fwd),
+            LAYER_BWD: [a - b for a, b in zip(nocomm, nocomm_fwd, strict=True)],
+        }
     for layer, bwd in ((LAYER_FWD, False), (LAYER_BWD, True)):
         names = [r for r in regions if r.endswith(BWD_SUFFIX) == bwd]
         if not names:
@@ -200,9 +211,12 @@ def model_payload(
         if layer in times:
             new = []
             for i, t in enumerate(times[layer]):
-                measured = sum(times.get(r, [0.0] * iters)[i] for r in names)
                 exposed = exposed_model(sum(modeled.values()), compute[i], chunks)
-                new.append(t - measured + exposed)
+                if quiet is not None:
+                    new.append(quiet[layer][i] + exposed)
+                else:
+                    measured = sum(times.get(r, [0.0] * iters)[i] for r in names)
+                    new.append(t - measured + exposed)
             times[layer] = new
         for r in names:
             times[r] = [modeled[r]] * iters

@@ -295,7 +295,9 @@ def run_iterations(p: Prepared, scenario: Scenario, ctx: RankContext) -> dict[st
             traced = trace.case_stats(path)
         # the copy-engine transport's mailboxes live outside the caching allocator: counted here
         peak = float(torch.cuda.max_memory_allocated(ctx.device) + mailbox.peak_bytes()) if cuda else NAN
-        nocomm = _layer_without_comm(p, scenario, ctx, timer) if _wants_nocomm(p, scenario) else None
+        nocomm, nocomm_fwd = (
+            _layer_without_comm(p, scenario, ctx, timer) if _wants_nocomm(p, scenario) else (None, None)
+        )
     backends = dict(getattr(p.mixer, "backends", {}) or {})
     return {
         "iters": run.iters,
@@ -305,6 +307,7 @@ def run_iterations(p: Prepared, scenario: Scenario, ctx: RankContext) -> dict[st
         "n_collectives": n_coll,
         "warmup_s": warmup_s,
         "nocomm": nocomm,
+        "nocomm_fwd": nocomm_fwd,
         "trace": traced,
     }
 
@@ -313,12 +316,15 @@ def _wants_nocomm(p: Prepared, scenario: Scenario) -> bool:
     return scenario.run.exposed_comm and p.case.cp_size > 1 and p.case.impl == "cp_core"
 
 
-def _layer_without_comm(p: Prepared, scenario: Scenario, ctx: RankContext, timer: RegionTimer) -> list[float]:
+def _layer_without_comm(
+    p: Prepared, scenario: Scenario, ctx: RankContext, timer: RegionTimer
+) -> tuple[list[float], list[float]]:
     """Per-iteration layer seconds with every collective of cp_core suppressed (after one warm-up
-    iteration): the layer's compute and copies alone. ``layer - this`` is the exposed communication."""
+    iteration): the layer's compute and copies alone, and the forward's part of it. ``layer - this`` is
+    the exposed communication."""
     from cp_core.comm import suppressed
 
-    out = []
+    out, fwd = [], []
     with suppressed():
         for it in range(scenario.run.iters + 1):
             _group_sync(ctx)
@@ -329,7 +335,8 @@ def _layer_without_comm(p: Prepared, scenario: Scenario, ctx: RankContext, timer
             _clear_grads(p)
             if it > 0:
                 out.append(times.get("layer_fwd", 0.0) + times.get("layer_bwd", 0.0))
-    return out
+                fwd.append(times.get("layer_fwd", 0.0))
+    return out, fwd
 
 
 def a2a_microbench(nbytes: int, ctx: RankContext, *, warmup: int = 5, iters: int = 20) -> list[float]:

@@ -130,6 +130,25 @@ def test_aggregate_fake_models_communication():
     assert row["ssm_ms"] == pytest.approx(500.0)  # compute regions stay measured
 
 
+def test_fake_layer_is_the_quiet_run_plus_modeled_exposed():
+    """With the run that moved nothing (collectives suppressed), a modeled layer is that run plus the
+    modeled exposed time, for every k: copies that ran beside compute are not subtracted."""
+    p = _payload([1.0, 1.0, 1.0], [2.0, 2.0, 2.0], [0.3, 0.3, 0.3], [0.2, 0.2, 0.2], [0.5] * 3)
+    p = {**p, "nocomm": [2.6, 2.8, 2.7], "nocomm_fwd": [0.9, 0.9, 0.9]}
+    nbytes, cp, bw = 740_000_000, 2, 370.0
+    t = nbytes / (bw * GB * cp / (cp - 1))  # 1 ms per pass
+    for k, exposed in ((1, 2 * t), (2, max(t / 2, t - 0.5 / 2) + t)):  # ssm: 0.5 s forward, none backward
+        row = aggregate(
+            [p], cp_size=cp, backward=True, comm_bytes={"a2a_pre": nbytes}, real_tokens=1,
+            fake_busbw_gbps=bw, chunks=k,
+        )  # fmt: skip
+        assert row["layer_ms"] == pytest.approx((2.7 + exposed) * 1e3), k
+        assert row["layer_fwd_ms"] == pytest.approx((0.9 + exposed - t) * 1e3), k
+        assert row["layer_nocomm_ms"] == pytest.approx(2.7e3) and row["exposed_comm_ms"] == pytest.approx(
+            exposed * 1e3
+        )
+
+
 def test_region_timer_on_cpu_sums_occurrences_and_nests():
     timer = RegionTimer("cpu")
     timer.start_iteration(measure=True)
