@@ -298,6 +298,46 @@ def overlap_table(df):
     return pd.DataFrame(rows).sort_values(["cp_size", "packing", "seq_len", "k"]).reset_index(drop=True)
 
 
+#: Key columns that do not change a cp 1 run (no context parallelism there) or name the launch.
+_SCALING_FREE = ("cp_size", "overlap_chunks", "layout", "strategy", "world_size", "backend")
+
+
+def scaling_table(df):
+    """Every ok cp > 1 case against the same case (same implementation) at cp 1: the layer time over
+    cp 1's time / cp, 1.000 being perfect scaling (the cp 1 time shared out with nothing added); ``None``
+    when the results hold no such pair."""
+    import pandas as pd
+
+    need = {"cp_size", "layer_ms", "status"}
+    if not need <= set(df.columns):
+        return None
+    ok = df[df["status"] == "ok"]
+    ref = ok[ok["cp_size"] == 1]
+    if ref.empty or not (ok["cp_size"] > 1).any():
+        return None
+    keys = [c for c in CASE_KEY if c in df.columns and c not in _SCALING_FREE]
+    ref = ref[[*keys, "layer_ms"]].rename(columns={"layer_ms": "cp1_ms"}).drop_duplicates(subset=keys)
+    m = ok[ok["cp_size"] > 1].merge(ref, on=keys, how="inner")
+    if m.empty:
+        return None
+    ideal = m["cp1_ms"] / m["cp_size"]
+    out = pd.DataFrame(
+        {
+            "cp_size": m["cp_size"],
+            "seq_len": m["seq_len"],
+            "packing": m["packing"],
+            "impl": m.get("impl", "cp_core"),
+            "strategy": m["strategy"],
+            "k": m.get("overlap_chunks", 1),
+            "layer ms": m["layer_ms"],
+            "cp 1 ms": m["cp1_ms"],
+            "cp 1 / cp ms": ideal,
+            "vs cp 1 / cp": m["layer_ms"] / ideal,
+        }
+    )
+    return out.sort_values(["impl", "strategy", "packing", "seq_len", "cp_size", "k"]).reset_index(drop=True)
+
+
 def _frame_table(frame, title: str):
     from rich.table import Table
 
@@ -342,6 +382,11 @@ def render(df, *, group_by=(), metrics=None, console=None, title: str | None = N
             _frame_table(
                 ov, "overlap: exposed communication (layer - layer with collectives suppressed) vs k"
             )
+        )
+    sc = scaling_table(df)
+    if sc is not None:
+        console.print(
+            _frame_table(sc, "scaling: layer time against the same case's cp 1 time / cp (1.000: perfect)")
         )
     cross = strategy_crossover(df)
     if cross is not None:

@@ -17,7 +17,7 @@ from cp_core.kernels.norm import gated_norm_out_proj, gated_rmsnorm_torch, norm_
 from cp_core.pipeline import split_in_proj
 from cpbench.metrics import exposed_model
 from cpbench.peers import skip_reason
-from cpbench.report import overlap_table, peer_ratios
+from cpbench.report import overlap_table, peer_ratios, scaling_table
 
 
 def _leaves(*ts):
@@ -139,6 +139,21 @@ def test_report_peer_ratios_and_overlap_table():
     ov = overlap_table(_rows())
     row = ov[(ov["seq_len"] == 1024) & (ov["k"] == 2)].iloc[0]
     assert row["vs k=1"] == pytest.approx(0.9) and row["exposed vs k=1"] == pytest.approx(0.5)
+
+
+def test_report_scaling_against_cp1():
+    """cp > 1 rows against the same case at cp 1 (layout, strategy and k do not change a cp 1 run); a case
+    without a cp 1 row, a peer's cp 1 row and results without cp 1 give no row / no table."""
+    rows = _rows()
+    cp1 = rows.iloc[0].to_dict() | dict(cp_size=1, world_size=1, backend="none", layer_ms=19.0, strategy="x")
+    peer1 = cp1 | dict(impl="nemo", layer_ms=30.0)
+    both = pd.concat([rows, pd.DataFrame([cp1, peer1])], ignore_index=True)
+    sc = scaling_table(both)
+    ours = sc[sc["impl"] == "cp_core"]
+    assert list(ours["k"]) == [1, 2] and list(ours["seq_len"]) == [1024, 1024]  # 2048 has no cp 1 row
+    assert ours["vs cp 1 / cp"].tolist() == pytest.approx([10 / 9.5, 9 / 9.5])
+    assert sc[sc["impl"] == "nemo"]["vs cp 1 / cp"].tolist() == pytest.approx([12 / 15])
+    assert scaling_table(rows) is None
 
 
 def test_int32_extent_guard_names_the_tensor():
