@@ -132,31 +132,19 @@ def norm_bwd_slots(dout, ys, cols, z, weight, rstd, eps: float, group_size: int,
     _check_slots(ys, cols, group_size)
     out = ys.new_empty((M, S * w))
     dw = torch.empty_like(weight)
-    if backend == "triton":
-        mod, _ = load_submodule(_MODULE)
-        for i, c in enumerate(cols):
-            sl = slice(c, c + w)
-            dw[sl] = _triton_bwd_into(
-                mod,
-                dout[:, sl],
-                ys[i],
-                z[:, sl],
-                weight[sl],
-                rstd[i],
-                eps,
-                group_size,
-                dz[:, sl],
-                dx[i],
-                out[:, sl],
-            )
-        return dw, out
+    mod = load_submodule(_MODULE)[0] if backend == "triton" else None
     for i, c in enumerate(cols):
         sl = slice(c, c + w)
-        dxi, _, dw[sl], out[:, sl] = norm_bwd(
-            dout[:, sl], ys[i], z[:, sl], weight[sl], None, eps, group_size, backend,
-            dz=dz[:, sl], recompute_output=True,
-        )  # fmt: skip
-        dx[i].copy_(dxi)
+        if mod is not None:
+            dw[sl] = _triton_bwd_into(
+                mod, dout[:, sl], ys[i], z[:, sl], weight[sl], rstd[i], eps, group_size, dz[:, sl], dx[i], out[:, sl]
+            )  # fmt: skip
+        else:
+            dxi, _, dw[sl], out[:, sl] = norm_bwd(
+                dout[:, sl], ys[i], z[:, sl], weight[sl], None, eps, group_size, backend,
+                dz=dz[:, sl], recompute_output=True,
+            )  # fmt: skip
+            dx[i].copy_(dxi)
     return dw, out
 
 
