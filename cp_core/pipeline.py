@@ -246,11 +246,17 @@ class _LayerCore(torch.autograd.Function):
             dxbcdt = torch.empty((n, xshape[-1]), dtype=z2.dtype, device=z2.device)
         with region(NORM_PROJ + "_bwd"):
             dnormed = d2 @ out_w
-            if spec.y_cols:  # dy in the slots that are sent
+            dy_ready = []  # per head chunk, when its dy slots are complete (the pipelined layer)
+
+            def chunk_done(i):
+                if spec.overlap and (i + 1) % spec.cp_size == 0:
+                    dy_ready.append(torch.cuda.current_stream().record_event())
+
+            if spec.y_cols:  # dy in the slots that are sent, chunk by chunk
                 dy = torch.empty_like(y)
                 dnorm_w, normed = norm_bwd_slots(
                     dnormed, y, spec.y_cols, z, norm_w, rstd, spec.eps, spec.norm_group, spec.norm_backend,
-                    dz=dz, dx=dy,
+                    dz=dz, dx=dy, on_slot=chunk_done,
                 )  # fmt: skip
             else:
                 dy, _, dnorm_w, normed = norm_bwd(
@@ -258,8 +264,10 @@ class _LayerCore(torch.autograd.Function):
                     dz=dz, recompute_output=True,
                 )  # fmt: skip
             del dnormed, y, rstd
-            # dy is complete: the first chunk's transfer can run beside out_proj's weight gradient
-            dy_ready = torch.cuda.current_stream().record_event() if spec.overlap else None
+            if spec.overlap and not dy_ready:  # dy in one piece: every chunk's transfer waits for all of it
+                dy_ready = [torch.cuda.current_stream().record_event()] * spec.chunks
+            # a chunk's transfer starts as soon as its dy is complete: the first one before out_proj's
+            # weight gradient (queued after a norm kernel, NCCL's blocks are not left waiting for a GEMM's)
             dout_w = d2.t() @ normed
             del normed
         if spec.cp_size == 1:
@@ -299,7 +307,7 @@ class _LayerCore(torch.autograd.Function):
                         dxh, spec.chans[j], tok, group, A2A_PRE + "_bwd", LAYOUT + "_bwd", out=dxbcdt
                     )
 
-            _run_chunks(spec, pre, compute, post, (dxbcdt, dy), None if dy_ready is None else [dy_ready] * k)
+            _run_chunks(spec, pre, compute, post, (dxbcdt, dy), dy_ready or None)
             if k == 1:
                 dconv_w, dconv_b, ddt_bias, dA, dD = grads[0]
             else:

@@ -123,11 +123,14 @@ def norm_fwd_slots(ys, cols, z, weight, eps: float, group_size: int, backend: st
     return out, rstd
 
 
-def norm_bwd_slots(dout, ys, cols, z, weight, rstd, eps: float, group_size: int, backend: str, *, dz, dx):
+def norm_bwd_slots(
+    dout, ys, cols, z, weight, rstd, eps: float, group_size: int, backend: str, *, dz, dx, on_slot=None
+):
     """Backward of :func:`norm_fwd_slots`: ``dx [S, M, w]`` (slot ``i``'s gradient, in the slots' layout:
     hidden CP sends them as they are) and ``dz [M, N]`` are written in place; returns
     ``(dweight, out)`` with the forward output recomputed. ``dx``, ``dz`` and the output are those of one
-    call on the whole ``y``; the weight gradient is summed over other row blocks (its last bits may differ)."""
+    call on the whole ``y``; the weight gradient is summed over other row blocks (its last bits may differ).
+    ``on_slot(i)``, when given, is called once slot ``i``'s work is queued (in slot order)."""
     S, M, w = ys.shape
     _check_slots(ys, cols, group_size)
     out = ys.new_empty((M, S * w))
@@ -145,6 +148,8 @@ def norm_bwd_slots(dout, ys, cols, z, weight, rstd, eps: float, group_size: int,
                 dz=dz[:, sl], recompute_output=True,
             )  # fmt: skip
             dx[i].copy_(dxi)
+        if on_slot is not None:
+            on_slot(i)
     return dw, out
 
 
