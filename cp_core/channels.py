@@ -86,16 +86,25 @@ def local_groups(n_groups: int, cp_size: int) -> int:
     return max(n_groups // cp_size, 1)
 
 
-def check_chunks(n_groups: int, cp_size: int, chunks: int) -> None:
-    """Head chunks of an overlapped layer hold whole groups: ``chunks`` must divide the local groups."""
+def check_chunks(num_heads: int, n_groups: int, cp_size: int, chunks: int) -> None:
+    """Head chunks of an overlapped layer: ``chunks`` must divide the heads each rank holds, and either
+    divide its groups of B/C (a chunk holds whole groups) or be a multiple of them (a chunk holds part of
+    one group's heads and a copy of that group's B/C: more bytes sent, their gradients summed)."""
     if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
         raise ValueError(f"overlap_chunks must be a positive int, got {chunks!r}")
-    g_loc = n_groups // cp_size if n_groups >= cp_size else 0
-    if chunks > 1 and (g_loc == 0 or g_loc % chunks):
+    h_loc, g_loc = num_heads // cp_size, local_groups(n_groups, cp_size)
+    if h_loc % chunks or (g_loc % chunks and chunks % g_loc):
         raise ValueError(
-            f"overlap_chunks {chunks} must divide the groups each rank holds (n_groups {n_groups} / cp_size "
-            f"{cp_size} = {n_groups / cp_size:g}): a head chunk holds whole groups of B/C"
+            f"overlap_chunks {chunks} must divide the heads each rank holds (n_heads {num_heads} / cp_size "
+            f"{cp_size} = {h_loc}) and divide, or be a multiple of, its groups of B/C ({g_loc})"
         )
+
+
+def chunk_groups(g_loc: int, chunks: int, j: int) -> tuple[int, int]:
+    """``(first, count)`` of a rank's ``g_loc`` local groups that head chunk ``j`` of ``chunks`` reads."""
+    if g_loc % chunks == 0:
+        return j * (g_loc // chunks), g_loc // chunks
+    return j * g_loc // chunks, 1  # chunks = m * g_loc: m chunks share every group
 
 
 def mamba_channel_plan(
@@ -113,21 +122,21 @@ def mamba_channel_plan(
     check_heads(num_heads, n_groups, cp_size)
     j, k = chunk
     if k > 1:
-        check_chunks(n_groups, cp_size, k)
+        check_chunks(num_heads, n_groups, cp_size, k)
     d_inner = num_heads * head_dim
     gcount = min(n_groups, cp_size)
-    widths = [(d_inner, cp_size)] if with_z else []
-    widths += [
-        (d_inner, cp_size),
-        (n_groups * d_state, gcount),
-        (n_groups * d_state, gcount),
-        (num_heads, cp_size),
+    g0, gn = chunk_groups(local_groups(n_groups, cp_size), k, j)
+    heads = [(d_inner, cp_size, d_inner // cp_size // k, j)] if with_z else []  # (total, count, width, index)
+    widths = heads + [
+        (d_inner, cp_size, d_inner // cp_size // k, j),
+        (n_groups * d_state, gcount, gn * d_state, g0 // gn),
+        (n_groups * d_state, gcount, gn * d_state, g0 // gn),
+        (num_heads, cp_size, num_heads // cp_size // k, j),
     ]
     blocks, src, dst = [], 0, 0
-    for total, count in widths:
+    for total, count, wc, i in widths:
         w = total // count
-        wc = w // k
-        blocks.append(Block(src + j * wc, count, wc, dst, w if k > 1 else 0))
+        blocks.append(Block(src + i * wc, count, wc, dst, w if k > 1 else 0))
         src += total
         dst += wc
     return ChannelPlan(cp_size, tuple(blocks), src, dst)

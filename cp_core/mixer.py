@@ -32,7 +32,7 @@ from torch import nn
 
 from . import comm, hidden, kernels
 from .agree import checked_plan
-from .channels import ChannelPlan, check_chunks, local_groups, mamba_channel_plan
+from .channels import ChannelPlan, check_chunks, chunk_groups, local_groups, mamba_channel_plan
 from .kernels import conv_cuda, ssd_mamba
 from .kernels.conv_ssd import ConvSSDSpec, conv_ssd, fused_available
 from .kernels.norm import gated_norm_out_proj, gated_rmsnorm_torch
@@ -119,6 +119,16 @@ class GatedRMSNorm(nn.Module):
         return gated_rmsnorm_torch(y, z, self.weight, self.eps, self.group_size)
 
 
+def _check_exchange(n_groups: int, cp_size: int, chunks: int) -> None:
+    """Chunks that split a group's heads sum their B/C gradients on the way back, which the exchange into
+    slots does (``in_proj``'s backward adds the slots' rows) and the pack-pass baseline does not."""
+    if local_groups(n_groups, cp_size) % chunks and hidden.EXCHANGE == "gather":
+        raise ValueError(
+            f"overlap_chunks {chunks} splits the heads of a group of B/C (n_groups {n_groups}, cp_size "
+            f"{cp_size}), which needs the exchange into slots (CP_CORE_EXCHANGE=gather is set)"
+        )
+
+
 class Mamba2Mixer(nn.Module):
     def __init__(
         self,
@@ -171,7 +181,8 @@ class Mamba2Mixer(nn.Module):
             )
         if overlap_chunks is not None:
             if self.cp_size > 1 and strategy == "hidden":
-                check_chunks(c.n_groups, self.cp_size, overlap_chunks)
+                check_chunks(c.n_heads, c.n_groups, self.cp_size, overlap_chunks)
+                _check_exchange(c.n_groups, self.cp_size, overlap_chunks)
             elif (
                 not isinstance(overlap_chunks, int) or isinstance(overlap_chunks, bool) or overlap_chunks < 1
             ):
@@ -278,7 +289,7 @@ class Mamba2Mixer(nn.Module):
             self.backends = dict(hit[2])
             return hit[1]
         h_loc, g_loc = c.n_heads // cp, local_groups(c.n_groups, cp)
-        conv = self._conv_spec(x, h_loc // k, g_loc // k, self.conv1d.weight.squeeze(1))
+        conv = self._conv_spec(x, h_loc // k, chunk_groups(g_loc, k, 0)[1], self.conv1d.weight.squeeze(1))
         if x.is_cuda:  # the same shapes on every rank: all raise before the first collective
             n_loc = batch * length // cp
             kernels.check_int32_extent(
@@ -289,20 +300,17 @@ class Mamba2Mixer(nn.Module):
         norm_backend = resolve_norm("auto", x)
         self.backends["norm"] = norm_backend
         rows: tuple = (None,)
-        if k > 1:
-            dl, gl = c.d_inner // cp, g_loc * c.d_state
-            dc, gc = dl // k, gl // k
+        if k > 1:  # a chunk's rows of the local conv weight [x | B | C]: its heads' x, its groups' B and C
+            dl, gl, ds = c.d_inner // cp, g_loc * c.d_state, c.d_state
+            dc = dl // k
             ar = functools.partial(torch.arange, device=x.device, dtype=torch.long)
-            rows = tuple(
-                torch.cat(
-                    [
-                        ar(j * dc, (j + 1) * dc),
-                        dl + ar(j * gc, (j + 1) * gc),
-                        dl + gl + ar(j * gc, (j + 1) * gc),
-                    ]
-                )
-                for j in range(k)
-            )
+            rows = []
+            for j in range(k):
+                g0, gn = chunk_groups(g_loc, k, j)
+                bc = ar(g0 * ds, (g0 + gn) * ds)
+                rows.append(torch.cat([ar(j * dc, (j + 1) * dc), dl + bc, dl + gl + bc]))
+            rows = tuple(rows)
+            _check_exchange(c.n_groups, cp, k)
         chans = (
             tuple(
                 mamba_channel_plan(

@@ -16,8 +16,10 @@ return all-to-all's unpack) straight into the two column ranges of one ``d zxbcd
 concatenation; nothing but ``zxbcdt``, the head-sharded input of step 2 (hidden CP), ``y`` and the norm
 statistics is kept for backward. At cp 1 the same kernels run as in mamba-ssm's fused ``Mamba2``.
 
-**Overlap** (``chunks = k > 1``, CUDA): the heads of every rank are cut into ``k`` chunks of whole
-groups; each chunk is an independent problem (its channels, heads, groups, parameters). All ``k``
+**Overlap** (``chunks = k > 1``, CUDA): the heads of every rank are cut into ``k`` chunks, each of whole
+groups or, where a rank holds fewer groups than chunks, of part of one group's heads with a copy of
+that group's B and C (whose gradients the chunks then sum); each chunk is an independent problem (its
+channels, heads, groups, parameters). All ``k``
 forward all-to-alls are queued on a communication stream up front; chunk ``j``'s conv1d + SSD runs on
 the compute stream as soon as its own all-to-all is done, and its return all-to-all is queued on the
 communication stream right after, so the transfers of chunk ``j+1`` (and the return of chunk ``j``)
@@ -311,12 +313,15 @@ class _LayerCore(torch.autograd.Function):
             if k == 1:
                 dconv_w, dconv_b, ddt_bias, dA, dD = grads[0]
             else:
-                dconv_w = torch.empty_like(conv_w)
-                dconv_b = None if conv_b is None else torch.empty_like(conv_b)
+                # chunks that split a group's heads share its B/C rows: their gradients are summed
+                shared = sum(r.numel() for r in spec.rows) > conv_w.shape[0]
+                new, put = (torch.zeros_like, "index_add_") if shared else (torch.empty_like, "index_copy_")
+                dconv_w = new(conv_w)
+                dconv_b = None if conv_b is None else new(conv_b)
                 for j in range(k):
-                    dconv_w.index_copy_(0, spec.rows[j], grads[j][0])
+                    getattr(dconv_w, put)(0, spec.rows[j], grads[j][0])
                     if dconv_b is not None:
-                        dconv_b.index_copy_(0, spec.rows[j], grads[j][1])
+                        getattr(dconv_b, put)(0, spec.rows[j], grads[j][1])
                 ddt_bias = torch.cat([g[2] for g in grads])
                 dA = torch.cat([g[3] for g in grads])
                 dD = None if D is None else torch.cat([g[4] for g in grads])

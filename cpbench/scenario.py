@@ -30,7 +30,8 @@ Schema (every table optional except ``[layer]``; unknown tables or keys are erro
     impl = ["cp_core"]            # default ["cp_core"]; also "nemo" (NeMo AutoModel's layer) and "mamba_ssm"
                                   # (mamba-ssm's Mamba2, cp 1 only): peers with the same weights (cpbench.peers)
     overlap_chunks = [1]          # default [1]; head chunks of the hidden strategy pipelined against the
-                                  # all-to-alls (must divide n_groups/cp_size)
+                                  # all-to-alls (must divide the heads a rank holds and divide, or be a
+                                  # multiple of, its groups of B/C)
 
     [run]
     warmup = 2                    # default 2; untimed iterations per case (Triton autotunes each new shape)

@@ -26,7 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_mixer_parity import parity_case  # noqa: E402
 
 CFG = dict(d_model=64, n_heads=8, head_dim=16, n_groups=2, d_state=16, d_conv=4, chunk_size=16)
-STRATEGIES = ("hidden", "hidden@2", "state_passing", "state_passing:chain")  # "@2": 2 overlapped head chunks
+# "@2": 2 overlapped head chunks of whole groups; "@2s": 2 chunks splitting a group's heads (2 groups: one
+# per rank at cp 2, replicated at cp 4 / 8)
+STRATEGIES = ("hidden", "hidden@2", "hidden@2s", "state_passing", "state_passing:chain")
 
 
 def main(argv=None) -> int:
@@ -51,8 +53,12 @@ def main(argv=None) -> int:
     failed = total = 0
     cases = itertools.product(cps, ("bshd", "thd"), ("head_tail", "contiguous"), args.strategies, args.dtypes)
     for cp, fmt, layout, strategy, dtype in cases:
-        cfg = CFG
-        if "@" in strategy:  # head chunks hold whole groups: 8 groups leave every rank enough of them
+        cfg, run_as = CFG, strategy
+        if strategy.endswith("s"):  # chunks split the heads of the CFG's groups
+            run_as = strategy[:-1]
+            if CFG["n_heads"] // cp < int(run_as.partition("@")[2]):
+                continue
+        elif "@" in strategy:  # head chunks hold whole groups: 8 groups leave every rank enough of them
             cfg = dict(CFG, n_groups=8)
             if 8 // cp < int(strategy.partition("@")[2]):
                 continue
@@ -66,7 +72,7 @@ def main(argv=None) -> int:
                 batch,
                 n_docs,
                 dtype,
-                strategy,
+                run_as,
                 units=8,
                 device=device,
                 tol32=args.tol32,

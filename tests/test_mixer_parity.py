@@ -210,7 +210,11 @@ def overlap_case(group, cfg_kw, layout, batch, n_docs, chunks):
 
 
 @pytest.mark.parametrize("fmt", ["bshd", "thd"])
-@pytest.mark.parametrize("cp, ng, chunks", [(2, 4, 2), (2, 8, 4), (4, 8, 2)])
+# whole groups per chunk; (2, 2, 2), (2, 4, 4): chunks split a group's heads; (2, 1, 2), (4, 2, 2): and
+# the group is replicated over ranks too
+@pytest.mark.parametrize(
+    "cp, ng, chunks", [(2, 4, 2), (2, 8, 4), (4, 8, 2), (2, 2, 2), (2, 4, 4), (2, 1, 2), (4, 2, 2)]
+)
 def test_overlap_chunks_bit_identical(ranks, cp, ng, chunks, fmt):
     batch, n_docs = (2, None) if fmt == "bshd" else (1, 5)
     check(ranks.run(overlap_case, cp, small_cfg(8, ng), "head_tail", batch, n_docs, chunks))
@@ -220,14 +224,23 @@ def test_overlap_chunks_parity_with_cp1(ranks):
     check(ranks.run(parity_case, 4, small_cfg(8, 8), "contiguous", 1, 5, "float32", "hidden@2"))
 
 
-def test_overlap_chunks_must_divide_local_groups():
+def test_overlap_chunks_must_fit_local_heads_and_groups():
     from cp_core.comm import LocalGroup
 
-    for ng, k in ((2, 2), (8, 3), (1, 2)):
+    for ng, k in ((8, 3), (2, 8), (4, 3)):
         with pytest.raises(ValueError, match="overlap_chunks"):
             Mamba2Mixer(Mamba2Config(**small_cfg(8, ng)), cp_group=LocalGroup(0, 2), overlap_chunks=k)
     with pytest.raises(ValueError, match="overlap_chunks"):
         Mamba2Mixer(Mamba2Config(**small_cfg(8, 2)), overlap_chunks=0)
+
+
+def test_chunks_splitting_a_group_need_the_slot_exchange(monkeypatch):
+    from cp_core.comm import LocalGroup
+
+    monkeypatch.setattr(hidden, "EXCHANGE", "gather")
+    Mamba2Mixer(Mamba2Config(**small_cfg(8, 4)), cp_group=LocalGroup(0, 2), overlap_chunks=2)  # whole groups
+    with pytest.raises(ValueError, match="overlap_chunks 2 splits the heads of a group"):
+        Mamba2Mixer(Mamba2Config(**small_cfg(8, 2)), cp_group=LocalGroup(0, 2), overlap_chunks=2)
 
 
 def test_cp1_split_in_proj_matches_one_projection(monkeypatch):
