@@ -24,6 +24,9 @@
 #                                (SKIP_TESTS=1: without them; ROUNDS=N: N rounds); 18: ROUNDS (default 2) more rounds
 #   bash scripts/gpu_sets.sh 19  the peers (as 16) and the exchange into rows against pack + all-to-all + gather
 #   bash scripts/gpu_sets.sh 20  cp 2 with k 1/2/4 measured and in projection mode (the model checked), cp 1
+#   bash scripts/gpu_sets.sh 21  three versions (base/, mid/, the tree) interleaved, cp 2, k 1/2, with GPU tests,
+#                                NCCL parity (also chunks splitting a group) and cp 1
+#   bash scripts/gpu_sets.sh 22  chunks splitting a group: 2 groups at cp 2 (k 1/2/4) measured, cp 8 projected
 #   bash scripts/gpu_sets.sh 4   the GPU tests against mamba-ssm and of NaN isolation, NCCL parity of the
 #                                chunked layer, ours (k 1/2) beside NeMo at cp 2, L 128K in one sweep
 # Results under $OUT (default out/). Needs mamba-ssm, causal-conv1d, nvtx, nemo-automodel (scripts/gpu_setup.sh).
@@ -58,11 +61,11 @@ peers() {
   python3 -m cpbench report "$OUT/peers-cp1" --vs mamba_ssm --metrics layer_ms peak_mem_GiB 2>&1 | tail -6
   (cd "$OUT" && rm -f peers-*/.cpbench.lock && tar czf peers.tgz peers-cp2 peers-cp1 && rm -rf peers-cp2 peers-cp1)
 }
-# run_in base|new "SWEEP ARGS" TIMEOUT: a sweep of base/cp_core (run from inside base/: python puts the working
+# run_in base|mid|new "SWEEP ARGS" TIMEOUT: a sweep of base/cp_core or mid/cp_core (run from inside it: python puts the working
 # directory first on sys.path, so PYTHONPATH alone would import the tree's cp_core) or of the tree; meta.json's
 # env.cp_core_path says which was measured
 run_in() {
-  local dir=$PWD; [ "$1" = base ] && dir=$PWD/base
+  local dir=$PWD; [ "$1" = new ] || dir=$PWD/$1
   (cd "$dir" && PYTHONPATH=/tmp/site:$dir:$OLDPWD timeout "$3" bash -c "$(declare -f sweep); $2")
 }
 exchange_ab() { local name=$1; shift; ab "$name" CP_CORE_EXCHANGE "gather direct" "$@"; }
@@ -208,6 +211,44 @@ elif [ "$stage" = 17 ] || [ "$stage" = 18 ]; then
     done
   done
   (cd "$OUT" && rm -f r*/.cpbench.lock && tar czf "ab$stage.tgz" r*/ && rm -rf r*/)
+elif [ "$stage" = 21 ]; then
+  # three versions interleaved (base/cp_core, mid/cp_core, the tree), cp 2, k 1/2, L 64K/128K, BSHD, 10 iterations,
+  # ROUNDS rounds (default 2); before them the GPU tests of the layer, NCCL parity (hidden, hidden@2, hidden@2s:
+  # chunks splitting a group) and cp 1
+  sets="--set 'sweep.impl=[\"cp_core\"]' --set 'sweep.seq_len=[65536, 131072]' --set 'sweep.packing=[\"none\"]' \
+    --set run.iters=10 --set 'sweep.overlap_chunks=[1, 2]'"
+  machine_facts
+  MAMBA_DETERMINISTIC=1 timeout 200 python3 -m pytest -q -p no:cacheprovider -p no:warnings tests/test_mixer_gpu.py \
+    tests/test_kernels_gpu.py::test_norm_on_slots_triton_bit_identical_to_one_call 2>&1 | tail -3 | tee "$OUT/gpu_tests.txt"
+  MAMBA_DETERMINISTIC=1 timeout 150 torchrun --nproc-per-node 2 tests/nccl_parity.py --cp 2 --strategies hidden hidden@2 \
+    hidden@2s 2>&1 | tee "$OUT/nccl_parity.txt" | grep -E "FAIL|passed|Error"
+  run_in new "sweep scenarios/peers.toml --out $OUT/r-cp1 $sets --set 'sweep.cp_size=[1]' --set 'sweep.overlap_chunks=[1]'" 100 | tail -1
+  python3 -m cpbench report "$OUT/r-cp1" --metrics layer_ms peak_mem_GiB 2>&1 | tail -4
+  out=$(cd "$OUT" && pwd)
+  for i in $(seq 1 "${ROUNDS:-2}"); do
+    for v in base mid new; do
+      d="$out/r$stage-$i-$v"
+      run_in "$v" "sweep $PWD/scenarios/peers.toml --out $d $sets --set 'sweep.cp_size=[2]'" 140 | tail -1
+      echo "round $i $v"; python3 -m cpbench report "$d" --metrics layer_ms exposed_comm_ms peak_mem_GiB 2>&1 | tail -7
+    done
+  done
+  (cd "$OUT" && rm -f r*/.cpbench.lock && tar czf "ab$stage.tgz" r*/ && rm -rf r*/)
+elif [ "$stage" = 22 ]; then
+  # head chunks that split a group (the tree's code): 2 groups at cp 2 (one per rank), k 1/2/4, L 64K/128K, BSHD,
+  # measured (and cp 1); then the Nemotron-H shape in projection mode at cp 8 (one group per rank), k 1/2/4,
+  # L 128K/512K, communication modeled at 370 GB/s busbw
+  machine_facts
+  sets="--set 'sweep.impl=[\"cp_core\"]' --set 'sweep.packing=[\"none\"]' --set run.iters=10"
+  timeout 100 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/g2-cp1 $sets --set 'sweep.heads=[[128, 2]]' \
+    --set 'sweep.seq_len=[65536, 131072]' --set 'sweep.cp_size=[1]' --set 'sweep.overlap_chunks=[1]'" | tail -1
+  timeout 200 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/g2-cp2 $sets --set 'sweep.heads=[[128, 2]]' \
+    --set 'sweep.seq_len=[65536, 131072]' --set 'sweep.cp_size=[2]' --set 'sweep.overlap_chunks=[1, 2, 4]'" | tail -1
+  python3 -m cpbench report "$OUT/g2-cp2" --metrics layer_ms exposed_comm_ms peak_mem_GiB 2>&1 | tail -9
+  timeout 150 bash -c "python3 -m cpbench sweep scenarios/peers.toml --backend fake --fake-busbw 370 --no-progress \
+    --out $OUT/cp8-projected $sets --set 'sweep.seq_len=[131072, 524288]' --set 'sweep.cp_size=[8]' \
+    --set 'sweep.overlap_chunks=[1, 2, 4]'" 2>&1 | tail -1
+  python3 -m cpbench report "$OUT/cp8-projected" --metrics layer_ms exposed_comm_ms 2>&1 | tail -9
+  (cd "$OUT" && rm -f g2-*/.cpbench.lock cp8-*/.cpbench.lock && tar czf g2.tgz g2-* cp8-* && rm -rf g2-*/ cp8-*/)
 elif [ "$stage" = 19 ]; then
   # the peers with the code of the tree (as 16), and the exchange into rows against pack + all-to-all + row
   # gather (CP_CORE_EXCHANGE=gather: NCCL's all-to-all at full size, one more copy), cp 2, L 128K, k 1/2
