@@ -20,20 +20,18 @@ statistics is kept for backward. At cp 1 the same kernels run as in mamba-ssm's 
 groups or, where a rank holds fewer groups than chunks, of part of one group's heads with a copy of
 that group's B and C (whose gradients the chunks then sum); each chunk is an independent problem (its
 channels, heads, groups, parameters). All ``k`` forward all-to-alls are queued on a communication
-stream up front; chunk ``j``'s conv1d + SSD runs on
-the compute stream as soon as its own all-to-all is done, and its return all-to-all is queued on the
-communication stream right after, so the transfers of chunk ``j+1`` (and the return of chunk ``j``)
-run while chunk ``j`` (``j+1``) computes. Where the norm reads the slots, the norm and ``out_proj`` also
-go chunk by chunk (``out_proj`` as a sum over the chunks' input channels), chunk ``j``'s beside chunk
-``j+1``'s return. The backward does the same in reverse order of data flow: each chunk's ``dy``
-transfer starts once its slots' norm backward is queued (before ``out_proj``'s weight gradient), and the
-last return of ``d[x|B|C|dt]`` is left to ``in_proj``'s backward, which first runs its ``dz`` products.
+stream up front; chunk ``j``'s conv1d + SSD runs on the compute stream as soon as its own all-to-all is
+done, and its return all-to-all is queued on the communication stream right after, so the transfers of
+chunk ``j+1`` (and the return of chunk ``j``) run while chunk ``j`` (``j+1``) computes. The backward does
+the same in reverse order of data flow: each chunk's ``dy`` transfer starts once its slots' norm
+backward is queued (before ``out_proj``'s weight gradient), and the last return of ``d[x|B|C|dt]`` is
+left to ``in_proj``'s backward, which first runs its ``dz`` products.
 Cross-stream safety: the communication stream waits on an event of the compute stream before it reads
 what the compute stream produced and vice versa; every tensor used on the other stream is marked with
 ``record_stream``. No host synchronisation anywhere. ``k = 1`` runs everything on the current stream,
 in the order of the unchunked layer. On CPU (or ``overlap=False``) the chunks run one after the other:
-the same arithmetic per head, so every ``k`` gives the same numbers up to the order of ``out_proj``'s
-sum over the chunks and of the shared B/C gradients.
+the same arithmetic per head, so every ``k`` gives the same numbers (up to the order in which chunks
+that split a group sum its B/C gradients).
 """
 
 from __future__ import annotations
@@ -113,22 +111,17 @@ def _run_chunks(
     outs: tuple[torch.Tensor, ...],
     ready=None,
     join: bool = True,
-    posted=None,
 ) -> None:
     """``post(j, compute(j, pre(j)))`` for every chunk; with ``spec.overlap`` the ``pre``/``post`` steps
     (the communication) run on the communication stream, overlapped with the other chunks' ``compute``.
     ``ready[j]`` (CUDA events of the current stream), when given, is when chunk ``j``'s input to ``pre`` is
     complete: its transfer may then start before the current stream has finished what it queued later.
     ``join=False``: the current stream does not wait for the last ``post``; whoever reads what it wrote
-    must first wait for the communication stream (:class:`_SlotLinear`'s backward does). ``posted`` (a
-    list) receives, per chunk, the communication stream's event after its ``post`` (``None`` without
-    overlap)."""
+    must first wait for the communication stream (:class:`_SlotLinear`'s backward does)."""
     k = spec.chunks
     if not spec.overlap:
         for j in range(k):
             post(j, compute(j, pre(j)))
-            if posted is not None:
-                posted.append(None)
         return
     main = torch.cuda.current_stream()
     side = comm_stream(main.device)
@@ -152,8 +145,6 @@ def _run_chunks(
         with torch.cuda.stream(side), comm.overlapped():
             b.record_stream(side)
             post(j, b)
-            if posted is not None:
-                posted.append(side.record_event())
     if join:
         main.wait_stream(side)
 
@@ -181,33 +172,6 @@ def _views(spec: CoreSpec, zx: torch.Tensor, xsep: torch.Tensor | None):
     return z2[:, : spec.d_inner], z2[:, spec.d_inner :]
 
 
-def _norm_out_proj_by_chunk(spec: CoreSpec, y, z, norm_w, out_w, posted):
-    """The norm and ``out_proj`` one head chunk at a time, each as soon as its return all-to-all is done
-    (``posted[j]``), so chunk ``j``'s part runs beside chunk ``j+1``'s transfer: the normalised slots of a
-    chunk lie side by side and ``out_proj`` sums the chunks' products over its input channels
-    (``out = sum_j normed_j @ W[:, chunk j's channels].T``, accumulated in ``out``'s dtype).
-    Returns ``(out, rstd)`` with ``rstd`` one per slot, as :func:`norm_fwd_slots`."""
-    cp, k = spec.cp_size, spec.chunks
-    w = y.shape[-1]
-    n, dm = y.shape[1], out_w.shape[0]
-    if spec.y_cols != tuple(r * k * w + j * w for j in range(k) for r in range(cp)):
-        raise RuntimeError(f"y slots at channels {spec.y_cols} are not rank-major head chunks of width {w}")
-    normed = y.new_empty((n, k * cp * w))
-    wj = out_w.view(dm, cp, k, w)  # slot j*cp + r holds channels r*d_inner/cp + j*w (CoreSpec.y_cols)
-    out, rstd, main = None, [], torch.cuda.current_stream() if spec.overlap else None
-    for j in range(k):
-        if posted[j] is not None:
-            main.wait_event(posted[j])
-        sl = slice(j * cp, (j + 1) * cp)
-        nj = normed[:, j * cp * w : (j + 1) * cp * w]
-        rstd += norm_fwd_slots(
-            y[sl], spec.y_cols[sl], z, norm_w, spec.eps, spec.norm_group, spec.norm_backend, out=nj
-        )[1]
-        wt = wj[:, :, j].reshape(dm, cp * w).t()
-        out = torch.mm(nj, wt) if out is None else out.addmm_(nj, wt)
-    return out, rstd
-
-
 class _LayerCore(torch.autograd.Function):
     @staticmethod
     def forward(ctx, zx, xsep, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, spec: CoreSpec):
@@ -215,7 +179,6 @@ class _LayerCore(torch.autograd.Function):
         z, xbcdt = _views(spec, zx, xsep)
         n = z.shape[0]
         saved_xh: list[torch.Tensor] = []
-        split = bool(spec.y_cols) and spec.chunks > 1  # out_proj by head chunk, beside the last returns
         if spec.cp_size == 1:
             with region(SSM):
                 y = conv_ssd_fwd(
@@ -253,19 +216,15 @@ class _LayerCore(torch.autograd.Function):
                     _heads_to_seq(yh, spec.chans_post[j], tok, group, A2A_POST, LAYOUT, out=y)
 
             ready = getattr(xsep, "chunk_ready", None) if spec.slot_rows is not None else None
-            posted = [] if split else None
-            _run_chunks(spec, pre, compute, post, (y,), ready, join=not split, posted=posted)
+            _run_chunks(spec, pre, compute, post, (y,), ready)
         with region(NORM_PROJ):
-            if split:
-                out, rstd = _norm_out_proj_by_chunk(spec, y, z, norm_w, out_w, posted)
-            elif spec.y_cols:
+            if spec.y_cols:
                 normed, rstd = norm_fwd_slots(
                     y, spec.y_cols, z, norm_w, spec.eps, spec.norm_group, spec.norm_backend
                 )
             else:
                 normed, rstd = norm_fwd(y, z, norm_w, spec.eps, spec.norm_group, spec.norm_backend)
-            if not split:
-                out = F.linear(normed, out_w)
+            out = F.linear(normed, out_w)
         ctx.spec = spec
         # at cp > 1 nothing needs xbcdt after its all-to-all (the conv input kept is the head-sharded one)
         keep_x = xsep if (xsep is not None and spec.cp_size == 1) else None

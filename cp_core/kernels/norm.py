@@ -107,23 +107,19 @@ def norm_bwd(
     return dy, dz_new, dw, (out.detach() if recompute_output else None)
 
 
-def norm_fwd_slots(ys, cols, z, weight, eps: float, group_size: int, backend: str, out=None):
+def norm_fwd_slots(ys, cols, z, weight, eps: float, group_size: int, backend: str):
     """The norm of a ``y`` held as *slots*: ``ys [S, M, w]``, slot ``i`` holding the channels
     ``[cols[i], cols[i] + w)`` (hidden CP's received buffers, so no pass lays them side by side first).
     Every norm group lies in one slot (``w`` a multiple of ``group_size``, every ``cols[i]`` too).
     ``(out [M, S*w] in channel order, rstd: one per slot)``; each slot's numbers are those of one call
-    on the whole ``y`` (the statistics are per row and group). ``out`` (optional, ``[M, S*w]``, last
-    dim contiguous) receives the slots side by side instead (slot ``i`` in columns ``[i*w, (i+1)*w)``)."""
+    on the whole ``y`` (the statistics are per row and group)."""
     S, M, w = ys.shape
     _check_slots(ys, cols, group_size)
-    side_by_side = out is not None
-    if out is None:
-        out = ys.new_empty((M, S * w))
+    out = ys.new_empty((M, S * w))
     rstd = []
     for i, c in enumerate(cols):
         sl = slice(c, c + w)
-        dst = out[:, i * w : (i + 1) * w] if side_by_side else out[:, sl]
-        rstd.append(norm_fwd(ys[i], z[:, sl], weight[sl], eps, group_size, backend, out=dst)[1])
+        rstd.append(norm_fwd(ys[i], z[:, sl], weight[sl], eps, group_size, backend, out=out[:, sl])[1])
     return out, rstd
 
 
