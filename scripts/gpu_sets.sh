@@ -27,6 +27,7 @@
 #   bash scripts/gpu_sets.sh 21  three versions (base/, mid/, the tree) interleaved, cp 2, k 1/2, with GPU tests,
 #                                NCCL parity (also chunks splitting a group) and cp 1
 #   bash scripts/gpu_sets.sh 22  chunks splitting a group: 2 groups at cp 2 (k 1/2/4) measured, cp 8 projected
+#   bash scripts/gpu_sets.sh 23  one profiled iteration (cp 2, L 128K, k 2) and its compute-stream gaps; SSD on 16/8/4 heads
 #   bash scripts/gpu_sets.sh 4   the GPU tests against mamba-ssm and of NaN isolation, NCCL parity of the
 #                                chunked layer, ours (k 1/2) beside NeMo at cp 2, L 128K in one sweep
 # Results under $OUT (default out/). Needs mamba-ssm, causal-conv1d, nvtx, nemo-automodel (scripts/gpu_setup.sh).
@@ -249,6 +250,21 @@ elif [ "$stage" = 22 ]; then
     --set 'sweep.overlap_chunks=[1, 2, 4]'" 2>&1 | tail -1
   python3 -m cpbench report "$OUT/cp8-projected" --metrics layer_ms exposed_comm_ms 2>&1 | tail -9
   (cd "$OUT" && rm -f g2-*/.cpbench.lock cp8-*/.cpbench.lock && tar czf g2.tgz g2-* cp8-* && rm -rf g2-*/ cp8-*/)
+elif [ "$stage" = 23 ]; then
+  # where the final code's compute stream still waits (one profiled iteration, cp 2, L 128K, k 2, both ranks),
+  # and mamba-ssm's SSD on 16 / 8 / 4 heads of one group at L 128K (a rank's work at cp 8 split into k chunks)
+  machine_facts
+  timeout 150 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/trace --profile torch \
+    --set 'sweep.impl=[\"cp_core\"]' --set 'sweep.seq_len=[131072]' --set 'sweep.packing=[\"none\"]' \
+    --set 'sweep.cp_size=[2]' --set 'sweep.overlap_chunks=[2]' --set run.iters=1" | tail -1
+  for t in "$OUT"/trace/traces/*.json; do echo "== $t"; python3 -m cpbench trace "$t" --min-gap-ms 0.3 --top 8 | tail -16; done \
+    | tee "$OUT/trace_gaps.txt"
+  rm -rf "$OUT"/trace/traces
+  for h in 16 8 4; do
+    MAMBA_DETERMINISTIC=1 timeout 100 python3 -m cpbench.kernel_bench --seq-len 131072 --cp 1 --shape "$h,64,1,128,256" \
+      --ssd mamba_ssm --dtype bfloat16 --out "$OUT/ssd-h$h" 2>&1 | tail -6
+  done
+  (cd "$OUT" && rm -f trace/.cpbench.lock && tar czf trace.tgz trace ssd-h* && rm -rf trace ssd-h*)
 elif [ "$stage" = 19 ]; then
   # the peers with the code of the tree (as 16), and the exchange into rows against pack + all-to-all + row
   # gather (CP_CORE_EXCHANGE=gather: NCCL's all-to-all at full size, one more copy), cp 2, L 128K, k 1/2
