@@ -262,9 +262,9 @@ elif [ "$stage" = 23 ]; then
   rm -rf "$OUT"/trace/traces
   for h in 16 8 4; do
     MAMBA_DETERMINISTIC=1 timeout 100 python3 -m cpbench.kernel_bench --seq-len 131072 --cp 1 --shape "$h,64,1,128,256" \
-      --ssd mamba_ssm --dtype bfloat16 --out "$OUT/ssd-h$h" 2>&1 | tail -6
+      --ssd mamba_ssm --dtype bfloat16 --out "$OUT/ssd-h$h.csv" 2>&1 | tail -6
   done
-  (cd "$OUT" && rm -f trace/.cpbench.lock && tar czf trace.tgz trace ssd-h* && rm -rf trace ssd-h*)
+  (cd "$OUT" && rm -f trace/.cpbench.lock && tar czf trace.tgz trace ssd-h*.csv && rm -rf trace ssd-h*.csv)
 elif [ "$stage" = 19 ]; then
   # the peers with the code of the tree (as 16), and the exchange into rows against pack + all-to-all + row
   # gather (CP_CORE_EXCHANGE=gather: NCCL's all-to-all at full size, one more copy), cp 2, L 128K, k 1/2
