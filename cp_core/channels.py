@@ -126,9 +126,9 @@ def mamba_channel_plan(
     d_inner = num_heads * head_dim
     gcount = min(n_groups, cp_size)
     g0, gn = chunk_groups(local_groups(n_groups, cp_size), k, j)
-    heads = [(d_inner, cp_size, d_inner // cp_size // k, j)] if with_z else []  # (total, count, width, index)
-    widths = heads + [
-        (d_inner, cp_size, d_inner // cp_size // k, j),
+    # (total width, pieces, width of this chunk's piece, its index within the rank's piece)
+    heads = (d_inner, cp_size, d_inner // cp_size // k, j)
+    widths = [heads] * (2 if with_z else 1) + [
         (n_groups * d_state, gcount, gn * d_state, g0 // gn),
         (n_groups * d_state, gcount, gn * d_state, g0 // gn),
         (num_heads, cp_size, num_heads // cp_size // k, j),

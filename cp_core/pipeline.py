@@ -164,6 +164,20 @@ def _chunk_params(spec: CoreSpec, j: int, conv_w, conv_b, dt_bias, A, D):
     )
 
 
+def _rows_to_full(like: torch.Tensor, rows, parts, shared: bool) -> torch.Tensor:
+    """The chunks' gradients ``parts[j]`` (of ``like``'s rows ``rows[j]``) as one tensor shaped like ``like``;
+    ``shared``: some rows belong to several chunks and their gradients are summed."""
+    if shared:
+        out = torch.zeros_like(like)
+        for r, g in zip(rows, parts, strict=True):
+            out.index_add_(0, r, g)
+        return out
+    out = torch.empty_like(like)
+    for r, g in zip(rows, parts, strict=True):
+        out.index_copy_(0, r, g)
+    return out
+
+
 def _views(spec: CoreSpec, zx: torch.Tensor, xsep: torch.Tensor | None):
     """``(z, xbcdt)`` as 2-D ``[tokens, width]``: column slices of one ``zxbcdt``, or two tensors."""
     if xsep is not None:
@@ -332,13 +346,12 @@ class _LayerCore(torch.autograd.Function):
             else:
                 # chunks that split a group's heads share its B/C rows: their gradients are summed
                 shared = sum(r.numel() for r in spec.rows) > conv_w.shape[0]
-                new, put = (torch.zeros_like, "index_add_") if shared else (torch.empty_like, "index_copy_")
-                dconv_w = new(conv_w)
-                dconv_b = None if conv_b is None else new(conv_b)
-                for j in range(k):
-                    getattr(dconv_w, put)(0, spec.rows[j], grads[j][0])
-                    if dconv_b is not None:
-                        getattr(dconv_b, put)(0, spec.rows[j], grads[j][1])
+                dconv_w = _rows_to_full(conv_w, spec.rows, [g[0] for g in grads], shared)
+                dconv_b = (
+                    None
+                    if conv_b is None
+                    else _rows_to_full(conv_b, spec.rows, [g[1] for g in grads], shared)
+                )
                 ddt_bias = torch.cat([g[2] for g in grads])
                 dA = torch.cat([g[3] for g in grads])
                 dD = None if D is None else torch.cat([g[4] for g in grads])
