@@ -455,8 +455,10 @@ def test_two_runs_of_the_same_code_compare_clean_and_coverage_is_strict(sweep2, 
     res = cpbench("sweep", str(scen), "--nproc", "2", "--out", str(tmp_path / "again"), "--no-progress")
     assert res.returncode == 0, res.stdout + res.stderr
     second = tmp_path / "again"
+    # two timed runs on a shared CPU: a load burst can move one small case by 1.5x (seen once in CI), so
+    # only a change past 2x counts here; the noise filters themselves are tested in test_compare.py
     for a, b in ((first, second), (second, first)):
-        assert main(["compare", str(a), str(b)]) == 0, capsys.readouterr().out
+        assert main(["compare", str(a), str(b), "--threshold", "100%"]) == 0, capsys.readouterr().out
         out = capsys.readouterr().out
         assert "16 case(s) compared: 0 regression(s)" in out and "gate: pass" in out
     # a truncated NEW (cases missing) and an unreadable metric cell fail the gate
