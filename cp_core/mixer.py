@@ -161,6 +161,7 @@ class Mamba2Mixer(nn.Module):
             raise ValueError(f"state_exchange must be 'allgather' or 'chain', got {state_exchange!r}")
         self.state_exchange = state_exchange
         c = self.config = config
+        cp_group = comm.resolve_group(cp_group)  # a 1-D DeviceMesh (mesh["cp"]) -> its ProcessGroup
         self.cp_group, self.layout, self.strategy, self.fused = cp_group, layout, strategy, fused
         self.cp_size = comm.group_size(cp_group)
         self.ssd_backend, self.conv_backend = ssd_backend, conv_backend
