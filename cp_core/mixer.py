@@ -26,8 +26,10 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import comm, hidden, kernels
@@ -50,6 +52,32 @@ SPLIT_IN_PROJ_ELEMENTS = 2**31
 
 #: ``"state_passing_chain"`` is ``strategy="state_passing", state_exchange="chain"`` in one name.
 STRATEGIES = ("hidden", "state_passing", "state_passing_chain")
+
+
+class Weights(NamedTuple):
+    """The layer's parameters as one forward uses them: the module's own, or (under autocast) copies in the
+    compute dtype made once per forward, so gradients flow back to the module's parameters in theirs."""
+
+    in_proj: torch.Tensor
+    conv: torch.Tensor  # [conv_dim, 1, d_conv]
+    conv_bias: torch.Tensor | None
+    dt_bias: torch.Tensor
+    A_log: torch.Tensor
+    D: torch.Tensor
+    norm: torch.Tensor
+    out_proj: torch.Tensor
+
+
+def autocast_dtype(x) -> torch.dtype | None:
+    """The dtype autocast computes in on ``x``'s device, or None when autocast is off there."""
+    if not isinstance(x, torch.Tensor):
+        return None
+    kind = x.device.type
+    try:
+        on = torch.is_autocast_enabled(kind)
+    except (TypeError, RuntimeError):  # a device type autocast does not know
+        return None
+    return torch.get_autocast_dtype(kind) if on else None
 
 
 @dataclass(frozen=True)
@@ -245,32 +273,47 @@ class Mamba2Mixer(nn.Module):
         self.backends["conv_ssd"] = spec.backend
         return spec
 
-    def _local_params(self):
+    def weights(self, dtype: torch.dtype | None = None) -> Weights:
+        """The parameters for one forward; with ``dtype``, floating ones in that dtype (differentiable casts:
+        the layer then computes exactly as one whose parameters are ``dtype``)."""
+        w = Weights(
+            self.in_proj.weight,
+            self.conv1d.weight,
+            self.conv1d.bias,
+            self.dt_bias,
+            self.A_log,
+            self.D,
+            self.norm.weight,
+            self.out_proj.weight,
+        )
+        if dtype is None:
+            return w
+        return Weights(*(None if t is None else t.to(dtype) if t.is_floating_point() else t for t in w))
+
+    def _local_params(self, w: Weights | None = None):
         """This rank's ``conv_w [c, k]``, ``conv_b``, ``dt_bias``, ``A`` (fp32), ``D`` (differentiable slices)."""
         c = self.config
+        w = self.weights() if w is None else w
         if self.cp is None:
-            w, b, dtb, alog, D = (
-                self.conv1d.weight.squeeze(1),
-                self.conv1d.bias,
-                self.dt_bias,
-                self.A_log,
-                self.D,
-            )
+            cw, b, dtb, alog, D = w.conv.squeeze(1), w.conv_bias, w.dt_bias, w.A_log, w.D
         else:
             cp = self.cp
-            w, b, dtb, alog, D = (
-                cp.get_conv1d_weight(),
-                cp.get_conv1d_bias(),
-                cp.get_dt_bias(),
-                cp.get_A_log(),
-                cp.get_D(),
+            cw, b, dtb, alog, D = (
+                cp.get_conv1d_weight(w.conv),
+                None if w.conv_bias is None else cp.get_conv1d_bias(w.conv_bias),
+                cp.get_dt_bias(w.dt_bias),
+                cp.get_A_log(w.A_log),
+                cp.get_D(w.D),
             )
         if c.D_has_hdim:
             D = D.view(-1, c.head_dim)
-        return w, b, dtb, -torch.exp(alog.float()), D
+        return cw, b, dtb, -torch.exp(alog.float()), D
 
-    def _core_spec(self, x: torch.Tensor, plan, batch: int, length: int) -> CoreSpec:
+    def _core_spec(self, x: torch.Tensor, plan, batch: int, length: int, conv_w=None) -> CoreSpec:
+        """The layer core's static description for ``x``'s dtype (the compute dtype) and device; ``conv_w``:
+        the conv weight the forward uses (``[conv_dim, 1, k]``, in the compute dtype), for the backend choice."""
         c, cp = self.config, self.cp_size
+        conv_w = self.conv1d.weight if conv_w is None else conv_w
         k = self.overlap_chunks if cp > 1 else 1
         if k is None:  # 2 head chunks on CUDA where the groups allow (measured: never slower, less memory)
             k = 2 if x.is_cuda and (c.n_groups // cp) % 2 == 0 and c.n_groups >= cp else 1
@@ -290,7 +333,7 @@ class Mamba2Mixer(nn.Module):
             self.backends = dict(hit[2])
             return hit[1]
         h_loc, g_loc = c.n_heads // cp, local_groups(c.n_groups, cp)
-        conv = self._conv_spec(x, h_loc // k, chunk_groups(g_loc, k, 0)[1], self.conv1d.weight.squeeze(1))
+        conv = self._conv_spec(x, h_loc // k, chunk_groups(g_loc, k, 0)[1], conv_w.squeeze(1))
         if x.is_cuda:  # the same shapes on every rank: all raise before the first collective
             n_loc = batch * length // cp
             kernels.check_int32_extent(
@@ -332,6 +375,7 @@ class Mamba2Mixer(nn.Module):
             else ()
         )
         spec = CoreSpec(
+            dtype=x.dtype,
             d_inner=c.d_inner,
             norm_group=norm_group,
             eps=c.norm_eps,
@@ -358,14 +402,12 @@ class Mamba2Mixer(nn.Module):
         self._specs[key] = (plan, spec, dict(self.backends))
         return spec
 
-    def _norm_out(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def _norm_out(self, y: torch.Tensor, z: torch.Tensor, w: Weights) -> torch.Tensor:
         c = self.config
         with region(NORM_PROJ):
             backend = resolve_norm("auto", y)
             self.backends["norm"] = backend
-            return gated_norm_out_proj(
-                y, z, self.norm.weight, self.out_proj.weight, c.norm_eps, c.d_inner // c.n_groups, backend
-            )
+            return gated_norm_out_proj(y, z, w.norm, w.out_proj, c.norm_eps, c.d_inner // c.n_groups, backend)
 
     # ------------------------------------------------------------------ input validation
 
@@ -422,7 +464,7 @@ class Mamba2Mixer(nn.Module):
             "call": "mixer",
             "strategy": strategy if self.strategy == "state_passing" else self._hidden_mode(),
             "width": c.d_model,
-            "dtype": str(getattr(x, "dtype", "")),
+            "dtype": str(autocast_dtype(x) or getattr(x, "dtype", "")),  # the compute dtype
             "config": repr(c),
         }
         device = x.device if isinstance(x, torch.Tensor) else "cpu"
@@ -438,14 +480,27 @@ class Mamba2Mixer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """This rank's shard ``[B, L/cp, d_model]`` (or packed ``[T/cp, d_model]`` with the global padded
-        ``cu_seqlens``) -> the output shard of the same shape.
+        ``cu_seqlens``) -> the output shard of the same shape (a tensor of its own, not a view: in-place
+        residual adds work).
 
         cp 1 and the hidden strategy (``fused=True``) run :func:`cp_core.pipeline.layer_core`: one autograd
         function from ``in_proj``'s output to ``out_proj``'s, its backward hand-written (nothing is kept but
         ``zxbcdt``, the head-sharded conv input and ``y``), the all-to-alls optionally pipelined over
         ``overlap_chunks`` head chunks. The seed path (``fused=False``) and state passing compose the same
-        kernels through autograd."""
+        kernels through autograd.
+
+        Under ``torch.autocast`` the layer computes in the autocast dtype exactly as a layer whose parameters
+        are in that dtype: the input and the parameters are cast once (differentiably: the gradients reach
+        the parameters in their own dtype) and the layer runs with autocast off, so every kernel, buffer
+        and collective of the layer sees one dtype."""
         self._check_input(hidden_states, cu_seqlens)
+        dtype = autocast_dtype(hidden_states)
+        if dtype is None:
+            return self._forward(hidden_states, cu_seqlens, self.weights())
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            return self._forward(hidden_states.to(dtype), cu_seqlens, self.weights(dtype))
+
+    def _forward(self, hidden_states: torch.Tensor, cu_seqlens, w: Weights) -> torch.Tensor:
         c = self.config
         packed = cu_seqlens is not None
         if hidden_states.dim() != (2 if packed else 3) or hidden_states.shape[-1] != c.d_model:
@@ -467,30 +522,29 @@ class Mamba2Mixer(nn.Module):
         if core and (self.cp_size > 1 or tokens * c.d_in_proj >= SPLIT_IN_PROJ_ELEMENTS):
             # z and [x|B|C|dt] as two tensors: at cp > 1 [x|B|C|dt] is dead once it has been sent; at cp 1
             # past 2^31 elements of zxbcdt, since the Triton kernels index a strided view with int32 offsets
-            spec = self._core_spec(hidden_states, plan, batch, length)
+            spec = self._core_spec(hidden_states, plan, batch, length, w.conv)
             with region(NORM_PROJ):
                 if spec.slot_rows is not None:  # in_proj writes the all-to-all's send buffers
-                    z, xbcdt = slot_in_proj(hidden_states, self.in_proj.weight, spec)
+                    z, xbcdt = slot_in_proj(hidden_states, w.in_proj, spec)
                 else:
-                    z, xbcdt = split_in_proj(hidden_states, self.in_proj.weight, c.d_inner)
-            w = (self.norm.weight, self.out_proj.weight)
-            return layer_core(spec, z, *self._local_params(), *w, xbcdt=xbcdt)
+                    z, xbcdt = split_in_proj(hidden_states, w.in_proj, c.d_inner)
+            return layer_core(spec, z, *self._local_params(w), w.norm, w.out_proj, xbcdt=xbcdt)
         with region(NORM_PROJ):
-            zxbcdt = self.in_proj(hidden_states)
+            zxbcdt = F.linear(hidden_states, w.in_proj)
         if core:
-            spec = self._core_spec(zxbcdt, plan, batch, length)
-            return layer_core(spec, zxbcdt, *self._local_params(), self.norm.weight, self.out_proj.weight)
+            spec = self._core_spec(zxbcdt, plan, batch, length, w.conv)
+            return layer_core(spec, zxbcdt, *self._local_params(w), w.norm, w.out_proj)
         z, xbcdt = zxbcdt.split([c.d_inner, c.d_in_proj - c.d_inner], dim=-1)
         if self.strategy == "hidden":  # the seed path: the seed's layout operations around the same kernels
             cp = self.cp
             xh = cp.pre_conv_ssm(xbcdt, cu_seqlens, with_z=False)
             h_loc, g_loc = c.n_heads // self.cp_size, local_groups(c.n_groups, self.cp_size)
-            w, b, dtb, A, D = self._local_params()
-            spec = self._conv_spec(xh, h_loc, g_loc, w)
+            cw, b, dtb, A, D = self._local_params(w)
+            spec = self._conv_spec(xh, h_loc, g_loc, cw)
             y = conv_ssd(
                 spec,
                 xh.view(batch, length, xh.shape[-1]),
-                w,
+                cw,
                 b,
                 dtb,
                 A,
@@ -499,5 +553,5 @@ class Mamba2Mixer(nn.Module):
             )
             y = cp.post_conv_ssm(y.view(*xh.shape[:-1], y.shape[-1]), cu_seqlens)
         else:
-            y = state_passing_conv_ssd(self, xbcdt, cu_seqlens, length)
-        return self._norm_out(y, z)
+            y = state_passing_conv_ssd(self, xbcdt, cu_seqlens, length, params=w)
+        return self._norm_out(y, z, w)

@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from . import comm
 from .channels import ChannelPlan
@@ -82,6 +81,9 @@ class CoreSpec:
     #: (every norm group inside one slot; :func:`~cp_core.kernels.norm.norm_fwd_slots`); empty: the
     #: slots are unpacked into ``y`` first and ``dy`` packed again
     y_cols: tuple[int, ...] = ()
+    #: the compute dtype: of the layer's inputs and parameters (``A`` is fp32), and of every buffer the core
+    #: allocates and every collective's send and receive buffer (None: the input's)
+    dtype: torch.dtype | None = None
 
     @property
     def chunks(self) -> int:
@@ -186,10 +188,48 @@ def _views(spec: CoreSpec, zx: torch.Tensor, xsep: torch.Tensor | None):
     return z2[:, : spec.d_inner], z2[:, spec.d_inner :]
 
 
+def hooks_active() -> bool:
+    """Saved-tensor hooks are installed (non-reentrant activation checkpointing, ``save_on_cpu``, ...): what a
+    function keeps for backward must then go through ``save_for_backward`` for the hooks to see it."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return True if top is None else top(False) is not None
+
+
+def _check_dtypes(spec: CoreSpec, **tensors) -> torch.dtype:
+    """Every floating input of the core in one dtype (the compute dtype), so that every buffer and collective
+    of the layer has it; ValueError naming the odd one, before any collective (the same on every rank: the
+    ranks agreed on the input's dtype)."""
+    want = spec.dtype if spec.dtype is not None else tensors["zx"].dtype
+    for name, t in tensors.items():
+        if t is not None and t.dtype != want:
+            raise ValueError(
+                f"the layer core computes in {want} but {name} is {t.dtype}: cast the parameters and the input "
+                f"to one dtype (under torch.autocast, Mamba2Mixer does it)"
+            )
+    return want
+
+
+def _linear_into(normed: torch.Tensor, out_w: torch.Tensor, lead: tuple[int, ...]) -> torch.Tensor:
+    """``normed @ out_w.T`` written into a new ``[*lead, d_model]`` tensor, returned as it is (not a view of a
+    buffer: the caller may add into it in place, e.g. a residual)."""
+    out = normed.new_empty((*lead, out_w.shape[0]))
+    torch.mm(normed, out_w.t(), out=out.view(-1, out_w.shape[0]))
+    return out
+
+
+def _no_autocast(t: torch.Tensor):
+    """Backward passes compute in the dtypes forward chose, also when ``backward()`` is called under autocast."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 class _LayerCore(torch.autograd.Function):
     @staticmethod
     def forward(ctx, zx, xsep, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, spec: CoreSpec):
         cs = spec.conv
+        dtype = _check_dtypes(
+            spec, zx=zx, xbcdt=xsep, conv_weight=conv_w, conv_bias=conv_b, dt_bias=dt_bias, D=D,
+            norm_weight=norm_w, out_proj_weight=out_w,
+        )  # fmt: skip
         z, xbcdt = _views(spec, zx, xsep)
         n = z.shape[0]
         saved_xh: list[torch.Tensor] = []
@@ -201,10 +241,13 @@ class _LayerCore(torch.autograd.Function):
             y = y.view(n, spec.d_inner)
         else:
             group, tok, cp = spec.group, spec.tok, spec.cp_size
-            if spec.y_cols:  # the returned slots as received, [k*cp, N, w]
-                y = z.new_empty((spec.chunks * cp, n, spec.d_inner // (spec.chunks * cp)))
-            else:
-                y = z.new_empty((n, spec.d_inner))
+            # the return all-to-all's receive buffer: the slots as received [k*cp, N, w], or y itself
+            shape = (
+                (spec.chunks * cp, n, spec.d_inner // (spec.chunks * cp))
+                if spec.y_cols
+                else (n, spec.d_inner)
+            )
+            y = torch.empty(shape, dtype=dtype, device=z.device)
 
             def pre(j):
                 if spec.slot_rows is not None:  # xsep holds the send buffers: [k*cp, N, w]
@@ -238,26 +281,46 @@ class _LayerCore(torch.autograd.Function):
                 )
             else:
                 normed, rstd = norm_fwd(y, z, norm_w, spec.eps, spec.norm_group, spec.norm_backend)
-            out = F.linear(normed, out_w)
+            out = _linear_into(normed, out_w, zx.shape[:-1])
         ctx.spec = spec
         # at cp > 1 nothing needs xbcdt after its all-to-all (the conv input kept is the head-sharded one)
         keep_x = xsep if (xsep is not None and spec.cp_size == 1) else None
         ctx.shapes = (zx.shape, None if xsep is None else xsep.shape)
-        ctx.save_for_backward(zx, keep_x, conv_w, conv_b, dt_bias, A, D, norm_w, out_w)
-        # intermediates, held here rather than saved, so that backward can drop each one as soon as it is used
-        ctx.inter = [y, rstd, saved_xh]
-        return out.view(*zx.shape[:-1], out_w.shape[0])
+        params = (zx, keep_x, conv_w, conv_b, dt_bias, A, D, norm_w, out_w)
+        if hooks_active():
+            # checkpointing / offloading: everything kept goes through the hooks, which may drop or move it
+            rstds = rstd if isinstance(rstd, list) else [rstd]
+            ctx.inter = ("saved", isinstance(rstd, list), len(rstds), len(saved_xh))
+            ctx.save_for_backward(*params, y, *rstds, *saved_xh)
+        else:
+            # intermediates held here rather than saved, so that backward can drop each one as soon as it is used
+            ctx.save_for_backward(*params)
+            ctx.inter = [y, rstd, saved_xh]
+        return out
 
     @staticmethod
     def backward(ctx, dout):
+        with _no_autocast(dout):
+            return _LayerCore._backward(ctx, dout)
+
+    @staticmethod
+    def _backward(ctx, dout):
         spec: CoreSpec = ctx.spec
         cs = spec.conv
-        zx, keep_x, conv_w, conv_b, dt_bias, A, D, norm_w, out_w = ctx.saved_tensors
         if ctx.inter is None:
             raise RuntimeError(
                 "the layer core's backward runs once per forward (its intermediates are freed)"
             )
-        y, rstd, saved_xh = ctx.inter
+        saved = ctx.saved_tensors
+        zx, keep_x, conv_w, conv_b, dt_bias, A, D, norm_w, out_w = saved[:9]
+        if ctx.inter[0] == "saved":
+            _, listed, n_rstd, n_xh = ctx.inter
+            y, rest = saved[9], list(saved[10:])
+            rstd = rest[:n_rstd] if listed else rest[0]
+            saved_xh = rest[n_rstd : n_rstd + n_xh]
+            del saved, rest
+        else:
+            y, rstd, saved_xh = ctx.inter
         ctx.inter = None
         zshape, xshape = ctx.shapes
         z2 = zx.reshape(-1, zx.shape[-1])
@@ -269,11 +332,11 @@ class _LayerCore(torch.autograd.Function):
             dz, dxbcdt = dz2[:, : spec.d_inner], dz2[:, spec.d_inner :]
         elif spec.slot_rows is not None:
             z, dz, xbcdt = z2, dz2, None
-            dxbcdt = torch.empty(xshape, dtype=z2.dtype, device=z2.device)  # the received slots
+            dxbcdt = torch.empty(xshape, dtype=spec.dtype or z2.dtype, device=z2.device)  # the received slots
         else:
             z, dz = z2, dz2
             xbcdt = None if keep_x is None else keep_x.reshape(n, -1)
-            dxbcdt = torch.empty((n, xshape[-1]), dtype=z2.dtype, device=z2.device)
+            dxbcdt = torch.empty((n, xshape[-1]), dtype=spec.dtype or z2.dtype, device=z2.device)
         with region(NORM_PROJ + "_bwd"):
             dnormed = d2 @ out_w
             dy_ready = []  # per head chunk, when its dy slots are complete (the pipelined layer)
@@ -387,6 +450,11 @@ class _SplitLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, da, db):
+        with _no_autocast(da):
+            return _SplitLinear._backward(ctx, da, db)
+
+    @staticmethod
+    def _backward(ctx, da, db):
         u, weight = ctx.saved_tensors
         k = ctx.k
         u2 = u.reshape(-1, u.shape[-1])
@@ -447,6 +515,11 @@ class _SlotLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dz, dslots):
+        with _no_autocast(dz):
+            return _SlotLinear._backward(ctx, dz, dslots)
+
+    @staticmethod
+    def _backward(ctx, dz, dslots):
         u, weight, rows = ctx.saved_tensors
         k, unique, per_chunk = ctx.cfg
         u2 = u.reshape(-1, u.shape[-1])

@@ -312,10 +312,14 @@ class _ChainScan(torch.autograd.Function):
 
 
 def state_passing_conv_ssd(
-    mixer, xbcdt: torch.Tensor, cu_seqlens: torch.Tensor | None, length: int
+    mixer, xbcdt: torch.Tensor, cu_seqlens: torch.Tensor | None, length: int, params=None
 ) -> torch.Tensor:
     """conv1d + SSD of ``mixer`` on this rank's shard ``[B, L/cp, x|B|C|dt]`` (or packed ``[T/cp, ...]``)
-    with the state-passing strategy; returns ``y`` of shape ``[B, L/cp, d_inner]`` (or ``[T/cp, d_inner]``)."""
+    with the state-passing strategy; returns ``y`` of shape ``[B, L/cp, d_inner]`` (or ``[T/cp, d_inner]``).
+    ``params``: the :class:`~cp_core.mixer.Weights` to use (under autocast: copies in the compute dtype);
+    default the mixer's own."""
+    w = mixer.weights() if params is None else params
+    conv_w, conv_b, dt_bias, A_log, D_p = w.conv.squeeze(1), w.conv_bias, w.dt_bias, w.A_log, w.D
     c = mixer.config
     group, layout = mixer.cp_group, mixer.layout
     cp, rank = comm.group_size(group), comm.group_rank(group)
@@ -368,18 +372,16 @@ def state_passing_conv_ssd(
                 .index_select(0, pc.to_conv)
                 .view(R, lmax + k - 1, c.conv_dim)
             )
-    ssd_name, conv_name = mixer._backends(conv_in, mixer.conv1d.weight.squeeze(1))
+    ssd_name, conv_name = mixer._backends(conv_in, conv_w)
     with region(CONV1D):
-        xbc_rows = kernels.conv1d(
-            conv_in, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, backend=conv_name
-        )
+        xbc_rows = kernels.conv1d(conv_in, conv_w, conv_b, backend=conv_name)
     x, B, C = xbc_rows[:, k - 1 :].split([c.d_inner, ng * ns, ng * ns], dim=-1)
     if not pc.uniform:
         B = torch.where(pc.valid_f, B, 0.0)  # padding must add nothing to the state
     with region(LAYOUT):
         dt_rows = rows_of(dt)
-    A = -torch.exp(mixer.A_log.float())
-    D = mixer.D.view(nh, hd) if c.D_has_hdim else mixer.D
+    A = -torch.exp(A_log.float())
+    D = D_p.view(nh, hd) if c.D_has_hdim else D_p
     # 2. local SSD from a zero state
     with region(SSM):
         y0, F_loc = kernels.ssd(
@@ -390,13 +392,13 @@ def state_passing_conv_ssd(
             C.reshape(R, lmax, ng, ns),
             chunk_size=c.chunk_size,
             D=D,
-            dt_bias=mixer.dt_bias,
+            dt_bias=dt_bias,
             dt_softplus=True,
             return_final_states=True,
             backend=ssd_name,
         )
         # decay from the piece start, time last ([R, H, Lmax]: an inner-dimension scan is fast)
-        a = (F.softplus(dt_rows.float() + mixer.dt_bias.float()) * A).transpose(1, 2)
+        a = (F.softplus(dt_rows.float() + dt_bias.float()) * A).transpose(1, 2)
         if not pc.uniform:
             a = torch.where(pc.valid.unsqueeze(1), a, 0.0)  # no decay accumulates over padding
         acum = a.contiguous().cumsum(-1)
