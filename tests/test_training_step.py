@@ -219,3 +219,29 @@ def test_the_core_keeps_nothing_outside_saved_tensor_hooks(ranks, cp):
             assert y_shape in packed
     for held, _, _ in ranks.run(_saved_case, cp, False):
         assert held, "without hooks the node holds its intermediates"
+
+
+# ----------------------------------------------------------------------------- collective buffers
+
+
+def _mismatch_case(group, kind):
+    """A collective whose send and receive buffers differ (the fp32-into-bf16 return that aborted gloo before)
+    raises ValueError on every rank before anything is sent; the group still works afterwards."""
+    cp = comm.group_size(group)
+    a = torch.zeros(cp * 4, 3)
+    if kind == "exchange_dtype":
+        comm.exchange([[a[:4]]] * cp, [[torch.zeros(4, 3, dtype=torch.bfloat16)]] * cp, group)
+    elif kind == "exchange_size":
+        comm.exchange([[a[:4]]] * cp, [[torch.zeros(2, 3)]] * cp, group)
+    elif kind == "all_to_all":
+        comm.all_to_all_single(torch.empty(cp * 4, 3, dtype=torch.bfloat16), a, group)
+    elif kind == "all_gather":
+        comm.all_gather_into(torch.empty(cp, 4, 3, dtype=torch.float64), a[:4], group)
+
+
+@pytest.mark.parametrize("kind", ["exchange_dtype", "exchange_size", "all_to_all", "all_gather"])
+def test_collective_buffer_mismatch_raises_everywhere(ranks, kind):
+    from ranks import raises_everywhere
+
+    raises_everywhere(ranks, _mismatch_case, 2, "no collective was issued", kind)
+    assert all(ranks.run(_plain_output_case, 2, "hidden", False))  # the ranks still run collectives
