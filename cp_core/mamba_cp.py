@@ -27,7 +27,7 @@ from . import comm
 from .agree import checked_plan
 from .channels import ChannelPlan, check_heads, local_groups, mamba_channel_plan
 from .hidden import heads_to_seq, seq_to_heads
-from .layout import check_cu_seqlens, check_layout
+from .layout import PER_DOCUMENT, check_cu_seqlens, check_layout
 from .regions import A2A_POST, A2A_PRE, LAYOUT, region
 
 __all__ = [
@@ -220,6 +220,8 @@ class MambaContextParallel:
         fused: bool = True,
     ):
         check_layout(layout)
+        if not fused and layout not in PER_DOCUMENT:
+            raise ValueError(f"the seed path (fused=False) takes a layout in {PER_DOCUMENT}, got {layout!r}")
         cp_group = comm.resolve_group(cp_group)
         self.cp_group = cp_group
         self.cp_size = comm.group_size(cp_group)

@@ -39,7 +39,7 @@ from .kernels import conv_cuda, ssd_mamba
 from .kernels.conv_ssd import ConvSSDSpec, conv_ssd, fused_available
 from .kernels.norm import gated_norm_out_proj, gated_rmsnorm_torch
 from .kernels.norm import resolve as resolve_norm
-from .layout import check_layout, check_seq_len
+from .layout import PER_DOCUMENT, check_layout, check_seq_len
 from .mamba_cp import MambaContextParallel
 from .pipeline import CoreSpec, layer_core, slot_in_proj, slot_rows, split_in_proj
 from .plan import get_plan
@@ -185,6 +185,11 @@ class Mamba2Mixer(nn.Module):
                 raise ValueError(f"{kind}_backend must be 'auto' or one of {valid}, got {name!r}")
         if strategy == "state_passing_chain":
             strategy, state_exchange = "state_passing", "chain"
+        if layout not in PER_DOCUMENT and (strategy != "hidden" or not fused):
+            raise ValueError(
+                f"layout {layout!r} (torch's context_parallel order) runs with strategy='hidden', fused=True; "
+                f"state passing and the seed path need a layout in {PER_DOCUMENT}"
+            )
         if state_exchange not in ("allgather", "chain"):
             raise ValueError(f"state_exchange must be 'allgather' or 'chain', got {state_exchange!r}")
         self.state_exchange = state_exchange
