@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import comm, hidden, kernels
+from . import comm, compiled, hidden, kernels
 from .agree import checked_plan
 from .channels import ChannelPlan, check_chunks, chunk_groups, local_groups, mamba_channel_plan
 from .kernels import conv_cuda, ssd_mamba
@@ -224,7 +224,13 @@ class Mamba2Mixer(nn.Module):
         self.overlap_chunks = overlap_chunks
         self.backends: dict[str, str] = {}
         self._specs: dict = {}
+        self._uid = compiled.register(self)  # how the compiled op finds this layer
         self.reset_parameters()
+
+    def __setstate__(self, state):  # a copy (deepcopy, pickle) is a layer of its own for the compiled op
+        super().__setstate__(state)
+        self._specs = {}
+        self._uid = compiled.register(self)
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -297,6 +303,11 @@ class Mamba2Mixer(nn.Module):
 
     def _local_params(self, w: Weights | None = None):
         """This rank's ``conv_w [c, k]``, ``conv_b``, ``dt_bias``, ``A`` (fp32), ``D`` (differentiable slices)."""
+        cw, b, dtb, alog, D = self._local_slices(w)
+        return cw, b, dtb, -torch.exp(alog.float()), D
+
+    def _local_slices(self, w: Weights | None = None):
+        """This rank's ``conv_w [c, k]``, ``conv_b``, ``dt_bias``, ``A_log``, ``D`` (differentiable slices)."""
         c = self.config
         w = self.weights() if w is None else w
         if self.cp is None:
@@ -312,16 +323,74 @@ class Mamba2Mixer(nn.Module):
             )
         if c.D_has_hdim:
             D = D.view(-1, c.head_dim)
-        return cw, b, dtb, -torch.exp(alog.float()), D
+        return cw, b, dtb, alog, D
+
+    def _chunks(self, x: torch.Tensor) -> int:
+        """Head chunks of the core (1 at cp 1); by default 2 on CUDA where the groups allow (measured: never
+        slower, less memory)."""
+        c, cp = self.config, self.cp_size
+        k = self.overlap_chunks if cp > 1 else 1
+        if k is None:
+            k = 2 if x.is_cuda and (c.n_groups // cp) % 2 == 0 and c.n_groups >= cp else 1
+        return k
+
+    def _core_mode(self, x: torch.Tensor) -> str | None:
+        """How the core path takes ``in_proj``'s output: ``"whole"`` (one ``zxbcdt``), ``"split"`` (``z`` and
+        ``[x|B|C|dt]`` as two tensors), ``"slot"`` (``in_proj`` writes the all-to-all's send slots); None
+        where the layer is not the core (the seed path, state passing at cp > 1)."""
+        c, cp = self.config, self.cp_size
+        if not (cp == 1 or (self.strategy == "hidden" and self.fused)):
+            return None
+        if cp > 1:
+            return "split" if hidden.EXCHANGE == "gather" else "slot"
+        # past 2^31 elements of zxbcdt the Triton kernels' int32 offsets of a strided view overflow
+        return "split" if x.numel() // c.d_model * c.d_in_proj >= SPLIT_IN_PROJ_ELEMENTS else "whole"
+
+    def _core_setup(self, x: torch.Tensor, cu_seqlens, conv_w=None):
+        """``(plan, batch, length, spec, mode)`` of this call; ``spec`` and ``mode`` None off the core path."""
+        packed = cu_seqlens is not None
+        length = x.shape[-2] * self.cp_size
+        batch = 1 if packed else x.shape[0]
+        if packed:
+            plan = get_plan(self.cp_size, self.layout, 1, length, x.device, cu_seqlens)
+        else:
+            check_seq_len(length, self.cp_size, self.layout)
+            plan = None
+            if self.cp_size > 1 and self.strategy == "hidden":
+                plan = get_plan(self.cp_size, self.layout, batch, length, x.device)
+        mode = self._core_mode(x)
+        spec = None if mode is None else self._core_spec(x, plan, batch, length, conv_w)
+        return plan, batch, length, spec, mode
+
+    def _saved_meta(self, x: torch.Tensor) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        """Shapes and dtypes of what the core path keeps for backward besides its inputs, in the order
+        :mod:`cp_core.compiled` returns them (``zx``, ``keep_x``, ``y``, the norm statistics, every head
+        chunk's conv input), computed from shapes alone (no plan, no tensor): the compiled op's fake."""
+        c, cp = self.config, self.cp_size
+        mode, k, dt = self._core_mode(x), self._chunks(x), x.dtype
+        lead, n = tuple(x.shape[:-1]), x.numel() // c.d_model
+        norm_group = c.d_inner // c.n_groups
+        w_slot = c.d_inner // (cp * k)
+        y_cols = cp > 1 and mode == "slot" and w_slot % norm_group == 0
+        meta = [
+            (lead + (c.d_in_proj if mode == "whole" else c.d_inner,), dt),
+            (lead + (c.d_in_proj - c.d_inner,) if cp == 1 and mode == "split" else (0,), dt),
+            ((k * cp, n, w_slot) if y_cols else (n, c.d_inner), dt),
+        ]
+        if resolve_norm("auto", x) == "triton":
+            meta += [((w_slot // norm_group * n,), torch.float32)] * (k * cp) if y_cols else []
+            meta += [] if y_cols else [((c.d_inner // norm_group * n,), torch.float32)]
+        if cp > 1:
+            nh, ng = c.n_heads // cp // k, chunk_groups(local_groups(c.n_groups, cp), k, 0)[1]
+            meta += [((n * cp, nh * c.head_dim + 2 * ng * c.d_state + nh), dt)] * k
+        return meta
 
     def _core_spec(self, x: torch.Tensor, plan, batch: int, length: int, conv_w=None) -> CoreSpec:
         """The layer core's static description for ``x``'s dtype (the compute dtype) and device; ``conv_w``:
         the conv weight the forward uses (``[conv_dim, 1, k]``, in the compute dtype), for the backend choice."""
         c, cp = self.config, self.cp_size
         conv_w = self.conv1d.weight if conv_w is None else conv_w
-        k = self.overlap_chunks if cp > 1 else 1
-        if k is None:  # 2 head chunks on CUDA where the groups allow (measured: never slower, less memory)
-            k = 2 if x.is_cuda and (c.n_groups // cp) % 2 == 0 and c.n_groups >= cp else 1
+        k = self._chunks(x)
         key = (
             id(plan),
             k,
@@ -498,6 +567,10 @@ class Mamba2Mixer(nn.Module):
         are in that dtype: the input and the parameters are cast once (differentiably: the gradients reach
         the parameters in their own dtype) and the layer runs with autocast off, so every kernel, buffer
         and collective of the layer sees one dtype."""
+        if torch.compiler.is_compiling() and (
+            self.cp_size == 1 or (self.strategy == "hidden" and self.fused)
+        ):
+            return compiled.compiled_forward(self, hidden_states, cu_seqlens)  # one op, no graph break
         self._check_input(hidden_states, cu_seqlens)
         dtype = autocast_dtype(hidden_states)
         if dtype is None:
@@ -513,31 +586,19 @@ class Mamba2Mixer(nn.Module):
                 f"hidden_states must be {'[T/cp, d_model]' if packed else '[B, L/cp, d_model]'} with d_model "
                 f"{c.d_model}, got shape {tuple(hidden_states.shape)}"
             )
-        length = hidden_states.shape[-2] * self.cp_size
-        batch = 1 if packed else hidden_states.shape[0]
-        if packed:
-            plan = get_plan(self.cp_size, self.layout, 1, length, hidden_states.device, cu_seqlens)
-        else:
-            check_seq_len(length, self.cp_size, self.layout)
-            plan = None
-            if self.cp_size > 1 and self.strategy == "hidden":
-                plan = get_plan(self.cp_size, self.layout, batch, length, hidden_states.device)
-        core = self.cp_size == 1 or (self.strategy == "hidden" and self.fused)
-        tokens = hidden_states.numel() // c.d_model
-        if core and (self.cp_size > 1 or tokens * c.d_in_proj >= SPLIT_IN_PROJ_ELEMENTS):
-            # z and [x|B|C|dt] as two tensors: at cp > 1 [x|B|C|dt] is dead once it has been sent; at cp 1
-            # past 2^31 elements of zxbcdt, since the Triton kernels index a strided view with int32 offsets
-            spec = self._core_spec(hidden_states, plan, batch, length, w.conv)
+        plan, batch, length, spec, mode = self._core_setup(hidden_states, cu_seqlens, w.conv)
+        if mode in ("split", "slot"):
+            # z and [x|B|C|dt] as two tensors: at cp > 1 [x|B|C|dt] is dead once it has been sent (under
+            # "slot" in_proj writes the all-to-all's send buffers); at cp 1 past 2^31 elements of zxbcdt
             with region(NORM_PROJ):
-                if spec.slot_rows is not None:  # in_proj writes the all-to-all's send buffers
+                if mode == "slot":
                     z, xbcdt = slot_in_proj(hidden_states, w.in_proj, spec)
                 else:
                     z, xbcdt = split_in_proj(hidden_states, w.in_proj, c.d_inner)
             return layer_core(spec, z, *self._local_params(w), w.norm, w.out_proj, xbcdt=xbcdt)
         with region(NORM_PROJ):
             zxbcdt = F.linear(hidden_states, w.in_proj)
-        if core:
-            spec = self._core_spec(zxbcdt, plan, batch, length, w.conv)
+        if mode == "whole":
             return layer_core(spec, zxbcdt, *self._local_params(w), w.norm, w.out_proj)
         z, xbcdt = zxbcdt.split([c.d_inner, c.d_in_proj - c.d_inner], dim=-1)
         if self.strategy == "hidden":  # the seed path: the seed's layout operations around the same kernels
