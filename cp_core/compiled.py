@@ -17,8 +17,6 @@ computes their shapes from the layer's configuration alone (:meth:`Mamba2Mixer._
 state (the layer: its group, configuration, caches) is found through an integer id. No graph break inside
 the layer's forward; eager mode does not use the op (no dispatch cost)."""
 
-from __future__ import annotations
-
 import contextlib
 import itertools
 import weakref

@@ -17,8 +17,8 @@ from cp_core.mixer import Mamba2Config, Mamba2Mixer
 CFG = Mamba2Config(d_model=32, n_heads=8, head_dim=4, n_groups=2, d_state=8, chunk_size=8)
 
 
-def _layer(group, strategy="hidden"):
-    m = Mamba2Mixer(CFG, cp_group=group, strategy=strategy)
+def _layer(group, strategy="hidden", device="cpu"):
+    m = Mamba2Mixer(CFG, cp_group=group, strategy=strategy, device=device)
     m.reset_parameters(torch.Generator().manual_seed(3))
     return m
 
@@ -86,11 +86,12 @@ def test_the_break_count_sees_breaks(ranks):
         assert breaks > 0 and graphs > 1
 
 
-def _opcheck_case(group, packed):
+def _opcheck_case(group, packed, device="cpu"):
     cp, r = comm.group_size(group), comm.group_rank(group)
-    m = _layer(group)
+    m = _layer(group, device=device)
     x, cu = _batches(cp, packed, 1)[0]
-    xl = shard(x, r, cp, "head_tail", cu).requires_grad_()
+    xl = shard(x, r, cp, "head_tail", cu).to(device).requires_grad_()
+    cu = None if cu is None else cu.to(device)
     w = m.weights()
     params = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in m._local_slices(w)]
     w_in, w_norm, w_out = (t.detach().clone().requires_grad_() for t in (w.in_proj, w.norm, w.out_proj))
