@@ -17,7 +17,8 @@ Mamba2 block, a norm and the output head. What a training step needs, and this s
 Every rank checks that its losses and the final parameters equal a single-process run of the same model
 on the whole batch within the bf16 bound (twice the distance of that single-process run in bf16 from the
 same run in fp32; ``--fp32``: no autocast, fp32 rounding). ``--dp-only`` shards FSDP over ``mesh["dp"]`` alone, the common
-mistake: the CP replicas then drift after the first step and the replica check says so.
+mistake: the CP replicas then drift after the first step and the replica check says so; ``--hsdp`` shards
+over cp and replicates over dp (HSDP), which reduces over both too.
 """
 
 import argparse
@@ -150,7 +151,7 @@ def errors(losses, ref_losses, params, ref) -> tuple[float, float]:
     return loss_err, param_err
 
 
-def main(dp_only: bool = False) -> None:
+def main(dp_only: bool = False, hsdp: bool = False) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -158,7 +159,9 @@ def main(dp_only: bool = False) -> None:
     mesh = init_device_mesh("cpu", (DP, CP), mesh_dim_names=("dp", "cp"))
     dp_rank, cp_rank = mesh.get_local_rank("dp"), mesh.get_local_rank("cp")
     model = HybridLM(cp_group=mesh["cp"])
-    fsdp_mesh = mesh["dp"] if dp_only else mesh["dp", "cp"]._flatten("dp_cp")
+    # FSDP over every rank that holds a replica: the flattened dp x cp mesh (or HSDP on the 2-D mesh:
+    # replicated over dp, sharded over cp); --dp-only is the mistake the replica check catches
+    fsdp_mesh = mesh["dp"] if dp_only else mesh if hsdp else mesh["dp", "cp"]._flatten("dp_cp")
     for blk in model.blocks:
         fully_shard(blk, mesh=fsdp_mesh)
         watch_replicas(blk, mesh["cp"])  # in forward, where FSDP has the block's parameters whole
@@ -205,20 +208,20 @@ def main(dp_only: bool = False) -> None:
         raise SystemExit(1)
 
 
-def _spawned(rank: int, world: int, port: int, dp_only: bool, fp32: bool) -> None:
+def _spawned(rank: int, world: int, port: int, args) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    run(dp_only, fp32)
+    run(args)
 
 
-def run(dp_only: bool, fp32: bool) -> None:
+def run(args) -> None:
     global AMP
-    AMP = None if fp32 else AMP
-    main(dp_only)
+    AMP = None if args.fp32 else AMP
+    main(args.dp_only, args.hsdp)
 
 
-def spawn(dp_only: bool = False, fp32: bool = False) -> None:
-    """Start DP * CP local gloo ranks running :func:`main`."""
+def spawn(args) -> None:
+    """Start DP * CP local gloo ranks running :func:`main` with the command line's ``args``."""
     import socket
 
     import torch.multiprocessing as mp
@@ -226,7 +229,7 @@ def spawn(dp_only: bool = False, fp32: bool = False) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_spawned, args=(DP * CP, port, dp_only, fp32), nprocs=DP * CP)
+    mp.spawn(_spawned, args=(DP * CP, port, args), nprocs=DP * CP)
 
 
 if __name__ == "__main__":
@@ -234,9 +237,10 @@ if __name__ == "__main__":
     ap.add_argument(
         "--dp-only", action="store_true", help="FSDP over mesh['dp'] only (wrong: the replicas drift)"
     )
+    ap.add_argument("--hsdp", action="store_true", help="HSDP on the 2-D mesh instead of the flattened mesh")
     ap.add_argument("--fp32", action="store_true", help="no autocast (the run then matches to fp32 rounding)")
     args = ap.parse_args()
     if "RANK" in os.environ:
-        run(args.dp_only, args.fp32)
+        run(args)
     else:
-        spawn(args.dp_only, args.fp32)
+        spawn(args)

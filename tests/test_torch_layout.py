@@ -87,3 +87,26 @@ def test_hidden_layer_takes_torch_ordered_shards(ranks, cp):
 def test_other_strategies_refuse_the_torch_order(kw):
     with pytest.raises(ValueError, match="torch_head_tail"):
         Mamba2Mixer(CFG, layout="torch_head_tail", **kw)
+
+
+def _pre_post_case(group):
+    """The seed API with torch-ordered shards: pre_conv_ssm gives every rank its channels in global order."""
+    from cases import owned_channels
+
+    from cp_core.mamba_cp import MambaContextParallel
+
+    cp, r = comm.group_size(group), comm.group_rank(group)
+    nh, hd, ng, ds = 8, 2, 2, 3
+    lens = doc_lengths(6, 2 * cp, 5)
+    cu = cu_from_lengths(lens)
+    x = randn((int(cu[-1]), 2 * nh * hd + 2 * ng * ds + nh), 4)
+    ctx = MambaContextParallel(group, nh, hd, ng, ds, None, layout="torch_head_tail")
+    out = ctx.pre_conv_ssm(_torch_shards(x, lens, cp)[r], cu)
+    ok = torch.equal(out, x[:, owned_channels(r, cp, nh, hd, ng, ds)])
+    y = out[:, nh * hd // cp : 2 * nh * hd // cp]  # this rank's x channels
+    ok &= torch.equal(ctx.post_conv_ssm(y, cu), _torch_shards(x[:, nh * hd : 2 * nh * hd], lens, cp)[r])
+    return verdict(bool(ok), group)
+
+
+def test_pre_post_take_torch_ordered_shards(ranks):
+    assert all(ranks.run(_pre_post_case, 4))
