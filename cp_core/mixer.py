@@ -158,6 +158,10 @@ def _check_exchange(n_groups: int, cp_size: int, chunks: int) -> None:
 
 
 class Mamba2Mixer(nn.Module):
+    #: under ``torch.compile``, run the layer (cp 1, hidden CP) as one custom op (:mod:`cp_core.compiled`);
+    #: False: the compiler meets the autograd functions themselves (graph breaks around them)
+    COMPILE_AS_OP = True
+
     def __init__(
         self,
         config: Mamba2Config,
@@ -567,8 +571,10 @@ class Mamba2Mixer(nn.Module):
         are in that dtype: the input and the parameters are cast once (differentiably: the gradients reach
         the parameters in their own dtype) and the layer runs with autocast off, so every kernel, buffer
         and collective of the layer sees one dtype."""
-        if torch.compiler.is_compiling() and (
-            self.cp_size == 1 or (self.strategy == "hidden" and self.fused)
+        if (
+            self.COMPILE_AS_OP
+            and torch.compiler.is_compiling()
+            and self._core_mode(hidden_states) is not None
         ):
             return compiled.compiled_forward(self, hidden_states, cu_seqlens)  # one op, no graph break
         self._check_input(hidden_states, cu_seqlens)

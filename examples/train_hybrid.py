@@ -16,9 +16,10 @@ Mamba2 block, a norm and the output head. What a training step needs, and this s
 
 Every rank checks that its losses and the final parameters equal a single-process run of the same model
 on the whole batch within the bf16 bound (twice the distance of that single-process run in bf16 from the
-same run in fp32; ``--fp32``: no autocast, fp32 rounding). ``--dp-only`` shards FSDP over ``mesh["dp"]`` alone, the common
-mistake: the CP replicas then drift after the first step and the replica check says so; ``--hsdp`` shards
-over cp and replicates over dp (HSDP), which reduces over both too.
+same run in fp32; ``--fp32``: no autocast, fp32 rounding). Then the common mistake: the same training with
+FSDP over ``mesh["dp"]`` alone; the CP replicas drift after the first step and the replica check says so on
+every rank (``--no-mistake`` skips it). ``--hsdp``: HSDP on the 2-D mesh (sharded over cp, replicated over
+dp), which reduces over both too.
 """
 
 import argparse
@@ -151,32 +152,32 @@ def errors(losses, ref_losses, params, ref) -> tuple[float, float]:
     return loss_err, param_err
 
 
-def main(dp_only: bool = False, hsdp: bool = False) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
+def sharded_model(mesh, fsdp_mesh):
+    """The model with its CP group, every block an FSDP unit over ``fsdp_mesh``, its replicas watched."""
     from torch.distributed.fsdp import fully_shard
 
-    dist.init_process_group("gloo")
-    mesh = init_device_mesh("cpu", (DP, CP), mesh_dim_names=("dp", "cp"))
-    dp_rank, cp_rank = mesh.get_local_rank("dp"), mesh.get_local_rank("cp")
     model = HybridLM(cp_group=mesh["cp"])
-    # FSDP over every rank that holds a replica: the flattened dp x cp mesh (or HSDP on the 2-D mesh:
-    # replicated over dp, sharded over cp); --dp-only is the mistake the replica check catches
-    fsdp_mesh = mesh["dp"] if dp_only else mesh if hsdp else mesh["dp", "cp"]._flatten("dp_cp")
     for blk in model.blocks:
         fully_shard(blk, mesh=fsdp_mesh)
         watch_replicas(blk, mesh["cp"])  # in forward, where FSDP has the block's parameters whole
     fully_shard(model, mesh=fsdp_mesh)
-    opt = make_opt(model)
+    return model
+
+
+def main(hsdp: bool = False, mistake: bool = True) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (DP, CP), mesh_dim_names=("dp", "cp"))
+    dp_rank, cp_rank, rank = mesh.get_local_rank("dp"), mesh.get_local_rank("cp"), dist.get_rank()
 
     def shard_of(t):  # this rank's data-parallel row, its head-tail shard of the sequence
         return shard(t[dp_rank : dp_rank + 1], cp_rank, CP, "head_tail")
 
-    try:
-        losses = train(model, shard_of, opt)
-    except ValueError as e:
-        print(f"rank {dist.get_rank()}: replica check: {e}", flush=True)
-        dist.destroy_process_group()
-        return
+    # FSDP over every rank that holds a replica: the flattened dp x cp mesh (or HSDP on the 2-D mesh:
+    # replicated over dp, sharded over cp)
+    model = sharded_model(mesh, mesh if hsdp else mesh["dp", "cp"]._flatten("dp_cp"))
+    losses = train(model, shard_of, make_opt(model))
     # the global mean loss of each step: the mean of the ranks' token means (equal token counts)
     dist.all_reduce(losses)
     losses /= DP * CP
@@ -197,12 +198,20 @@ def main(dp_only: bool = False, hsdp: bool = False) -> None:
     flag = torch.tensor([int(ok)])
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     print(
-        f"rank {dist.get_rank()} (dp {dp_rank}, cp {cp_rank}): losses {[round(v, 4) for v in losses.tolist()]}, "
+        f"rank {rank} (dp {dp_rank}, cp {cp_rank}): losses {[round(v, 4) for v in losses.tolist()]}, "
         f"single process {[round(v, 4) for v in ref_losses.tolist()]}; loss error {loss_err:.1e} (bound "
         f"{loss_bound:.1e}), parameter error {param_err:.1e} of the update (bound {param_bound:.1e}): "
         f"{'match' if flag.item() else 'MISMATCH'}",
         flush=True,
     )
+
+    if mistake:  # the common mistake: FSDP over the dp dimension alone; the CP replicas drift apart
+        model = sharded_model(mesh, mesh["dp"])
+        try:
+            train(model, shard_of, make_opt(model))
+            print(f"rank {rank}: FSDP over mesh['dp'] alone: not caught", flush=True)
+        except ValueError as e:
+            print(f"rank {rank}: FSDP over mesh['dp'] alone, replica check: {e}", flush=True)
     dist.destroy_process_group()
     if not flag.item():
         raise SystemExit(1)
@@ -217,7 +226,7 @@ def _spawned(rank: int, world: int, port: int, args) -> None:
 def run(args) -> None:
     global AMP
     AMP = None if args.fp32 else AMP
-    main(args.dp_only, args.hsdp)
+    main(args.hsdp, not args.no_mistake)
 
 
 def spawn(args) -> None:
@@ -234,9 +243,7 @@ def spawn(args) -> None:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument(
-        "--dp-only", action="store_true", help="FSDP over mesh['dp'] only (wrong: the replicas drift)"
-    )
+    ap.add_argument("--no-mistake", action="store_true", help="skip the FSDP-over-dp-only demonstration")
     ap.add_argument("--hsdp", action="store_true", help="HSDP on the 2-D mesh instead of the flattened mesh")
     ap.add_argument("--fp32", action="store_true", help="no autocast (the run then matches to fp32 rounding)")
     args = ap.parse_args()

@@ -1,5 +1,5 @@
 """examples/train_hybrid.py run as a user runs it: 4 gloo ranks, (dp 2) x (cp 2), FSDP2 over the flattened
-mesh, bf16 autocast, checkpointing; and the documented mistake (FSDP over dp only) caught by the replica check."""
+mesh, bf16 autocast, checkpointing; then the documented mistake (FSDP over dp only), caught by the replica check."""
 
 from __future__ import annotations
 
@@ -22,20 +22,16 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_four_ranks_train_as_one_process():
+def test_four_ranks_train_as_one_process_and_the_mistake_is_caught():
     res = _run()
     assert res.returncode == 0, res.stdout + res.stderr
     # the ranks print concurrently: count, don't split lines
     ranks = re.findall(r"rank (\d) \(dp \d, cp \d\): losses .*?: (match|MISMATCH)", res.stdout)
     assert sorted(ranks) == [(str(r), "match") for r in range(4)], res.stdout
     assert "view" not in res.stderr, res.stderr  # FSDP2 warns when a module returns a view
-
-
-def test_fsdp_over_dp_only_is_caught():
-    res = _run("--dp-only")
-    assert res.returncode == 0, res.stdout + res.stderr
-    ranks = re.findall(
-        r"rank (\d): replica check: parameters differ .*? mixer\.in_proj\.weight \(ranks \[0\] / ranks \[1\]\)",
+    caught = re.findall(
+        r"rank (\d): FSDP over mesh\['dp'\] alone, replica check: parameters differ .*? "
+        r"mixer\.in_proj\.weight \(ranks \[0\] / ranks \[1\]\)",
         res.stdout,
     )
-    assert sorted(ranks) == ["0", "1", "2", "3"], res.stdout
+    assert sorted(caught) == ["0", "1", "2", "3"], res.stdout
