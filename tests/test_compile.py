@@ -14,24 +14,26 @@ from cp_core import comm, compiled
 from cp_core.layout import granule, shard
 from cp_core.mixer import Mamba2Config, Mamba2Mixer
 
+CFG_GPU = Mamba2Config(d_model=64, n_heads=8, head_dim=16, n_groups=2, d_state=16, chunk_size=16)
 CFG = Mamba2Config(d_model=32, n_heads=8, head_dim=4, n_groups=2, d_state=8, chunk_size=8)
 
 
 def _layer(group, strategy="hidden", device="cpu"):
-    m = Mamba2Mixer(CFG, cp_group=group, strategy=strategy, device=device)
+    cfg = CFG_GPU if device == "cuda" else CFG  # the Triton kernels want head_dim, d_state >= 16
+    m = Mamba2Mixer(cfg, cp_group=group, strategy=strategy, device=device)
     m.reset_parameters(torch.Generator().manual_seed(3))
     return m
 
 
-def _batches(cp, packed, n=2):
+def _batches(cp, packed, n=2, d_model=CFG.d_model):
     g = granule("head_tail", cp)
     out = []
     for i in range(n):
         if packed:  # a new cu_seqlens tensor (and documents) every batch
             cu = cu_from_lengths(doc_lengths(4, g, seed=20 + i, max_units=2) + [g])
-            out.append((randn((int(cu[-1]), CFG.d_model), 30 + i), cu))
+            out.append((randn((int(cu[-1]), d_model), 30 + i), cu))
         else:
-            out.append((randn((2, 4 * g, CFG.d_model), 30 + i), None))
+            out.append((randn((2, 4 * g, d_model), 30 + i), None))
     return out
 
 
@@ -85,7 +87,7 @@ def test_the_break_count_sees_breaks():
 def _opcheck_case(group, packed, device="cpu"):
     cp, r = comm.group_size(group), comm.group_rank(group)
     m = _layer(group, device=device)
-    x, cu = _batches(cp, packed, 1)[0]
+    x, cu = _batches(cp, packed, 1, m.config.d_model)[0]
     xl = shard(x, r, cp, "head_tail", cu).to(device).requires_grad_()
     cu = None if cu is None else cu.to(device)
     w = m.weights()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_compile import _opcheck_case
-from test_training_step import CFG, _autocast_case, _held_on_ctx, layer
+from test_training_step import CFG_GPU, _autocast_case, _held_on_ctx, layer
 
 from cp_core import compiled
 
@@ -29,7 +29,7 @@ def test_compiled_op_on_cuda():
     """Inductor on CUDA: the op's fake (Triton norm statistics, head chunks) agrees with the op, and the
     compiled layer equals the eager one."""
     m = layer(None, "hidden", torch.bfloat16, device="cuda")
-    x = torch.randn(2, 256, CFG.d_model, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(2, 256, CFG_GPU.d_model, device="cuda", dtype=torch.bfloat16)
     w = m.weights()
     params = [t.detach().clone().requires_grad_() for t in m._local_slices(w)]
     ws = [t.detach().clone().requires_grad_() for t in (w.in_proj, w.norm, w.out_proj)]
@@ -48,7 +48,7 @@ def test_compiled_op_on_cuda():
 
 def test_checkpointing_keeps_nothing_on_the_node_on_cuda():
     m = layer(None, "hidden", torch.bfloat16, device="cuda")
-    x = torch.randn(1, 512, CFG.d_model, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(1, 512, CFG_GPU.d_model, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         y = m(x)
     assert _held_on_ctx(y.grad_fn) == []

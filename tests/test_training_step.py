@@ -16,6 +16,8 @@ from cp_core.layout import granule, shard
 from cp_core.mixer import Mamba2Config, Mamba2Mixer
 
 CFG = Mamba2Config(d_model=32, n_heads=8, head_dim=4, n_groups=2, d_state=8, chunk_size=8)
+#: what mamba-ssm's Triton kernels and causal-conv1d take (head_dim, d_state >= 16; channels % 8)
+CFG_GPU = Mamba2Config(d_model=64, n_heads=8, head_dim=16, n_groups=2, d_state=16, chunk_size=16)
 STRATEGIES = {  # name -> Mamba2Mixer keywords
     "hidden": dict(strategy="hidden"),
     "hidden_seed": dict(strategy="hidden", fused=False),
@@ -25,7 +27,8 @@ STRATEGIES = {  # name -> Mamba2Mixer keywords
 
 
 def layer(group, kind, dtype=torch.float32, layout="head_tail", device="cpu"):
-    m = Mamba2Mixer(CFG, cp_group=group, layout=layout, dtype=dtype, device=device, **STRATEGIES[kind])
+    cfg = CFG_GPU if torch.device(device).type == "cuda" else CFG
+    m = Mamba2Mixer(cfg, cp_group=group, layout=layout, dtype=dtype, device=device, **STRATEGIES[kind])
     m.reset_parameters(torch.Generator().manual_seed(7))
     with torch.no_grad():  # non-trivial D and norm weight
         m.D.copy_(randn(m.D.shape, 5).to(m.D))
@@ -37,9 +40,9 @@ def data(cp, packed, layout="head_tail", device="cpu"):
     g = granule(layout, cp)
     if packed:
         cu = cu_from_lengths(doc_lengths(5, g, seed=3, max_units=2 if cp < 4 else 1) + [2 * g])
-        x = randn((int(cu[-1]), CFG.d_model), 1)
+        x = randn((int(cu[-1]), (CFG_GPU if device == "cuda" else CFG).d_model), 1)
         return x.to(device), cu.to(device)
-    return randn((2, 4 * g, CFG.d_model), 1).to(device), None
+    return randn((2, 4 * g, (CFG_GPU if device == "cuda" else CFG).d_model), 1).to(device), None
 
 
 def _step(m, x_local, cu, w_local, amp, device="cpu"):
