@@ -1,18 +1,22 @@
 """Nsight Systems: the ``nsys profile`` command of a sweep, and ``nvtx_gpu_proj_sum`` read back.
 
-``cpbench sweep --profile nsys`` wraps each case's measured iterations in
-``cudaProfilerStart/Stop`` (inside an NVTX range ``case N: ...``), so
+``cpbench sweep --profile nsys`` prints the command that profiles the same sweep and stops (exit 0);
+``--exec`` becomes that command. Under it (``CPBENCH_UNDER_NSYS=1``, which the command sets in the
+profiled process) each case's measured iterations run between ``cudaProfilerStart/Stop`` inside an
+NVTX range ``cpbench:case N: ...``, and every region is an NVTX range ``cpbench:<region>``
+(``torch.cuda.nvtx``: the ranges Nsight Systems 2023.4.4 records), so
 
-    nsys profile -t cuda,nvtx -c cudaProfilerApi --capture-range-end=<end> -o <out>/cpbench ...
+    nsys profile -s none --cpuctxsw=none -t cuda,nvtx -c cudaProfilerApi --capture-range-end=<end> ...
 
-captures the measured iterations and nothing else (no warmup, no Triton autotuning). ``<end>`` is
+captures the measured iterations and nothing else: no warmup, no Triton autotuning, no CPU sampling
+or context switches (with them one case made a 2.2 GB capture; without, 1.9 MB). ``<end>`` is
 ``stop`` for a sweep of one case and ``repeat`` for several (nsys then writes one report per case,
 ``cpbench.1.nsys-rep``, ``cpbench.2.nsys-rep``, ... in the order the cases ran), so that every case
-is captured rather than only the first. ``--exec`` re-launches cpbench under that command.
+is captured rather than only the first.
 
 ``cpbench nsys-import REPORT.nsys-rep`` runs ``nsys stats --report nvtx_gpu_proj_sum --format csv``
-on a report (or reads a CSV already exported that way) and turns the NVTX ranges of domain
-``cpbench`` into the region columns of ``results.csv``: ``{region}_ms`` is the region's total
+on a report (or reads a CSV already exported that way) and turns the NVTX ranges named
+``cpbench:<region>`` into the region columns of ``results.csv``: ``{region}_ms`` is the region's total
 GPU-projected time divided by the number of measured iterations (the instances of ``layer_fwd``),
 i.e. the mean per iteration, of the sum of its occurrences; ``{region}_count`` is the number of
 instances per iteration. Column names are matched loosely (nsys versions differ): the range name is
@@ -46,12 +50,16 @@ def profile_command(out_dir: Path, program: list[str], n_cases: int) -> list[str
     return [
         "nsys",
         "profile",
+        "-s",
+        "none",
+        "--cpuctxsw=none",
         "-t",
         "cuda,nvtx",
         "-c",
         "cudaProfilerApi",
         f"--capture-range-end={end}",
         "--force-overwrite=true",
+        f"--env-var={UNDER_NSYS_ENV}=1",
         "-o",
         str(Path(out_dir) / "cpbench"),
         *program,
@@ -75,7 +83,9 @@ def exec_under_nsys(cmd: list[str]) -> None:
 
 
 def under_nsys() -> bool:
-    return os.environ.get(UNDER_NSYS_ENV) == "1"
+    """This process runs under the nsys command (which sets ``CPBENCH_UNDER_NSYS=1``), or under an nsys
+    session of someone's own command line (nsys names its session in the profiled process)."""
+    return os.environ.get(UNDER_NSYS_ENV) == "1" or "NSYS_PROFILING_SESSION_ID" in os.environ
 
 
 # ----------------------------------------------------------------------------------------------- import
