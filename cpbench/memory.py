@@ -757,3 +757,91 @@ def layer_refuses(s: Layer, w: Work) -> bool:
     width = hk * s.head_dim + 2 * gk * s.d_state + hk
     n = w.local
     return max(w.rows * w.length * width, n * max(s.d_inner, s.d_in_proj - s.d_inner)) >= 2**31
+
+
+# ------------------------------------------------------------------------------------- against a results folder
+
+_KEY = ("cp_size", "seq_len", "batch", "n_heads", "n_groups", "packing", "layout", "path", "pass", "strategy")
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One ok CUDA row of a results folder with the sweep case it ran."""
+
+    scenario: object
+    case: object
+    peak_gib: float
+    deterministic: bool
+    backend: str
+
+
+@functools.lru_cache(maxsize=64)
+def _scenario(text: str, overrides: tuple[str, ...] = ()):
+    import os
+    import tempfile
+
+    from .scenario import load_scenario
+
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+        f.write(text)
+    try:
+        return load_scenario(f.name, list(overrides))
+    finally:
+        os.unlink(f.name)
+
+
+def _keyed(scenario) -> dict:
+    out = {}
+    for c in scenario.cases():
+        k = c.key(device="cuda", world_size=0, backend="")
+        out[(*[k[x] for x in _KEY], k["impl"], k["overlap_chunks"], k["dtype"])] = c
+    return out
+
+
+def _row_scenario(text: str, scenario, r, impl: str, chunks: int):
+    """A folder that joined several runs has one resolved scenario: the row's own axes, over the same cp
+    sizes (so that its packs keep their granule)."""
+    pack = '"none"' if r["packing"] == "none" else f"{{docs = {int(r['docs'])}, density = {r['density']}}}"
+    cps = sorted({*scenario.sweep.cp_size, int(r["cp_size"])})
+    sets = (
+        f"sweep.cp_size={cps}", f"sweep.seq_len=[{int(r['seq_len'])}]", f"sweep.batch=[{int(r['batch'])}]",
+        f"sweep.heads=[[{int(r['n_heads'])}, {int(r['n_groups'])}]]", f"sweep.packing=[{pack}]",
+        f'sweep.layout=["{r["layout"]}"]', f'sweep.path=["{r["path"]}"]', f'sweep.pass=["{r["pass"]}"]',
+        f'sweep.strategy=["{r["strategy"]}"]', f'sweep.impl=["{impl}"]', f"sweep.overlap_chunks=[{chunks}]",
+    )  # fmt: skip
+    return _scenario(text, sets)
+
+
+def measured(folder, min_gib: float = 0.0) -> list[Measured]:
+    """The ok CUDA rows of a results folder (its ``results.csv`` and ``meta.json``) with a ``peak_mem_GiB`` of
+    ``min_gib`` or more, each with the case of the folder's resolved scenario that ran it."""
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+
+    folder = Path(folder)
+    if not (folder / "meta.json").exists() or not (folder / "results.csv").exists():
+        return []
+    meta = json.loads((folder / "meta.json").read_text())
+    df = pd.read_csv(folder / "results.csv")
+    text = meta.get("scenario_resolved")
+    if "peak_mem_GiB" not in df or "device" not in df or not text:
+        return []
+    scenario = _scenario(text)
+    det = (meta.get("env", {}).get("settings") or {}).get("MAMBA_DETERMINISTIC") == "1"
+    cases = _keyed(scenario)
+    out = []
+    for _, r in df[(df.status == "ok") & (df.device == "cuda") & (df.peak_mem_GiB >= min_gib)].iterrows():
+        impl = r["impl"] if isinstance(r.get("impl"), str) else "cp_core"
+        k = r.get("overlap_chunks")
+        chunks = 1 if k is None or k != k else int(k)
+        key = (*[r[x].item() if hasattr(r[x], "item") else r[x] for x in _KEY], impl, chunks, r["dtype"])
+        sc, case = scenario, cases.get(key)
+        if case is None:
+            sc = _row_scenario(text, scenario, r, impl, chunks)
+            case = _keyed(sc).get(key)
+        if case is None:
+            raise ValueError(f"{folder}: no case of its scenario matches the row {key}")
+        out.append(Measured(sc, case, float(r["peak_mem_GiB"]), det, str(r["backend"])))
+    return out

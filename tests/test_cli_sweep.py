@@ -607,3 +607,18 @@ def test_ctrl_c_stops_every_rank_and_marks_the_run(tmp_path):
     assert not alive
     meta = json.loads((out / "meta.json").read_text())
     assert meta["status"] == "interrupted"
+
+
+@pytest.mark.gpu
+def test_one_gpu_sweeps_without_torchrun(tmp_path):
+    """cp 1 in one process (it failed in torch.cuda.set_device('cuda')) and the fake backend, on CUDA."""
+    scen = tmp_path / "tiny.toml"
+    scen.write_text(TINY.replace('device = "cpu"', 'device = "cuda"'))
+    common = ["--no-progress", "--set", 'sweep.path=["fused"]', "--set", 'sweep.packing=["none"]']
+    res = cpbench("sweep", str(scen), "--set", "sweep.cp_size=[1]", "--out", str(tmp_path / "cp1"), *common)
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = cpbench("sweep", str(scen), "--backend", "fake", "--out", str(tmp_path / "fake"), *common)
+    assert res.returncode == 0, res.stdout + res.stderr
+    for d in ("cp1", "fake"):
+        df = pd.read_csv(tmp_path / d / "results.csv")
+        assert (df["status"] == "ok").all() and (df["device"] == "cuda").all()

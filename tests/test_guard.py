@@ -3,7 +3,6 @@ peak memory (CPU: measured here; GPU: every committed measurement); how a dead r
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -12,7 +11,6 @@ from functools import cache
 from pathlib import Path
 from unittest import mock
 
-import pandas as pd
 import pytest
 import torch
 
@@ -119,7 +117,6 @@ STALE = {
         "in the re-run of the same day (h100x2-strategies64-20261125/rows)",
     ),
 }
-KEY = ("cp_size", "seq_len", "batch", "n_heads", "n_groups", "packing", "layout", "path", "pass", "strategy")
 
 
 def _stale(name: str, case) -> bool:
@@ -132,68 +129,14 @@ def _stale(name: str, case) -> bool:
 
 
 @cache
-def _scenario(text: str, overrides: tuple[str, ...] = ()):
-    import tempfile
-
-    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
-        f.write(text)
-    try:
-        return load_scenario(f.name, list(overrides))
-    finally:
-        os.unlink(f.name)
-
-
-def _cases(scenario) -> dict:
-    out = {}
-    for c in scenario.cases():
-        k = c.key(device="cuda", world_size=0, backend="")
-        out[(*[k[x] for x in KEY], k["impl"], k["overlap_chunks"], k["dtype"])] = c
-    return out
-
-
-def _row_scenario(text: str, scenario, r, impl: str, chunks: int):
-    """A set that joined several runs has one resolved scenario: the row's own axes, over the same
-    cp sizes (so that packs keep their granule)."""
-    pack = '"none"' if r["packing"] == "none" else f"{{docs = {int(r['docs'])}, density = {r['density']}}}"
-    cps = sorted({*scenario.sweep.cp_size, int(r["cp_size"])})
-    sets = (
-        f"sweep.cp_size={cps}", f"sweep.seq_len=[{int(r['seq_len'])}]", f"sweep.batch=[{int(r['batch'])}]",
-        f"sweep.heads=[[{int(r['n_heads'])}, {int(r['n_groups'])}]]", f"sweep.packing=[{pack}]",
-        f'sweep.layout=["{r["layout"]}"]', f'sweep.path=["{r["path"]}"]', f'sweep.pass=["{r["pass"]}"]',
-        f'sweep.strategy=["{r["strategy"]}"]', f'sweep.impl=["{impl}"]', f"sweep.overlap_chunks=[{chunks}]",
-    )  # fmt: skip
-    return _scenario(text, sets)
-
-
-@cache
 def committed_gpu_cases():
     """``(set, scenario, case, measured GiB, deterministic, backend)`` of every ok CUDA row of the committed
     sets with a peak of 1 GiB or more (below that, fixed costs outside the layer dominate)."""
     out = []
     for csv in sorted(RESULTS.rglob("results.csv")):
-        meta_path = csv.parent / "meta.json"
-        if not meta_path.exists():
-            continue
-        meta = json.loads(meta_path.read_text())
-        df = pd.read_csv(csv)
-        if "peak_mem_GiB" not in df or "device" not in df or not meta.get("scenario_resolved"):
-            continue
-        text = meta["scenario_resolved"]
-        scenario = _scenario(text)
-        det = (meta.get("env", {}).get("settings") or {}).get("MAMBA_DETERMINISTIC") == "1"
-        cases = _cases(scenario)
-        for _, r in df[(df.status == "ok") & (df.device == "cuda") & (df.peak_mem_GiB >= 1)].iterrows():
-            impl = r["impl"] if isinstance(r.get("impl"), str) else "cp_core"
-            k = r.get("overlap_chunks")
-            chunks = 1 if k is None or k != k else int(k)
-            key = (*[r[x].item() if hasattr(r[x], "item") else r[x] for x in KEY], impl, chunks, r["dtype"])
-            sc, case = scenario, cases.get(key)
-            if case is None:
-                sc = _row_scenario(text, scenario, r, impl, chunks)
-                case = _cases(sc).get(key)
-            assert case is not None, f"{csv}: no case of its scenario matches {key}"
-            name = str(csv.parent.relative_to(RESULTS))
-            out.append((name, sc, case, float(r["peak_mem_GiB"]), det, r["backend"]))
+        name = str(csv.parent.relative_to(RESULTS))
+        for m in memory.measured(csv.parent, min_gib=1.0):
+            out.append((name, m.scenario, m.case, m.peak_gib, m.deterministic, m.backend))
     return out
 
 
