@@ -442,7 +442,7 @@ def test_profile_nsys_prints_a_command_that_runs_as_printed(tmp_path, capsys):
 
 
 @needs_layer
-def test_fake_backend_under_torchrun_of_one_rank(tmp_path):
+def test_fake_backend_under_torchrun_of_one_rank(tmp_path, monkeypatch, capsys):
     scen = tmp_path / "tiny.toml"
     scen.write_text(TINY)
     base = ["sweep", str(scen), "--backend", "fake", "--no-progress", "--set", 'sweep.path=["fused"]']
@@ -454,16 +454,17 @@ def test_fake_backend_under_torchrun_of_one_rank(tmp_path):
         "--set",
         "sweep.cp_size=[1, 2]",
     ]
-    one = {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
-    res = cpbench(*base, "--out", str(tmp_path / "o"), env=one)
-    assert res.returncode == 0, res.stdout + res.stderr
+    for k, v in {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(k, v)  # what torchrun --nproc-per-node 1 sets
+    assert main([*base, "--out", str(tmp_path / "o")]) == 0, capsys.readouterr().err
     df = pd.read_csv(tmp_path / "o" / "results.csv")
     assert (df["status"] == "ok").all() and (df["backend"] == "fake").all() and set(df["cp_size"]) == {1, 2}
-    res = cpbench(
-        *base, "--out", str(tmp_path / "o2"), env={**one, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
-    )
-    assert res.returncode == 2 and "runs in one process, and torchrun started 2" in res.stderr
-    assert len(res.stderr.strip().splitlines()) == 1
+    capsys.readouterr()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main([*base, "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "runs in one process, and torchrun started 2" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o2").exists()
 
 
 def test_one_process_cuda_device_has_an_index(monkeypatch):
