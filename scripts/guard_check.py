@@ -40,6 +40,12 @@ def main(argv=None) -> int:
             n += judged
             print(f"{folder.name}: {m.case.describe():80s} estimate {est:7.2f} GiB, measured {m.peak_gib:7.2f} "
                   f"GiB, x{ratio:.2f} {verdict}")  # fmt: skip
+            if verdict == "OUT":  # what the walk had live at its peak
+                s, w = (
+                    memory.layer_of(m.scenario, m.case),
+                    memory.work_of(m.scenario, m.case, m.deterministic),
+                )
+                print(f"    at the estimate's peak (GiB): {memory.walk(s, w).breakdown()}")
     print(f"guard estimate: {n} case(s) judged, {bad} outside {BAND[0]}x-{BAND[1]}x")
     return 1 if bad else 0
 
