@@ -34,7 +34,7 @@ import torch
 
 from . import conv_cuda, conv_torch, correction, reference, ssd_mamba, ssd_torch  # noqa: F401  (submodules)
 from .conv_torch import check_conv_args, conv1d_torch
-from .correction import state_correction
+from .correction import apply as _piece_apply  # noqa: F401
 from .ssd_torch import check_ssd_args
 
 __all__ = [
