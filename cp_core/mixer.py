@@ -442,7 +442,8 @@ class Mamba2Mixer(nn.Module):
         cp 1 and the hidden strategy (``fused=True``) run :func:`cp_core.pipeline.layer_core`: one autograd
         function from ``in_proj``'s output to ``out_proj``'s, its backward hand-written (nothing is kept but
         ``zxbcdt``, the head-sharded conv input and ``y``), the all-to-alls optionally pipelined over
-        ``overlap_chunks`` head chunks. The seed path (``fused=False``) and state passing compose the same
+        ``overlap_chunks`` head chunks; state passing runs :func:`cp_core.state_passing.state_passing_layer`, the same
+        kind of function (hand-written backward). The seed path (``fused=False``) composes the same
         kernels through autograd."""
         self._check_input(hidden_states, cu_seqlens)
         c = self.config

@@ -34,7 +34,7 @@ except ImportError:  # pragma: no cover - CPU installs without triton
 #: ``scripts/correction_tune.py``)
 BT = {"apply": 64, "tapply": 64, "outer": 64}
 SUPERBLOCK = 2048
-NUM_WARPS = {"apply": 4, "tapply": 4, "outer": 4}
+NUM_WARPS = {"apply": 4, "tapply": 8, "outer": 4}
 
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
