@@ -140,13 +140,13 @@ def _chain_fwd(F, ld, xp: ExchangePlan, group):
     e = torch.exp(ld.float()).unsqueeze(-1)
     zero = torch.zeros_like(F[:, 0])
     h_a = comm.recv(zero, r - 1, group) if r > 0 else zero
-    out_a = e[:, 0] * h_a + F[:, 0]
+    out_a = torch.addcmul(F[:, 0], e[:, 0], h_a)  # one pass
     hs = [h_a]
     if r < cp - 1:
         comm.send(out_a, r + 1, group)
     if xp.nps == 2:
         h_b = comm.recv(zero, r + 1, group) if r < cp - 1 else out_a
-        out_b = e[:, 1] * h_b + F[:, 1]
+        out_b = torch.addcmul(F[:, 1], e[:, 1], h_b)
         if r > 0:
             comm.send(out_b, r - 1, group)
         hs.append(h_b)
@@ -161,16 +161,16 @@ def _chain_bwd(dh0, ld, xp: ExchangePlan, group):
     d_out = [None, None]
     if xp.nps == 1:
         d_out[0] = comm.recv(zero, r + 1, group) if r < cp - 1 else zero
-        dh_a = dh0[:, 0] + e[:, 0] * d_out[0]
+        dh_a = torch.addcmul(dh0[:, 0], e[:, 0], d_out[0])
     else:
         d_out[1] = comm.recv(zero, r - 1, group) if r > 0 else zero
-        dh_b = dh0[:, 1] + e[:, 1] * d_out[1]
+        dh_b = torch.addcmul(dh0[:, 1], e[:, 1], d_out[1])
         if r < cp - 1:
             comm.send(dh_b, r + 1, group)
             d_out[0] = comm.recv(zero, r + 1, group)
         else:
             d_out[0] = dh_b
-        dh_a = dh0[:, 0] + e[:, 0] * d_out[0]
+        dh_a = torch.addcmul(dh0[:, 0], e[:, 0], d_out[0])
     if r > 0:
         comm.send(dh_a, r - 1, group)
     return torch.stack(d_out[: xp.nps], dim=1)

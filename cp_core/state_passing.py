@@ -314,11 +314,16 @@ def _dtp_a(dt, dt_bias, A):
 
 def _decay(spec: SPSpec, dtp, a):
     """``(exp(acum), ld [P, H], exp(ld - acum) dt' or None)`` from ``dt'`` and ``a`` (differentiable)."""
-    tab = spec.plan.table
-    acum = corr.segmented_cumsum(a, tab)
+    pl = spec.plan
+    tab = pl.table
+    if pl.rows:  # one piece per row: a plain cumsum along each row (fp64 sums; a NaN stays in its row)
+        H = a.shape[0]
+        acum = a.view(H, pl.R, pl.m).double().cumsum(-1).to(a.dtype).view(H, pl.tokens)
+    else:
+        acum = corr.segmented_cumsum(a, tab)
     ld = torch.where(tab.has_tokens[:, None], acum.index_select(1, tab.last).t(), 0.0)
     s_f = None
-    if not spec.plan.rows:
+    if not pl.rows:
         s_f = torch.exp(ld.t().index_select(1, tab.tok_piece) - acum) * dtp
     return torch.exp(acum), ld, s_f
 
