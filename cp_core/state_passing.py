@@ -478,14 +478,15 @@ def _ssd_and_correction_backward(spec: SPSpec, dy, xc, dxc, dt, ddt, A, D, dt_bi
     def dfinal():  # rows: the final states' gradient enters mamba-ssm's state passing backward
         return exchanged()[0].view(pl.R, H, Pd, N)
 
-    def extra():  # once the SSD has written dx, dB, dC: the correction's and the final state's terms
-        _, g_corr = corr.tapply(dy3, C, M0, s_corr.detach(), tab, dv=dC, accumulate=True, backend=cb)
+    def extra(_dx, dB32, dC32):  # the SSD's dx written, its dB, dC in fp32: the correction's and F's terms
+        dC32, dB32 = dC32.view(T, spec.ng, N), dB32.view(T, spec.ng, N)
+        _, g_corr = corr.tapply(dy3, C, M0, s_corr.detach(), tab, dv=dC32, accumulate=True, backend=cb)
         dF, dld = exchanged()
         outs, grads = [s_corr, ld_g], [g_corr, dld.view(pl.pieces, H)]
         if s_f is not None:  # one row of documents: the final states came from the per-piece product
             dFp = dF.view(pl.pieces, H, Pd, N)
             corr.apply(dx, B, dFp, s_f.detach(), tab, out=dx, backend=cb)
-            _, g_f = corr.tapply(x, B, dFp, s_f.detach(), tab, dv=dB, accumulate=True, backend=cb)
+            _, g_f = corr.tapply(x, B, dFp, s_f.detach(), tab, dv=dB32, accumulate=True, backend=cb)
             outs.append(s_f)
             grads.append(g_f)
         with torch.enable_grad():

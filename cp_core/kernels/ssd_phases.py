@@ -131,14 +131,15 @@ def ssd_backward(
     dB: torch.Tensor,
     dC: torch.Tensor,
     dfinal: Callable[[], torch.Tensor | None] | None = None,
-    extra: Callable[[], tuple[torch.Tensor | None, torch.Tensor | None]] | None = None,
+    extra: Callable[..., tuple[torch.Tensor | None, torch.Tensor | None]] | None = None,
 ):
     """Backward of :class:`SSDForward` (no autograd): ``dx``, ``ddt`` (raw ``dt``), ``dB``, ``dC`` are written
     into the given buffers (column slices of one gradient buffer are fine); returns ``(dA, dD, ddt_bias)``
     (``dA`` fp32, the others in their parameter's dtype). ``dfinal()`` gives the final states' gradient
-    ``[b, h, p, n]`` (or None), asked for as late as the kernels allow; ``extra()``, called once ``dx``,
-    ``dB`` and ``dC`` are written, gives ``(d_dtp, d_a)`` ``[h, b*l]`` fp32 (or Nones): gradients with
-    respect to ``dt'`` and ``A dt'`` from outside the SSD."""
+    ``[b, h, p, n]`` (or None), asked for as late as the kernels allow; ``extra(dx, dB32, dC32)`` is called
+    once ``dx`` is written and the SSD's ``dB``, ``dC`` are formed in fp32 (``[b, l, g, n]``, contiguous: the
+    caller may add its own terms there, rounded once with them) and returns ``(d_dtp, d_a)`` ``[h, b*l]``
+    fp32 (or Nones): gradients with respect to ``dt'`` and ``A dt'`` from outside the SSD."""
     if backend == "torch":
         return _torch_backward(
             dy, x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, dx, ddt, dB, dC, dfinal, extra
@@ -170,12 +171,13 @@ def ssd_backward(
     )
     dB_part, ddA_next = mod._chunk_state_bwd_db(x, dtp, dA_cs, dstates, seq_idx=seq_idx, B=B, ngroups=g)
     dC_part, ddA_prev = mod._chunk_scan_bwd_dC(st.to(x.dtype), dA_cs, dout, seq_idx=seq_idx, C=C, ngroups=g)
+    # the caller's terms join dB and dC in fp32, before their one rounding
+    d_dtp, d_a = extra(dx, dB_part, dC_part) if extra is not None else (None, None)
     dCB = dCB.to(CB.dtype)
     mod._bmm_chunk_bwd(C, dCB, residual=dB_part, out=dB)
     mod._bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC_part, out=dC)
     ddA_prev[..., -1] += ddA_chunk
     ddA += ddA_next + ddA_prev.flip([-1]).cumsum(dim=-1).flip([-1])
-    d_dtp, d_a = extra() if extra is not None else (None, None)
     if d_a is not None:
         ddA += _to_chunks(d_a, ddA)
     if d_dtp is not None:
@@ -204,10 +206,13 @@ def _torch_backward(dy, x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, dx, ddt
             outs.append(fin)
             grads.append(dfin.to(fin.dtype))
         g = _grads(outs, grads, leaves)
-    for buf, gi in zip((dx, ddt, dB, dC), (g[0], g[1], g[3], g[4]), strict=True):
-        buf.copy_(gi)
+    dx.copy_(g[0])
+    ddt.copy_(g[1])
+    dB32, dC32 = g[3].float().contiguous(), g[4].float().contiguous()
     dA, dD, dbias = g[2], g[5], g[6]
-    d_dtp, d_a = extra() if extra is not None else (None, None)
+    d_dtp, d_a = extra(dx, dB32, dC32) if extra is not None else (None, None)
+    dB.copy_(dB32)
+    dC.copy_(dC32)
     if d_dtp is not None or d_a is not None:
         with torch.enable_grad():
             b, l, h = dt.shape
