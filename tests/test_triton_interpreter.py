@@ -57,6 +57,20 @@ SCRIPT = textwrap.dedent(
             res.append((out, dv, g, corr.outer(u, v, s, tab, backend=be)))
         for name, a, b in zip(("apply", "tapply dv", "tapply g", "outer"), *res):
             assert a.dtype == b.dtype and rel(a, b) <= tol, (lengths, dtype, name, rel(a, b))
+    # a NaN in piece 0 (a token, its matrix, the scale) leaves the other pieces bit for bit
+    ct.SUPERBLOCK = 2048
+    tab = corr.PieceTable([0, 70, 103], [70, 33, 40], "cpu")
+    u, v, M, s = torch.randn(143, 4, 16), torch.randn(143, 2, 16), torch.randn(3, 4, 16, 16), torch.rand(4, 143)
+    runs = []
+    for bad in (False, True):
+        uu, vv, MM, ss = (t.clone() for t in (u, v, M, s))
+        if bad:
+            uu[5, 1, 2] = vv[9, 0, 0] = MM[0, 0, 0, 0] = ss[1, 11] = float("nan")
+        dv, g = corr.tapply(uu, vv, MM, ss, tab, backend="triton")
+        runs.append((corr.apply(uu, vv, MM, ss, tab, backend="triton")[70:], dv[70:], g[:, 70:],
+                     corr.outer(uu, vv, ss, tab, backend="triton")[1:]))
+    for name, clean, bad in zip(("apply", "tapply dv", "tapply g", "outer"), *runs):
+        assert torch.equal(bad, clean), name
     print("ok")
     """
 )

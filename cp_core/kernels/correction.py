@@ -43,7 +43,7 @@ import torch
 
 from . import correction_triton
 
-__all__ = ["PieceTable", "apply", "tapply", "outer", "segmented_cumsum", "BACKENDS"]
+__all__ = ["PieceTable", "apply", "tapply", "outer", "segmented_cumsum", "resolve", "BACKENDS"]
 
 BACKENDS = ("torch", "triton")
 
@@ -140,6 +140,11 @@ def _check(name: str, table: PieceTable, u=None, v=None, M=None, s=None) -> None
         raise ValueError(f"{name}: M must be [pieces={table.n_pieces}, H, P, N], got {tuple(M.shape)}")
     if u is not None and v is not None and u.shape[1] % v.shape[1]:
         raise ValueError(f"{name}: the groups of v ({v.shape[1]}) must divide the heads of u ({u.shape[1]})")
+
+
+def resolve(backend: str, like: torch.Tensor) -> str:
+    """The backend ``"auto"`` picks for tensors like ``like`` (an explicit name is checked and returned)."""
+    return _backend(backend, like)
 
 
 def _backend(backend: str, *ts) -> str:
