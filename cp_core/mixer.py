@@ -42,7 +42,7 @@ from .mamba_cp import MambaContextParallel
 from .pipeline import CoreSpec, layer_core, slot_in_proj, slot_rows, split_in_proj
 from .plan import get_plan
 from .regions import NORM_PROJ, region
-from .state_passing import state_passing_conv_ssd
+from .state_passing import state_passing_layer
 
 #: From this many elements of ``zxbcdt`` on, cp 1 computes ``z`` and ``[x|B|C|dt]`` as two tensors: the
 #: Triton kernels index a strided view with int32 offsets (at d_model 4096 that is past ~115K tokens).
@@ -442,7 +442,8 @@ class Mamba2Mixer(nn.Module):
         cp 1 and the hidden strategy (``fused=True``) run :func:`cp_core.pipeline.layer_core`: one autograd
         function from ``in_proj``'s output to ``out_proj``'s, its backward hand-written (nothing is kept but
         ``zxbcdt``, the head-sharded conv input and ``y``), the all-to-alls optionally pipelined over
-        ``overlap_chunks`` head chunks. The seed path (``fused=False``) and state passing compose the same
+        ``overlap_chunks`` head chunks; state passing runs :func:`cp_core.state_passing.state_passing_layer`, the same
+        kind of function (hand-written backward). The seed path (``fused=False``) composes the same
         kernels through autograd."""
         self._check_input(hidden_states, cu_seqlens)
         c = self.config
@@ -462,6 +463,8 @@ class Mamba2Mixer(nn.Module):
             if self.cp_size > 1 and self.strategy == "hidden":
                 plan = get_plan(self.cp_size, self.layout, batch, length, hidden_states.device)
         core = self.cp_size == 1 or (self.strategy == "hidden" and self.fused)
+        if not core and self.strategy == "state_passing":  # the layer after in_proj: cp_core.state_passing
+            return state_passing_layer(self, hidden_states, cu_seqlens)
         tokens = hidden_states.numel() // c.d_model
         if core and (self.cp_size > 1 or tokens * c.d_in_proj >= SPLIT_IN_PROJ_ELEMENTS):
             # z and [x|B|C|dt] as two tensors: at cp > 1 [x|B|C|dt] is dead once it has been sent; at cp 1
@@ -497,6 +500,4 @@ class Mamba2Mixer(nn.Module):
                 None if plan is None else plan.seq_idx,
             )
             y = cp.post_conv_ssm(y.view(*xh.shape[:-1], y.shape[-1]), cu_seqlens)
-        else:
-            y = state_passing_conv_ssd(self, xbcdt, cu_seqlens, length)
         return self._norm_out(y, z)
