@@ -2,7 +2,9 @@
 
 For an all-to-all ``size`` is the send buffer of one rank (its own slice included); for an
 all-gather it is the gathered output. Either way a rank puts ``size * (cp-1)/cp`` bytes on the
-wire, which is why ``busbw = algbw * (cp-1)/cp`` for both. The backward pass moves the same again.
+wire, which is why ``busbw = algbw * (cp-1)/cp`` for both. The backward pass moves the same again
+(state passing: the all-gather of the initial states' gradients, ``H`` floats per piece fewer than
+the forward's, or the chain reversed; the halo's gradients summed back to their owners).
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ from .mamba_cp import MambaContextParallel
 from .pipeline import CoreSpec, layer_core, slot_in_proj, slot_rows, split_in_proj
 from .plan import get_plan
 from .regions import NORM_PROJ, region
-from .state_passing import state_passing_conv_ssd
+from .state_passing import state_passing_layer
 
 #: From this many elements of ``zxbcdt`` on, cp 1 computes ``z`` and ``[x|B|C|dt]`` as two tensors: the
 #: Triton kernels index a strided view with int32 offsets (at d_model 4096 that is past ~115K tokens).
@@ -564,7 +564,8 @@ class Mamba2Mixer(nn.Module):
         cp 1 and the hidden strategy (``fused=True``) run :func:`cp_core.pipeline.layer_core`: one autograd
         function from ``in_proj``'s output to ``out_proj``'s, its backward hand-written (nothing is kept but
         ``zxbcdt``, the head-sharded conv input and ``y``), the all-to-alls optionally pipelined over
-        ``overlap_chunks`` head chunks. The seed path (``fused=False``) and state passing compose the same
+        ``overlap_chunks`` head chunks; state passing runs :func:`cp_core.state_passing.state_passing_layer`, the
+        same kind of function (hand-written backward). The seed path (``fused=False``) composes the same
         kernels through autograd.
 
         Under ``torch.autocast`` the layer computes in the autocast dtype exactly as a layer whose parameters
@@ -593,6 +594,10 @@ class Mamba2Mixer(nn.Module):
                 f"{c.d_model}, got shape {tuple(hidden_states.shape)}"
             )
         plan, batch, length, spec, mode = self._core_setup(hidden_states, cu_seqlens, w.conv)
+        if (
+            mode is None and self.strategy == "state_passing"
+        ):  # the layer after in_proj: cp_core.state_passing
+            return state_passing_layer(self, hidden_states, cu_seqlens, params=w)
         if mode in ("split", "slot"):
             # z and [x|B|C|dt] as two tensors: at cp > 1 [x|B|C|dt] is dead once it has been sent (under
             # "slot" in_proj writes the all-to-all's send buffers); at cp 1 past 2^31 elements of zxbcdt
@@ -624,6 +629,4 @@ class Mamba2Mixer(nn.Module):
                 None if plan is None else plan.seq_idx,
             )
             y = cp.post_conv_ssm(y.view(*xh.shape[:-1], y.shape[-1]), cu_seqlens)
-        else:
-            y = state_passing_conv_ssd(self, xbcdt, cu_seqlens, length, params=w)
         return self._norm_out(y, z, w)

@@ -1,431 +1,673 @@
 """State-passing context parallelism for Mamba2: the sequence stays sharded, only SSD states and a conv halo move.
 
 Every document (a row of ``[B, L]`` input counts as one) is cut into ``nseg`` segments, ``2*cp``
-(head-tail: rank ``r`` owns segments ``r`` and ``2cp-1-r``) or ``cp`` (contiguous). A rank works on
-its *pieces* (its segments of every document), laid out as the rows of a left-padded
-``[R, lrow]`` batch, so the SSD kernel runs them as independent sequences (a piece longer than
-``lrow`` takes several rows, chained locally before the exchange; see :class:`_Pieces`):
+(head-tail: rank ``r`` owns segments ``r`` and ``2cp-1-r``) or ``cp`` (contiguous). A rank's *pieces*
+(its segments of every document) lie end to end in its token stream, and that stream is what the
+kernels run on, unpadded: ``[pieces, length]`` rows when every piece has one length (``[B, L]`` input),
+else one row whose ``seq_idx`` numbers the pieces (packed documents).
 
-1. conv1d: each piece is preceded by a halo, the ``d_conv-1`` tokens before it in its document
-   (zeros at the document start), looked up in an all-gather of every piece's last ``d_conv-1``
-   tokens; the kernel's zero padding then equals the true causal context.
-2. SSD from a zero initial state: local outputs ``y0`` and final states ``F`` (fp32), and the
-   segment's log-decay ``sum(A * dt)`` per head. A Mamba2 segment is affine in its initial state,
-   ``final = exp(logdecay) * initial + F``.
-3. One all-gather of ``(F, logdecay)``; an exclusive scan over each document's segments gives every
-   piece its true initial state ``h0`` (zero for the first segment: nothing crosses a document).
-4. Exact correction ``y_t += exp(cumsum(A dt)_t) * C_t . h0`` on the piece's tokens, in fp32
-   (:mod:`cp_core.kernels.correction`: one fused Triton pass on CUDA beside a torch reference).
+The layer after ``in_proj`` is one autograd function with a hand-written backward
+(:func:`state_passing_layer`), the same lean core as cp 1 and the hidden strategy
+(:mod:`cp_core.pipeline`): it keeps ``zxbcdt``, the SSD output ``y``, the norm statistics, the pieces'
+initial states ``h0`` and the small conv halo; the conv output and the normalised activations are
+recomputed in backward, the parameter gradients written once. Forward:
 
-Backward is autograd through the same steps; the all-gather's backward sums the gradients of every
-state and halo token back to the rank that owns it, so earlier segments receive the gradient of
-later segments' initial states. Bytes per layer: :func:`cp_core.cost.comm_bytes`.
+1. conv1d + SiLU on the stream, each piece from a zero context, while the halo (the ``d_conv-1`` tokens
+   before every piece in its document, the last tokens of other pieces: one small all-gather) is on its
+   way; then the first ``d_conv-1`` outputs of every piece are recomputed with their halo.
+2. The decay ``acum = cumsum(A dt')`` restarted at every piece (fp64 prefix sums, nothing crosses a
+   piece) and every piece's zero-start final state ``F`` and log-decay ``ld``: from mamba-ssm's state
+   passing for rows (the SSD's first phase, :class:`~cp_core.kernels.ssd_phases.SSDForward`), from the
+   per-piece product ``sum exp(ld - acum) dt' x B^T`` for one row of documents
+   (:func:`cp_core.kernels.correction.outer`).
+3. The exchange (:mod:`cp_core.state_exchange`: all-gather or chain) turns ``(F, ld)`` into every piece's
+   true initial state ``h0``; it runs on a communication stream while the SSD's outputs ``y0`` (from a
+   zero state) are computed, and only the correction waits for it.
+4. The correction ``y = y0 + exp(acum) C . h0`` (fp32, rounded once, in place), gated RMSNorm and
+   ``out_proj`` (:mod:`cp_core.kernels.norm`).
+
+Backward mirrors it: the norm, the conv recomputed, ``dh0 = sum exp(acum) dy^T C`` first, its exchange
+(``dh0 -> dF, dld``) launched beside the SSD's backward, which asks for ``dF`` only right before
+``state_passing``'s backward (rows) and folds the decay's gradients in before ``chunk_cumsum``'s
+(:func:`~cp_core.kernels.ssd_phases.ssd_backward`); the halo's gradient goes back to its owners beside
+the conv's backward. Bytes per layer: :func:`cp_core.cost.comm_bytes`.
 """
 
 from __future__ import annotations
 
-import os
+import importlib
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from . import comm, kernels
+from .kernels import conv_cuda, ssd_mamba
+from .kernels import correction as corr
+from .kernels.norm import norm_bwd, norm_fwd
+from .kernels.norm import resolve as resolve_norm
+from .kernels.ssd_phases import SSDForward, ssd_backward
 from .layout import granule
+from .pipeline import _linear_into, _no_autocast, comm_stream, hooks_active, split_in_proj
 from .plan import TokenPlan, get_plan
-from .regions import CONV1D, LAYOUT, SSM, STATE_XCHG, region
+from .regions import CONV1D, LAYOUT, NORM_PROJ, SSM, STATE_XCHG, region
+from .state_exchange import EXCHANGES, ExchangePlan, exchange_bwd, exchange_fwd, payload_buffer
 
-#: Tokens per SSD row when pieces are split (``None``: chosen per batch, see :class:`_Pieces`);
-#: ``CP_CORE_ROW_TOKENS`` at import (tests force short rows with it).
-ROW_TOKENS: int | None = (
-    int(os.environ["CP_CORE_ROW_TOKENS"]) if os.environ.get("CP_CORE_ROW_TOKENS") else None
-)
+__all__ = ["state_passing_layer", "SPSpec"]
+
+#: From this many elements of ``zxbcdt`` on, ``z`` and ``[x|B|C|dt]`` are computed as two tensors (the
+#: Triton kernels index a strided view with int32 offsets), as the cp 1 path does.
+SPLIT_IN_PROJ_ELEMENTS = 2**31
 
 
-class _Pieces:
-    """Index maps between this rank's token stream and its left-padded SSD rows (device tensors).
+class _Plan:
+    """A rank's pieces for one batch, and every index map the layer needs (device tensors; cached with
+    the batch's :class:`~cp_core.plan.TokenPlan`)."""
 
-    A *piece* is one of this rank's segments of a document (``pieces = n_docs * nps``). Padding every
-    piece to the longest one costs ``pieces * Lmax`` slots, which many uneven documents blow up (64
-    documents at L 64K: 6.3e9 conv elements for 64K tokens). So when that padding would pass twice the
-    tokens, a piece is split into ``q = ceil(m / lrow)`` consecutive *rows* of ``lrow`` tokens (the last
-    row of a piece left-padded), ``lrow`` the mean piece length rounded up to ``chunk``: each row runs
-    the SSD from a zero state, the rows of a piece are chained here (:meth:`compose`) into the piece's
-    ``(final state, log-decay)`` that the ranks exchange, and the piece's true initial state is carried
-    back into each row's (:meth:`row_states`). Rows after the first take their conv halo from the stream
-    (the previous row of the same piece); first rows take it from the exchanged tails, as before."""
-
-    def __init__(self, doc_lens: list[int], cp: int, rank: int, layout: str, k: int, device, chunk: int = 1):
-        nseg = granule(layout, cp)
-        nps = nseg // cp  # pieces per document on each rank: 2 (head-tail) or 1
-        n_docs = len(doc_lens)
+    def __init__(self, doc_lens: list[int], cp: int, rank: int, layout: str, k: int, device):
+        xp = self.xp = ExchangePlan(cp, rank, layout)
+        nseg, nps = xp.nseg, xp.nps
+        D = self.n_docs = len(doc_lens)
         seg = [n // nseg for n in doc_lens]
-        self.n_docs, self.nseg, self.nps, self.pieces = n_docs, nseg, nps, n_docs * nps
-        self.lmax = max(seg + [0])
+        P = self.pieces = D * nps
+        lengths = [seg[p // nps] for p in range(P)]
+        starts, pos = [], 0
+        for n in lengths:
+            starts.append(pos)
+            pos += n
+        self.tokens = T = pos
+        self.table = corr.PieceTable(starts, lengths, device)
+        #: every piece one length: the stream is [pieces, length] rows (no seq_idx); else one row of pieces
+        self.rows = P > 0 and min(lengths) == max(lengths) > 0
+        self.R, self.m = (P, lengths[0]) if self.rows else (1, T)
+        self.seq_idx = None if self.rows else self.table.tok_piece.to(torch.int32).view(1, T)
         self.k = k
-        t_loc = sum(doc_lens) // cp
-        self.t_loc = t_loc
-        P = self.pieces
-        dev = dict(device=device, dtype=torch.long)
-        # rows per piece
-        if ROW_TOKENS is not None:
-            lrow = ROW_TOKENS
-        elif P * self.lmax <= 2 * t_loc:
-            lrow = self.lmax
-        else:
-            lrow = -(-max(-(-t_loc // max(P, 1)), 1) // chunk) * chunk
-        lrow = max(lrow, k - 1, 1)
-        piece_len = [seg[p // nps] for p in range(P)]
-        q = [max(1, -(-m // lrow)) for m in piece_len]
-        if max(q + [1]) == 1:
-            lrow = max(self.lmax, 1)
-        self.lrow, self.q = lrow, q
-        self.rows = sum(q)
-        R = self.rows
-        lc = lrow + k - 1  # conv row: [pad | halo (k-1) | tokens]
-        seg_t = torch.tensor(seg, **dev)
-        starts = torch.tensor([0] + doc_lens, **dev).cumsum(0)[:-1]  # global document starts
-        lstart = starts // cp  # document starts in the local stream
-        piece = torch.arange(P, **dev)
-        d, s = piece // nps, piece % nps
-        m = seg_t[d]  # piece length
-        pstart = lstart[d] + s * m  # piece start in the local stream
-        chunk_of = (
-            torch.full_like(s, rank)
-            if layout == "contiguous"
-            else torch.where(s == 0, rank, 2 * cp - 1 - rank)
+        w = k - 1
+        # halo: for piece p (document d, segment c) the w global tokens before its start, in its document,
+        # each the tail slot of the piece that holds it; tails: every piece's last w tokens
+        tail_tok, tail_ok, halo_src, halo_ok, first_tok, first_ok = [], [], [], [], [], []
+        fix_tok, fix_src = [], []
+        for p in range(P):
+            d, s = divmod(p, nps)
+            m, c = lengths[p], xp.segment(rank, s)
+            for j in range(w):
+                t = starts[p] + m - w + j
+                tail_tok.append(max(t, 0))
+                tail_ok.append(t >= starts[p])
+                q = c * m - w + j  # position in the document
+                ok = q >= 0 and m > 0
+                src = 0
+                if ok:
+                    c2 = q // m
+                    o2, s2 = xp.owner(c2)
+                    e = (c2 + 1) * m - 1 - q  # distance from the end of segment c2
+                    src = (o2 * P + d * nps + s2) * w + (w - 1 - e)
+                halo_src.append(src)
+                halo_ok.append(ok)
+                first_tok.append(starts[p] + j if j < m else 0)
+                first_ok.append(j < m)
+                if j < m:
+                    fix_tok.append(starts[p] + j)
+                    fix_src.append(p * w + j)
+        dev = dict(device=device)
+        lt = dict(dtype=torch.long, **dev)
+        self.tail_tok, self.tail_ok = torch.tensor(tail_tok, **lt), torch.tensor(tail_ok, **dev)
+        self.halo_src, self.halo_ok = torch.tensor(halo_src, **lt), torch.tensor(halo_ok, **dev)
+        self.first_tok, self.first_ok = torch.tensor(first_tok, **lt), torch.tensor(first_ok, **dev)
+        self.fix_tok, self.fix_src = torch.tensor(fix_tok, **lt), torch.tensor(fix_src, **lt)
+        ok = [i for i, v in enumerate(tail_ok) if v]
+        self.tail_sel = torch.tensor(ok, **lt)  # entries of tail_tok that are tokens
+        self.tail_sel_tok = torch.tensor([tail_tok[i] for i in ok], **lt)
+        self.halo_dst = torch.tensor(
+            [s if v else cp * P * w for s, v in zip(halo_src, halo_ok, strict=True)], **lt
         )
-        self.row_chunk = chunk_of
-        # rows, piece-major: row -> (piece, sub-row j); row j covers piece tokens [j*lrow, min((j+1)*lrow, m))
-        q_t = torch.tensor(q, **dev)
-        self.row_piece = torch.repeat_interleave(piece, q_t)
-        first_row = q_t.cumsum(0) - q_t
-        jrow = torch.arange(R, **dev) - first_row[self.row_piece]
-        sub0 = jrow * lrow  # offset of the row's first token in its piece
-        rlen = (m[self.row_piece] - sub0).clamp(0, lrow)  # tokens in the row
-        rstart = pstart[self.row_piece] + sub0  # stream index of the row's first token
-        # stream -> rows (SSD layout, [R, lrow]); pad slots point at token 0 and are selected to zero
-        col = torch.arange(lrow, **dev).view(1, -1)
-        o = col - (lrow - rlen).view(-1, 1)
-        self.valid = o >= 0  # [R, lrow]
-        # every piece one row, as long as the longest, in order in the stream (always for [B, L] input):
-        # the rows are then a view of the stream and nothing is gathered or padded
-        self.uniform = R == P and all(v == lrow for v in seg) and R * lrow == t_loc
-        # padding slots read token 0 and are then selected to zero (rows_of), so a non-finite token 0
-        # never reaches another document's row; B is zero there too, so padding adds nothing to the state
-        self.to_rows = torch.where(self.valid, rstart.view(-1, 1) + o, 0).reshape(-1)
-        self.from_rows = torch.empty(t_loc, **dev)
-        flat = torch.arange(R * lrow, **dev).view(R, lrow)
-        self.from_rows[self.to_rows.view(R, lrow)[self.valid]] = flat[self.valid]
-        self.valid_f = self.valid.unsqueeze(-1)
-        # conv rows: the tokens right-aligned, halo slots just before them. Halo of a piece's first row:
-        # the exchanged tails ([xbc; halo; zero] index t_loc + piece*(k-1) + slot); of a later row: the
-        # stream tokens before it (same piece, since lrow >= k-1)
-        colc = torch.arange(lc, **dev).view(1, -1)
-        oc = colc - (lc - rlen).view(-1, 1)
-        halo_slot = oc + (k - 1)  # 0..k-2 inside the halo
-        is_tok, is_halo = oc >= 0, (oc < 0) & (halo_slot >= 0)
-        n_halo = P * (k - 1)
-        halo_idx = torch.where(
-            (jrow == 0).view(-1, 1),
-            t_loc + self.row_piece.view(-1, 1) * (k - 1) + halo_slot,
-            rstart.view(-1, 1) + oc,
-        )
-        self.to_conv = torch.where(
-            is_tok, rstart.view(-1, 1) + oc, torch.where(is_halo, halo_idx, t_loc + n_halo)
-        ).reshape(-1)
-        # the last k-1 tokens of every piece (zero slot t_loc before its start), for the other ranks
-        tq = (pstart + m).view(-1, 1) + torch.arange(-(k - 1), 0, **dev).view(1, -1)
-        self.tail_idx = torch.where(tq >= pstart.view(-1, 1), tq, t_loc).reshape(-1)
-        # halo lookup into the all-gathered tails [cp, P, k-1] (+1 zero slot at the end)
-        qg = (starts[d] + chunk_of * m).view(-1, 1) + torch.arange(-(k - 1), 0, **dev).view(1, -1)  # [P, k-1]
-        in_doc = (qg >= starts[d].view(-1, 1)) & (m.view(-1, 1) > 0)
-        mm = m.clamp_min(1).view(-1, 1)
-        c2 = (qg - starts[d].view(-1, 1)).clamp_min(0) // mm
-        end = starts[d].view(-1, 1) + (c2 + 1) * mm - 1
-        e = end - qg  # distance from the end of the source segment, < k-1
-        if layout == "contiguous":
-            owner, s2 = c2, torch.zeros_like(c2)
-        else:
-            owner = torch.where(c2 < cp, c2, 2 * cp - 1 - c2)
-            s2 = (c2 >= cp).long()
-        src_piece = d.view(-1, 1) * nps + s2
-        self.halo_src = torch.where(in_doc, (owner * P + src_piece) * (k - 1) + (k - 2 - e), cp * n_halo)
-        self.halo_src = self.halo_src.reshape(-1)
-        # scan: for document d, segment c lives on rank owner(c), piece d*nps + s(c)
-        cs = torch.arange(nseg, **dev)
-        if layout == "contiguous":
-            own_c, s_c = cs, torch.zeros_like(cs)
-        else:
-            own_c = torch.where(cs < cp, cs, 2 * cp - 1 - cs)
-            s_c = (cs >= cp).long()
-        docs = torch.arange(n_docs, **dev).view(-1, 1)
-        self.seg_src = (own_c.view(1, -1) * P + docs * nps + s_c.view(1, -1)).reshape(-1)  # [D*nseg]
-        self.my_seg = d * nseg + chunk_of  # [P] index into [D*nseg]
-        # chaining the rows of a piece: pieces sorted by row count (descending), so that the pieces with
-        # a j-th row are a prefix [0, n[j]) of that order; rows_at[j] are those pieces' j-th rows
-        if R > P:
-            order = sorted(range(P), key=lambda i: -q[i])
-            self.n = [sum(1 for i in order if q[i] > j) for j in range(max(q))]
-            fr = first_row.tolist()
-            self.order = torch.tensor(order, **dev)
-            self.unorder = torch.empty_like(self.order)
-            self.unorder[self.order] = torch.arange(P, **dev)
-            self.rows_at = [
-                torch.tensor([fr[i] + j for i in order[: self.n[j]]], **dev) for j in range(len(self.n))
-            ]
-            # rows in step-major order (j, then sorted piece) -> row order
-            step_major = torch.cat(self.rows_at)
-            self.unstep = torch.empty_like(step_major)
-            self.unstep[step_major] = torch.arange(R, **dev)
-
-    def compose(self, F_rows: torch.Tensor, ld_rows: torch.Tensor):
-        """Rows' zero-state finals ``F [R, H, P, N]`` and log-decays ``ld [R, H]`` -> the pieces' ``(F, ld)``
-        and, per row, the state ``h_pre`` reached from a zero state at its piece's start and the log-decay
-        ``d_pre`` accumulated before it (both zero for a first row)."""
-        if self.rows == self.pieces:
-            return F_rows, ld_rows, None, None
-        st = F_rows.new_zeros((self.n[0], *F_rows.shape[1:]))
-        dc = ld_rows.new_zeros((self.n[0], ld_rows.shape[1]))
-        h_pre, d_pre, done_F, done_ld = [], [], [], []
-        for j, rows in enumerate(self.rows_at):
-            nj = self.n[j]
-            if nj < st.shape[0]:  # pieces without a j-th row are final
-                done_F.append(st[nj:])
-                done_ld.append(dc[nj:])
-                st, dc = st[:nj], dc[:nj]
-            h_pre.append(st)
-            d_pre.append(dc)
-            ldj = ld_rows.index_select(0, rows)
-            st = torch.exp(ldj)[..., None, None] * st + F_rows.index_select(0, rows)
-            dc = dc + ldj
-        done_F.append(st)
-        done_ld.append(dc)
-        # done_* run from the pieces with the fewest rows (end of the order) to the most: reverse blocks
-        F_sorted = torch.cat(done_F[::-1])
-        ld_sorted = torch.cat(done_ld[::-1])
-        F_p, ld_p = F_sorted.index_select(0, self.unorder), ld_sorted.index_select(0, self.unorder)
-        h_pre = torch.cat(h_pre).index_select(0, self.unstep)
-        d_pre = torch.cat(d_pre).index_select(0, self.unstep)
-        return F_p, ld_p, h_pre, d_pre
-
-    def row_states(self, h0_pieces: torch.Tensor, h_pre, d_pre) -> torch.Tensor:
-        """The true initial state of every row from its piece's: ``exp(d_pre) * h0 + h_pre``."""
-        if h_pre is None:
-            return h0_pieces
-        h0 = h0_pieces.index_select(0, self.row_piece)
-        return torch.exp(d_pre)[..., None, None] * h0 + h_pre
 
 
-def _pieces(plan: TokenPlan | None, doc_lens, cp, rank, layout, k, device, chunk) -> _Pieces:
-    if plan is None:
-        return _Pieces(doc_lens, cp, rank, layout, k, device, chunk)
-    key = ("state_passing", rank, k, chunk, ROW_TOKENS)
+def _get_plan(plan: TokenPlan, doc_lens, cp, rank, layout, k, device) -> _Plan:
+    key = ("state_passing", rank, k)
     if key not in plan.extras:
-        plan.extras[key] = _Pieces(doc_lens, cp, rank, layout, k, device, chunk)
+        plan.extras[key] = _Plan(doc_lens, cp, rank, layout, k, device)
     return plan.extras[key]
 
 
-def _exclusive_scan(F_seg: torch.Tensor, ld_seg: torch.Tensor) -> torch.Tensor:
-    """``F_seg [D, nseg, H, P, N]``, ``ld_seg [D, nseg, H]`` -> initial state of every segment (same shape).
+@dataclass(frozen=True, eq=False)
+class SPSpec:
+    """Everything static about one call of the state-passing layer core."""
 
-    ``h_c = sum_{j<c} exp(ld_{j+1} + ... + ld_{c-1}) F_j``: one batched product with the ``[nseg, nseg]``
-    weights per (document, head), whose exponents are formed in float64 (differences of long sums).
-    The product multiplies later segments by zero, so non-finite segments are computed as zeros and the
-    states after them selected to NaN: a NaN reaches the later segments of its document only."""
-    D, nseg, H = ld_seg.shape
-    bad = ~(torch.isfinite(F_seg).flatten(2).all(-1) & torch.isfinite(ld_seg).all(-1))  # [D, nseg]
-    after_bad = (bad.long().cumsum(1) - bad.long()) > 0  # some earlier segment is bad
-    F_seg = torch.where(torch.isfinite(F_seg), F_seg, 0.0)
-    ld_seg = torch.where(torch.isfinite(ld_seg), ld_seg, 0.0)
-    cum = ld_seg.double().cumsum(1)  # [D, nseg, H], inclusive
-    expo = cum[:, :-1].unsqueeze(2) - cum.unsqueeze(1)  # [D, c-1 (=0..nseg-2), j, H] : sum_{j<i<=c-1} ld_i
-    below = (
-        torch.ones(nseg - 1, nseg, dtype=torch.bool, device=ld_seg.device).tril().view(1, nseg - 1, nseg, 1)
+    plan: _Plan
+    group: Any
+    exchange: str  # "allgather" | "chain"
+    nh: int
+    hd: int
+    ng: int
+    ds: int
+    chunk: int
+    eps: float
+    norm_group: int
+    norm_backend: str
+    ssd_backend: str  # "mamba_ssm" | "torch"
+    conv_backend: str  # "causal_conv1d" | "torch"
+    correction_backend: str = "auto"  # the per-piece products: "auto" | "torch" | "triton"
+    overlap: bool = False  # the exchanges on the communication stream (CUDA)
+    lead: tuple[int, ...] = ()  # the input's leading dims: the output is made in that shape (not a view)
+
+    @property
+    def d_inner(self) -> int:
+        return self.nh * self.hd
+
+    @property
+    def conv_dim(self) -> int:
+        return self.d_inner + 2 * self.ng * self.ds
+
+
+# ----------------------------------------------------------------------------------------------- streams
+
+
+class _Job:
+    def __init__(self, value, event=None):
+        self.value, self.event = value, event
+
+    def wait(self):
+        if self.event is not None:
+            main = torch.cuda.current_stream()
+            main.wait_event(self.event)
+            for t in _tensors(self.value):
+                t.record_stream(main)
+            self.event = None
+        return self.value
+
+
+def _tensors(v):
+    if isinstance(v, torch.Tensor):
+        yield v
+    elif isinstance(v, (tuple, list)):
+        for x in v:
+            yield from _tensors(x)
+
+
+def _launch(spec: SPSpec, fn, *inputs) -> _Job:
+    """``fn()`` on the communication stream (after what the current stream queued so far) when the spec
+    overlaps, else right here; :meth:`_Job.wait` makes the current stream wait for it."""
+    if not spec.overlap:
+        return _Job(fn())
+    main = torch.cuda.current_stream()
+    side = comm_stream(main.device)
+    side.wait_stream(main)
+    for t in _tensors(inputs):
+        t.record_stream(side)
+    with torch.cuda.stream(side):
+        value = fn()
+        event = side.record_event()
+    return _Job(value, event)
+
+
+# ----------------------------------------------------------------------------------------------- conv
+
+
+def _causal_fns():
+    for name in ("causal_conv1d.cpp_functions", "mamba_ssm.ops.triton.ssd_combined"):
+        mod = ssd_mamba.load_submodule(name)[0] if name.startswith("mamba") else _try_import(name)
+        if mod is not None and getattr(mod, "causal_conv1d_fwd_function", None) is not None:
+            return mod.causal_conv1d_fwd_function, mod.causal_conv1d_bwd_function
+    return None
+
+
+def _try_import(name):
+    try:
+        return importlib.import_module(name)
+    except Exception:  # not installed, or an extension built for another torch
+        return None
+
+
+def _channel_last(t: torch.Tensor) -> torch.Tensor:
+    """``[b, l, c]`` -> ``[b, c, l]`` view with stride 1 over ``c`` (a copy when the row stride is not a
+    multiple of 8, what causal-conv1d's channel-last kernel needs)."""
+    if t.stride(1) % 8 or t.stride(2) != 1:
+        t = t.contiguous()
+    return t.transpose(1, 2)
+
+
+def _conv_fwd(spec: SPSpec, xbc: torch.Tensor, w, b) -> torch.Tensor:
+    """Every piece's conv1d + SiLU from a zero context: ``[T, conv_dim]``, contiguous."""
+    pl = spec.plan
+    x3 = xbc.view(pl.R, pl.m, xbc.shape[-1])
+    if spec.conv_backend == "causal_conv1d":
+        fwd, _ = _causal_fns()
+        return (
+            fwd(_channel_last(x3), w, b, pl.seq_idx, None, None, True).transpose(1, 2).reshape(pl.tokens, -1)
+        )
+    with torch.no_grad():
+        y = kernels.conv1d(x3, w, b, seq_idx=pl.seq_idx, activation="silu", backend="torch")
+    return y.reshape(pl.tokens, -1)
+
+
+def _conv_bwd(spec: SPSpec, xbc, w, b, dout: torch.Tensor, dx: torch.Tensor):
+    """Backward of :func:`_conv_fwd`: ``dx`` (``xbc``'s shape, e.g. a column slice) written; ``(dw, db)``."""
+    pl = spec.plan
+    C = xbc.shape[-1]
+    x3, d3, dx3 = (t.view(pl.R, pl.m, C) for t in (xbc, dout, dx))
+    if spec.conv_backend == "causal_conv1d":
+        _, bwd = _causal_fns()
+        given = _channel_last(dx3)
+        dnew, dw, db, _ = bwd(
+            _channel_last(x3), w, b, _channel_last(d3), pl.seq_idx, None, None, given, False, True
+        )
+        if dnew.data_ptr() != dx3.data_ptr() or dnew.stride() != dx3.transpose(1, 2).stride():
+            dx3.copy_(dnew.transpose(1, 2))
+        return dw, db
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (x3, w)] + (
+            [b.detach().requires_grad_()] if b is not None else []
+        )
+        y = kernels.conv1d(leaves[0], leaves[1], leaves[2] if b is not None else None, seq_idx=pl.seq_idx,
+                           activation="silu", backend="torch")  # fmt: skip
+        g = torch.autograd.grad(y, leaves, d3)
+    dx3.copy_(g[0])
+    return g[1], (g[2] if b is not None else None)
+
+
+def _window(spec: SPSpec, xbc, halo):
+    """``[P, 2w, C]``: every piece's halo, then its first ``w`` tokens (zero past its end)."""
+    pl = spec.plan
+    w, C = pl.k - 1, xbc.shape[-1]
+    first = torch.where(pl.first_ok[:, None], xbc.index_select(0, pl.first_tok), 0.0).view(pl.pieces, w, C)
+    return torch.cat([halo, first], dim=1)
+
+
+def _fix(spec: SPSpec, xc, xbc, halo, w, b) -> None:
+    """The first ``w`` conv outputs of every piece, recomputed with its halo, written into ``xc``."""
+    pl = spec.plan
+    if pl.k == 1 or not pl.fix_tok.numel():
+        return
+    win = _window(spec, xbc, halo)
+    with torch.no_grad():
+        out = kernels.conv1d(win, w, b, activation="silu", backend="torch")[:, pl.k - 1 :]
+    xc.index_copy_(0, pl.fix_tok, out.reshape(-1, out.shape[-1]).index_select(0, pl.fix_src).to(xc.dtype))
+
+
+def _tails(spec: SPSpec, xbc) -> torch.Tensor:
+    pl = spec.plan
+    return torch.where(pl.tail_ok[:, None], xbc.index_select(0, pl.tail_tok), 0.0).view(
+        pl.pieces, pl.k - 1, -1
     )
-    w = torch.where(below, torch.exp(expo.clamp_max(0)), 0.0).to(F_seg.dtype)  # [D, nseg-1, nseg, H]
-    h = torch.einsum("dcjh,djhk->dchk", w, F_seg.flatten(3))  # states entering segments 1..nseg-1
-    h = torch.cat([torch.zeros_like(F_seg[:, :1]), h.view(D, nseg - 1, *F_seg.shape[2:])], dim=1)
-    return torch.where(after_bad.view(D, nseg, 1, 1, 1), float("nan"), h)
 
 
-class _ChainScan(torch.autograd.Function):
-    """Exclusive scan of segment states along the chain of owners, by point-to-point messages.
+def _halo(spec: SPSpec, tails) -> torch.Tensor:
+    """All-gather every piece's tails, look up this rank's halos ``[P, w, C]`` (zero before a document)."""
+    pl = spec.plan
+    cp = pl.xp.cp
+    with region(STATE_XCHG):
+        got = comm.all_gather_into(tails.new_empty((cp, *tails.shape)), tails.contiguous(), spec.group)
+    flat = got.reshape(-1, tails.shape[-1])
+    return torch.where(pl.halo_ok[:, None], flat.index_select(0, pl.halo_src), 0.0).view(tails.shape)
 
-    ``F [D, nps, H, P, N]`` (fp32 local final states of this rank's pieces, ``nps`` = 2 for head-tail:
-    segments ``r`` and ``2cp-1-r``; 1 for contiguous: segment ``r``), ``ld [D, nps, H]`` log-decays
-    -> ``h0``, the true initial state of each piece. Rank ``r`` receives the state entering segment
-    ``r`` from rank ``r-1``, passes segment ``r``'s final state to rank ``r+1``, and (head-tail) the
-    way back. Every rank sends one state per piece: the fewest bytes, over ``nseg-1`` sequential hops.
-    Backward runs the chain in reverse with the gradients."""
+
+# ----------------------------------------------------------------------------------------------- decay
+
+
+def _dtp_a(dt, dt_bias, A):
+    """``dt' = softplus(dt + dt_bias)`` and ``a = A dt'``, ``[H, T]`` fp32 (float64 for float64 input)."""
+    work = torch.float64 if dt.dtype == torch.float64 else torch.float32
+    dtp = F.softplus(dt.to(work) + dt_bias.to(work)).t().contiguous()
+    return dtp, dtp * A.to(work)[:, None]
+
+
+def _decay(spec: SPSpec, dtp, a):
+    """``(exp(acum), ld [P, H], exp(ld - acum) dt' or None)`` from ``dt'`` and ``a`` (differentiable)."""
+    pl = spec.plan
+    tab = pl.table
+    if pl.rows:  # one piece per row: a plain cumsum along each row (fp64 sums; a NaN stays in its row)
+        H = a.shape[0]
+        acum = a.view(H, pl.R, pl.m).double().cumsum(-1).to(a.dtype).view(H, pl.tokens)
+    else:
+        acum = corr.segmented_cumsum(a, tab)
+    ld = torch.where(tab.has_tokens[:, None], acum.index_select(1, tab.last).t(), 0.0)
+    s_f = None
+    if not pl.rows:
+        s_f = torch.exp(ld.t().index_select(1, tab.tok_piece) - acum) * dtp
+    return torch.exp(acum), ld, s_f
+
+
+# ----------------------------------------------------------------------------------------------- core
+
+
+def _views(spec: SPSpec, zx, xsep):
+    if xsep is not None:
+        return zx.reshape(-1, zx.shape[-1]), xsep.reshape(-1, xsep.shape[-1])
+    z2 = zx.reshape(-1, zx.shape[-1])
+    return z2[:, : spec.d_inner], z2[:, spec.d_inner :]
+
+
+def _split(spec: SPSpec, xc):
+    """conv output ``[T, conv_dim]`` -> ``x [T, H, P]``, ``B``, ``C`` ``[T, G, N]`` (views)."""
+    x, B, C = xc.split([spec.d_inner, spec.ng * spec.ds, spec.ng * spec.ds], dim=-1)
+    return (
+        x.unflatten(-1, (spec.nh, spec.hd)),
+        B.unflatten(-1, (spec.ng, spec.ds)),
+        C.unflatten(-1, (spec.ng, spec.ds)),
+    )
+
+
+def _rows(spec: SPSpec, t):
+    """A stream tensor ``[T, ...]`` as the SSD's ``[R, m, ...]`` (a view)."""
+    return t.view(spec.plan.R, spec.plan.m, *t.shape[1:])
+
+
+class _SPCore(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, zx, xsep, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, spec: SPSpec):
+        pl, tab = spec.plan, spec.plan.table
+        cb = spec.correction_backend
+        H, Pd, N = spec.nh, spec.hd, spec.ds
+        z, xbcdt = _views(spec, zx, xsep)
+        xbc, dt = xbcdt[:, : spec.conv_dim], xbcdt[:, spec.conv_dim :]
+        halo = None
+        if pl.k > 1:
+            with region(LAYOUT):
+                tails = _tails(spec, xbc)
+            halo_job = _launch(spec, lambda: _halo(spec, tails), tails)
+        with region(CONV1D):
+            xc = _conv_fwd(spec, xbc, conv_w, conv_b)
+        if pl.k > 1:
+            halo = halo_job.wait()
+            with region(LAYOUT):
+                _fix(spec, xc, xbc, halo, conv_w, conv_b)
+        x, B, C = _split(spec, xc)
+        with region(SSM):
+            dtp, a = _dtp_a(dt, dt_bias, A)
+            s_corr, ld, s_f = _decay(spec, dtp, a)
+            Fv, ldv = payload_buffer(pl.n_docs, pl.xp.nps, H, Pd * N, z.device)
+            ldv.copy_(ld.view(ldv.shape))
+            ssd = SSDForward(
+                spec.ssd_backend, _rows(spec, x), _rows(spec, dt), A, _rows(spec, B), _rows(spec, C), spec.chunk,
+                D=D, dt_bias=dt_bias, seq_idx=pl.seq_idx,
+            )  # fmt: skip
+            if pl.rows:
+                Fv.copy_(ssd.states().view(Fv.shape))
+            else:
+                corr.outer(x, B, s_f, tab, out=Fv.view(pl.pieces, H, Pd, N), backend=cb)
+            del s_f, dtp, a
+        job = _launch(spec, lambda: _exchange_fwd(spec, Fv, ldv), Fv, ldv)
+        with region(SSM):
+            y = ssd.outputs().reshape(pl.tokens, H, Pd).contiguous()  # while the exchange runs
+        h0, saved = job.wait()
+        with region(SSM):
+            corr.apply(y, C, h0.view(pl.pieces, H, Pd, N), s_corr, tab, out=y, backend=cb)
+        del s_corr, xc, x, B, C, ssd
+        y = y.view(pl.tokens, spec.d_inner)
+        with region(NORM_PROJ):
+            normed, rstd = norm_fwd(y, z, norm_w, spec.eps, spec.norm_group, spec.norm_backend)
+            # a tensor of its own in the input's leading shape, not a view (in-place residual adds work)
+            out = _linear_into(normed, out_w, spec.lead or zx.shape[:-1])
+        ctx.spec = spec
+        ctx.shapes = (zx.shape, None if xsep is None else xsep.shape)
+        params = (zx, xsep, conv_w, conv_b, dt_bias, A, D, norm_w, out_w)
+        if hooks_active():  # checkpointing / offloading: everything kept goes through the hooks
+            ctx.save_for_backward(*params, y, rstd, halo, h0, ld, saved)
+            ctx.inter = "saved"
+        else:
+            ctx.save_for_backward(*params)
+            # held rather than saved, so that backward can drop each one once it is used
+            ctx.inter = [y, rstd, halo, h0, ld, saved]
+        return out
 
     @staticmethod
-    def forward(ctx, F_loc, ld, group):
-        cp, r = comm.group_size(group), comm.group_rank(group)
-        e = torch.exp(ld)[..., None, None]
-        zero = torch.zeros_like(F_loc[:, 0])
-        h_a = comm.recv(zero, r - 1, group) if r > 0 else zero
-        out_a = e[:, 0] * h_a + F_loc[:, 0]
-        hs = [h_a]
-        if F_loc.shape[1] == 1:
-            if r < cp - 1:
-                comm.send(out_a, r + 1, group)
-        else:
-            if r < cp - 1:
-                comm.send(out_a, r + 1, group)
-                h_b = comm.recv(zero, r + 1, group)
-            else:
-                h_b = out_a
-            out_b = e[:, 1] * h_b + F_loc[:, 1]
-            if r > 0:
-                comm.send(out_b, r - 1, group)
-            hs.append(h_b)
-        h0 = torch.stack(hs, dim=1)
-        ctx.group = group
-        ctx.save_for_backward(h0, e)
-        return h0
+    def backward(ctx, dout):
+        with _no_autocast(dout):  # the dtypes forward chose, also when backward() runs under autocast
+            return _SPCore._backward(ctx, dout)
 
     @staticmethod
-    def backward(ctx, dh0):
-        group = ctx.group
-        cp, r = comm.group_size(group), comm.group_rank(group)
-        h0, e = ctx.saved_tensors
-        dh0 = dh0.contiguous()
-        zero = torch.zeros_like(dh0[:, 0])
-        d_out = [None, None]
-        if dh0.shape[1] == 1:
-            d_out[0] = comm.recv(zero, r + 1, group) if r < cp - 1 else zero
-            dh_a = dh0[:, 0] + e[:, 0] * d_out[0]
+    def _backward(ctx, dout):
+        spec: SPSpec = ctx.spec
+        pl = spec.plan
+        if ctx.inter is None:
+            raise RuntimeError(
+                "the state-passing layer's backward runs once per forward (its intermediates are freed)"
+            )
+        kept = ctx.saved_tensors  # once: checkpointing's hooks unpack each tensor once
+        zx, xsep, conv_w, conv_b, dt_bias, A, D, norm_w, out_w = kept[:9]
+        if ctx.inter == "saved":
+            y, rstd, halo, h0, ld, saved = kept[9:]
         else:
-            d_out[1] = comm.recv(zero, r - 1, group) if r > 0 else zero
-            dh_b = dh0[:, 1] + e[:, 1] * d_out[1]
-            if r < cp - 1:
-                comm.send(dh_b, r + 1, group)
-                d_out[0] = comm.recv(zero, r + 1, group)
-            else:
-                d_out[0] = dh_b
-            dh_a = dh0[:, 0] + e[:, 0] * d_out[0]
-        if r > 0:
-            comm.send(dh_a, r - 1, group)
-        dF = torch.stack(d_out[: dh0.shape[1]], dim=1)
-        dld = (dF * e * h0).sum(dim=(-1, -2))
-        return dF, dld, None
+            y, rstd, halo, h0, ld, saved = ctx.inter
+        del kept
+        ctx.inter = None
+        zshape, xshape = ctx.shapes
+        z, xbcdt = _views(spec, zx, xsep)
+        xbc, dt = xbcdt[:, : spec.conv_dim], xbcdt[:, spec.conv_dim :]
+        T = pl.tokens
+        # gradient buffers: dz and d[x|B|C|dt] as the column ranges of one d zxbcdt (or two tensors)
+        if xshape is None:
+            dzx = torch.empty((T, zx.shape[-1]), dtype=zx.dtype, device=zx.device)
+            dz, dxbcdt, dxs = dzx[:, : spec.d_inner], dzx[:, spec.d_inner :], None
+        else:
+            dzx = dz = torch.empty((T, zx.shape[-1]), dtype=zx.dtype, device=zx.device)
+            dxbcdt = dxs = torch.empty((T, xsep.shape[-1]), dtype=xsep.dtype, device=xsep.device)
+        dxbc, ddt = dxbcdt[:, : spec.conv_dim], dxbcdt[:, spec.conv_dim :]
+        with region(NORM_PROJ + "_bwd"):
+            d2 = dout.reshape(T, -1)
+            dnormed = d2 @ out_w
+            dy, _, dnorm_w, normed = norm_bwd(
+                dnormed, y, z, norm_w, rstd, spec.eps, spec.norm_group, spec.norm_backend, dz=dz,
+                recompute_output=True,
+            )  # fmt: skip
+            del dnormed, y, rstd
+            dout_w = d2.t() @ normed
+            del normed
+        with region(CONV1D + "_bwd"):
+            xc = _conv_fwd(spec, xbc, conv_w, conv_b)
+            if pl.k > 1:
+                _fix(spec, xc, xbc, halo, conv_w, conv_b)
+        dxc = torch.empty_like(xc)
+        dA, dD, ddt_bias = _ssd_and_correction_backward(
+            spec, dy, xc, dxc, dt, ddt, A, D, dt_bias, h0, ld, saved
+        )
+        del dy, xc
+        dconv_w, dconv_b = _conv_backward(spec, xbc, dxc, dxbc, halo, conv_w, conv_b)
+        dx_out = None if xshape is None else dxs.view(xshape)
+        return dzx.view(zshape), dx_out, dconv_w, dconv_b, ddt_bias, dA, dD, dnorm_w, dout_w, None
 
 
-def state_passing_conv_ssd(
-    mixer, xbcdt: torch.Tensor, cu_seqlens: torch.Tensor | None, length: int, params=None
+def _ssd_and_correction_backward(spec: SPSpec, dy, xc, dxc, dt, ddt, A, D, dt_bias, h0, ld, saved):
+    """The correction's, the exchange's and the SSD's backward: ``dxc`` (the conv output's gradient) and
+    ``ddt`` written; returns ``(dA, dD, ddt_bias)``. ``dh0`` is formed first and its exchange runs beside
+    the SSD's backward, which takes ``dF`` (rows) and the decay's gradients as late as it can."""
+    pl, tab, cb = spec.plan, spec.plan.table, spec.correction_backend
+    H, Pd, N, T = spec.nh, spec.hd, spec.ds, spec.plan.tokens
+    x, B, C = _split(spec, xc)
+    dy3 = dy.view(T, H, Pd)
+    M0 = h0.view(pl.pieces, H, Pd, N)
+    with region(SSM + "_bwd"):
+        dtp, a = (t.detach().requires_grad_() for t in _dtp_a(dt, dt_bias, A))
+        with torch.enable_grad():
+            s_corr, ld_g, s_f = _decay(spec, dtp, a)
+        dh0 = corr.outer(dy3, C, s_corr.detach(), tab, backend=cb)
+    job = _launch(spec, lambda: _exchange_bwd(spec, dh0, h0, ld, saved), dh0, h0, ld)
+    dx, dB, dC = _split(spec, dxc)
+    got = {}
+
+    def exchanged():
+        if "dF" not in got:
+            got["dF"], got["dld"] = job.wait()
+        return got["dF"], got["dld"]
+
+    def dfinal():  # rows: the final states' gradient enters mamba-ssm's state passing backward
+        return exchanged()[0].view(pl.R, H, Pd, N)
+
+    def extra(_dx, dB32, dC32):  # the SSD's dx written, its dB, dC in fp32: the correction's and F's terms
+        dC32, dB32 = dC32.view(T, spec.ng, N), dB32.view(T, spec.ng, N)
+        _, g_corr = corr.tapply(dy3, C, M0, s_corr.detach(), tab, dv=dC32, accumulate=True, backend=cb)
+        dF, dld = exchanged()
+        outs, grads = [s_corr, ld_g], [g_corr, dld.view(pl.pieces, H)]
+        if s_f is not None:  # one row of documents: the final states came from the per-piece product
+            dFp = dF.view(pl.pieces, H, Pd, N)
+            corr.apply(dx, B, dFp, s_f.detach(), tab, out=dx, backend=cb)
+            _, g_f = corr.tapply(x, B, dFp, s_f.detach(), tab, dv=dB32, accumulate=True, backend=cb)
+            outs.append(s_f)
+            grads.append(g_f)
+        with torch.enable_grad():
+            d_dtp, d_a = torch.autograd.grad(outs, (dtp, a), grads, allow_unused=True)
+        return d_dtp, d_a
+
+    with region(SSM + "_bwd"):
+        return ssd_backward(
+            spec.ssd_backend, _rows(spec, dy3), _rows(spec, x), _rows(spec, dt), A, _rows(spec, B),
+            _rows(spec, C), spec.chunk, D, dt_bias, pl.seq_idx, dx=_rows(spec, dx), ddt=_rows(spec, ddt),
+            dB=_rows(spec, dB), dC=_rows(spec, dC), dfinal=dfinal if pl.rows else None, extra=extra,
+        )  # fmt: skip
+
+
+def _exchange_fwd(spec: SPSpec, Fv, ldv):
+    with region(STATE_XCHG):
+        return exchange_fwd(spec.exchange, Fv, ldv, spec.plan.xp, spec.group)
+
+
+def _exchange_bwd(spec: SPSpec, dh0, h0, ld, saved):
+    pl = spec.plan
+    with region(STATE_XCHG + "_bwd"):
+        return exchange_bwd(
+            spec.exchange, dh0.view(h0.shape), h0, ld.view(h0.shape[:3]), saved, pl.xp, spec.group
+        )
+
+
+def _conv_backward(spec: SPSpec, xbc, dxc, dxbc, halo, w, b):
+    """conv1d's backward: the first outputs of every piece through their window (the halo's gradient goes
+    back to its owners beside the main backward), the rest through the conv of the stream."""
+    pl = spec.plan
+    k = pl.k
+    with region(CONV1D + "_bwd"):
+        dw2 = db2 = job = None
+        if k > 1 and pl.fix_tok.numel():
+            C = xbc.shape[-1]
+            with torch.enable_grad():
+                win = _window(spec, xbc, halo).detach().requires_grad_()
+                lw = w.detach().requires_grad_()
+                lb = None if b is None else b.detach().requires_grad_()
+                out = kernels.conv1d(win, lw, lb, activation="silu", backend="torch")[:, k - 1 :]
+                gout = torch.zeros_like(out).view(-1, C)
+                gout.index_copy_(0, pl.fix_src, dxc.index_select(0, pl.fix_tok).to(gout.dtype))
+                wrt = [win, lw] + ([lb] if lb is not None else [])
+                g = torch.autograd.grad(out, wrt, gout.view(out.shape))
+            dwin, dw2 = g[0], g[1]
+            db2 = g[2] if lb is not None else None
+            dxc.index_fill_(0, pl.fix_tok, 0.0)  # those outputs came from the window
+            d_halo, d_first = dwin[:, : k - 1].reshape(-1, C), dwin[:, k - 1 :].reshape(-1, C)
+            cp = pl.xp.cp
+            back = d_halo.new_zeros((cp * pl.pieces * (k - 1) + 1, C))
+            back.index_add_(0, pl.halo_dst, d_halo)
+            job = _launch(spec, lambda: _halo_back(spec, back), back)
+        dw, db = _conv_bwd(spec, xbc, w, b, dxc, dxbc)
+        if job is not None:
+            sel = pl.first_ok.nonzero().view(-1)
+            dxbc.index_add_(0, pl.first_tok.index_select(0, sel), d_first.index_select(0, sel).to(dxbc.dtype))
+            d_tails = job.wait()
+            dxbc.index_add_(0, pl.tail_sel_tok, d_tails.index_select(0, pl.tail_sel).to(dxbc.dtype))
+            dw = dw + dw2.to(dw.dtype)
+            if db is not None:
+                db = db + db2.to(db.dtype)
+    return dw, db
+
+
+def _halo_back(spec: SPSpec, back):
+    """Sum every rank's halo gradients and keep this rank's tails' ``[P*w, C]``."""
+    pl = spec.plan
+    n = pl.pieces * (pl.k - 1)
+    with region(STATE_XCHG + "_bwd"):
+        full = comm.all_reduce_(back[:-1].contiguous(), spec.group)
+    return full[pl.xp.rank * n : (pl.xp.rank + 1) * n]
+
+
+# ----------------------------------------------------------------------------------------------- entry
+
+
+def _backends(mixer, x, conv_w) -> tuple[str, str]:
+    ssd_name, conv_name = kernels.resolve_backends(x.device, mixer.ssd_backend, mixer.conv_backend)
+    if ssd_name == "mamba_ssm" and (
+        not ssd_mamba.supports(x)[0]
+        or ssd_mamba.load_submodule("mamba_ssm.ops.triton.ssd_combined")[0] is None
+    ):
+        if mixer.ssd_backend != "auto":
+            raise ValueError(f"SSD backend 'mamba_ssm' cannot run here: {ssd_mamba.supports(x)[1]}")
+        ssd_name = "torch"
+    if conv_name == "causal_conv1d" and (not conv_cuda.supports(x, conv_w)[0] or _causal_fns() is None):
+        if mixer.conv_backend != "auto":
+            raise ValueError(
+                f"conv backend 'causal_conv1d' cannot run here: {conv_cuda.supports(x, conv_w)[1]}"
+            )
+        conv_name = "torch"
+    return ssd_name, conv_name
+
+
+def state_passing_layer(
+    mixer,
+    hidden_states: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    *,
+    correction_backend: str = "auto",
+    overlap: bool | None = None,
+    params=None,
 ) -> torch.Tensor:
-    """conv1d + SSD of ``mixer`` on this rank's shard ``[B, L/cp, x|B|C|dt]`` (or packed ``[T/cp, ...]``)
-    with the state-passing strategy; returns ``y`` of shape ``[B, L/cp, d_inner]`` (or ``[T/cp, d_inner]``).
-    ``params``: the :class:`~cp_core.mixer.Weights` to use (under autocast: copies in the compute dtype);
-    default the mixer's own."""
+    """The whole Mamba2 layer of ``mixer`` (``in_proj`` to ``out_proj``) on this rank's shard
+    ``[B, L/cp, d_model]`` (or packed ``[T/cp, d_model]`` with the global ``cu_seqlens``) under the
+    state-passing strategy; returns the output shard of the same shape (a tensor of its own).
+
+    ``correction_backend``: the per-piece products (:mod:`cp_core.kernels.correction`); ``overlap``: the
+    exchanges on a communication stream (default: on CUDA); ``params``: the
+    :class:`~cp_core.mixer.Weights` to use (under autocast: copies in the compute dtype), default the mixer's."""
     w = mixer.weights() if params is None else params
-    conv_w, conv_b, dt_bias, A_log, D_p = w.conv.squeeze(1), w.conv_bias, w.dt_bias, w.A_log, w.D
     c = mixer.config
     group, layout = mixer.cp_group, mixer.layout
     cp, rank = comm.group_size(group), comm.group_rank(group)
-    k, nh, hd, ng, ns = c.d_conv, c.n_heads, c.head_dim, c.n_groups, c.d_state
-    dev = xbcdt.device
+    dev = hidden_states.device
+    x2 = hidden_states.reshape(-1, c.d_model)
+    tokens = x2.shape[0]
     if cu_seqlens is None:
-        batch = xbcdt.shape[0]
+        batch, local = hidden_states.shape[0], hidden_states.shape[1]
+        length = local * cp
         plan = get_plan(cp, layout, batch, length, dev)
         doc_lens = [length] * batch
     else:
-        batch = 1
+        length = tokens * cp
         plan = get_plan(cp, layout, 1, length, dev, cu_seqlens)
         cu = plan.host_cu
         doc_lens = [cu[i + 1] - cu[i] for i in range(len(cu) - 1)]
-    pc = _pieces(plan, doc_lens, cp, rank, layout, k, dev, c.chunk_size)
-    stream = xbcdt.reshape(-1, xbcdt.shape[-1])  # [T_loc, conv_dim + nh]
-    xbc, dt = stream.split([c.conv_dim, nh], dim=-1)
-    R, lmax = pc.rows, pc.lrow
-    if dev.type == "cuda":  # every rank has the same pieces: all raise before the first collective
+    if mixer.state_exchange not in EXCHANGES:
+        raise ValueError(f"state_exchange must be one of {EXCHANGES}, got {mixer.state_exchange!r}")
+    nseg = granule(layout, cp) if cp > 1 else (2 if layout == "head_tail" else 1)
+    if any(
+        n % nseg for n in doc_lens
+    ):  # the mixer checked it (at cp 1 a direct call may cut one rank's rows)
+        raise ValueError(f"every document length must be a multiple of {nseg} segments, got {doc_lens}")
+    pl = _get_plan(plan, doc_lens, cp, rank, layout, c.d_conv, dev)
+    conv_w = w.conv.squeeze(1)
+    ssd_name, conv_name = _backends(mixer, hidden_states, conv_w)
+    if dev.type == "cuda":  # the same shapes on every rank: all raise before the first collective
         kernels.check_int32_extent(
-            f"the padded SSD rows [R={R}, {lmax}+{k - 1}, conv_dim={c.conv_dim}]",
-            R * (lmax + k - 1) * c.conv_dim,
-            "use a larger cp_size or shorter sequences, or the hidden strategy",
+            f"a rank's layer tensors (cp {cp}, {tokens} local tokens)",
+            tokens * max(c.conv_dim + c.n_heads, c.d_inner),
+            "use a larger cp_size or shorter sequences",
         )
-
-    def rows_of(t):  # stream [T_loc, C] -> left-padded rows [R, Lmax, C], zeros in the padding
-        if pc.uniform:
-            return t.reshape(R, lmax, t.shape[-1])
-        return torch.where(pc.valid_f, t.index_select(0, pc.to_rows).view(R, lmax, t.shape[-1]), 0.0)
-
-    # 1. conv1d with a halo gathered from the owners of the preceding tokens
-    with region(LAYOUT):
-        xbc_rows_in = rows_of(xbc)
-        # the last k-1 tokens of every piece (zeros before its start)
-        tails = F.pad(xbc, (0, 0, 0, 1)).index_select(0, pc.tail_idx).view(pc.pieces, k - 1, c.conv_dim)
-    with region(STATE_XCHG):
-        if k > 1:
-            all_tails = comm.all_gather(tails.contiguous(), group).reshape(-1, c.conv_dim)
-        else:  # d_conv 1: no halo, nothing to exchange
-            all_tails = tails.new_zeros(0, c.conv_dim)
-    with region(LAYOUT):
-        halo = F.pad(all_tails, (0, 0, 0, 1)).index_select(
-            0, pc.halo_src
-        )  # [R*(k-1), conv_dim], 0 off-document
-        if pc.uniform:
-            conv_in = torch.cat([halo.view(R, k - 1, c.conv_dim), xbc_rows_in], dim=1)
+    norm_backend = resolve_norm("auto", hidden_states)
+    mixer.backends = {
+        "ssd": ssd_name,
+        "conv": conv_name,
+        "norm": norm_backend,
+        "correction": correction_backend,
+    }
+    spec = SPSpec(
+        plan=pl, group=group, exchange=mixer.state_exchange, nh=c.n_heads, hd=c.head_dim, ng=c.n_groups,
+        ds=c.d_state, chunk=c.chunk_size, eps=c.norm_eps, norm_group=c.d_inner // c.n_groups,
+        norm_backend=norm_backend, ssd_backend=ssd_name, conv_backend=conv_name,
+        correction_backend=correction_backend, overlap=dev.type == "cuda" if overlap is None else overlap,
+        lead=tuple(hidden_states.shape[:-1]),
+    )  # fmt: skip
+    with region(NORM_PROJ):
+        if tokens * c.d_in_proj >= SPLIT_IN_PROJ_ELEMENTS:
+            zx, xsep = split_in_proj(x2, w.in_proj, c.d_inner)
         else:
-            conv_in = (
-                torch.cat([xbc, halo, halo.new_zeros(1, c.conv_dim)])
-                .index_select(0, pc.to_conv)
-                .view(R, lmax + k - 1, c.conv_dim)
-            )
-    ssd_name, conv_name = mixer._backends(conv_in, conv_w)
-    with region(CONV1D):
-        xbc_rows = kernels.conv1d(conv_in, conv_w, conv_b, backend=conv_name)
-    x, B, C = xbc_rows[:, k - 1 :].split([c.d_inner, ng * ns, ng * ns], dim=-1)
-    if not pc.uniform:
-        B = torch.where(pc.valid_f, B, 0.0)  # padding must add nothing to the state
-    with region(LAYOUT):
-        dt_rows = rows_of(dt)
-    A = -torch.exp(A_log.float())
-    D = D_p.view(nh, hd) if c.D_has_hdim else D_p
-    # 2. local SSD from a zero state
-    with region(SSM):
-        y0, F_loc = kernels.ssd(
-            x.reshape(R, lmax, nh, hd),
-            dt_rows,
-            A,
-            B.reshape(R, lmax, ng, ns),
-            C.reshape(R, lmax, ng, ns),
-            chunk_size=c.chunk_size,
-            D=D,
-            dt_bias=dt_bias,
-            dt_softplus=True,
-            return_final_states=True,
-            backend=ssd_name,
-        )
-        # decay from the piece start, time last ([R, H, Lmax]: an inner-dimension scan is fast)
-        a = (F.softplus(dt_rows.float() + dt_bias.float()) * A).transpose(1, 2)
-        if not pc.uniform:
-            a = torch.where(pc.valid.unsqueeze(1), a, 0.0)  # no decay accumulates over padding
-        acum = a.contiguous().cumsum(-1)
-        logdecay = acum[..., -1] if lmax else a.new_zeros(R, nh)
-        # rows of one piece chained: the piece's (final state, log-decay) from a zero start
-        F_loc, logdecay, h_pre, d_pre = pc.compose(F_loc.float(), logdecay)
-    # 3. exchange (F, logdecay) of every piece, scan each document's segments
-    P = pc.pieces
-    if getattr(mixer, "state_exchange", "allgather") == "chain":
-        with region(STATE_XCHG):
-            h0 = _ChainScan.apply(
-                F_loc.float().view(pc.n_docs, pc.nps, nh, hd, ns), logdecay.view(pc.n_docs, pc.nps, nh), group
-            ).reshape(P, nh, hd, ns)
-    else:
-        with region(STATE_XCHG):
-            payload = torch.cat([F_loc.float().reshape(P, -1), logdecay], dim=-1)
-            gathered = comm.all_gather(payload, group).reshape(cp * P, -1)
-        with region(SSM):
-            seg = gathered.index_select(0, pc.seg_src).view(pc.n_docs, pc.nseg, -1)
-            F_seg = seg[..., : nh * hd * ns].view(pc.n_docs, pc.nseg, nh, hd, ns)
-            h0_all = _exclusive_scan(F_seg, seg[..., nh * hd * ns :])
-            h0 = h0_all.reshape(pc.n_docs * pc.nseg, nh, hd, ns).index_select(0, pc.my_seg)  # [P, H, P, N]
-    with region(SSM):
-        h0 = pc.row_states(h0, h_pre, d_pre)  # [R, H, P, N]
-        # 4. y_t += exp(acum_t) * C_t . h0, formed in fp32 and rounded once (one fused pass on CUDA)
-        y = kernels.state_correction(y0, C.reshape(R, lmax, ng, ns), h0, acum).reshape(R * lmax, nh * hd)
-    with region(LAYOUT):
-        if not pc.uniform:
-            y = y.index_select(0, pc.from_rows)
-    return y.view(*xbcdt.shape[:-1], nh * hd)
+            zx, xsep = F.linear(x2, w.in_proj), None
+    A = -torch.exp(w.A_log.float())
+    D = w.D.view(c.n_heads, c.head_dim) if c.D_has_hdim else w.D
+    # the output is made in the input's shape (spec.lead): no view of it is returned
+    return _SPCore.apply(zx, xsep, conv_w, w.conv_bias, w.dt_bias, A, D, w.norm, w.out_proj, spec)

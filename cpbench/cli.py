@@ -108,12 +108,17 @@ def _parser() -> argparse.ArgumentParser:
         metavar="TABLE.KEY=VALUE",
         help="override a scenario value, parsed as TOML (repeatable): --set sweep.cp_size=[1,2]",
     )
-    s.add_argument("--profile", choices=("nsys", "torch"), help="profile the measured iterations")
+    s.add_argument(
+        "--profile",
+        choices=("nsys", "torch"),
+        help="profile the measured iterations: torch writes a trace per case; nsys prints the nsys command "
+        "that profiles this sweep and stops (run it, or add --exec)",
+    )
     s.add_argument(
         "--exec",
         dest="exec_",
         action="store_true",
-        help="with --profile nsys: re-launch under the printed nsys command",
+        help="with --profile nsys: become the printed nsys command (nsys must be on PATH)",
     )
     s.add_argument("--dry-run", action="store_true", help="list the cases (and why some would be skipped)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
@@ -260,15 +265,20 @@ def _dry_run(scenario, args) -> int:
 
 
 def _nsys(scenario, args) -> int | None:
-    """Print the nsys command for this sweep; with --exec, become it. ``None``: go on and run the sweep."""
+    """Under the nsys command: ``None`` (run the sweep, profiled). Else print that command and stop
+    (exit 0), or with --exec become it; the results folder is checked (and made) first, so that the
+    command runs as printed."""
     import torch
 
-    from . import nsys
+    from . import nsys, rundir
     from .launcher import under_torchrun
     from .results import default_out_dir
 
     if nsys.under_nsys():
         return None
+    if args.exec_ and under_torchrun():  # every rank says so, before any of them starts
+        raise UserError("--exec cannot re-launch ranks started by torchrun: run the printed command instead")
+    rank0 = os.environ.get("RANK", "0") == "0"
     out = args.out or default_out_dir(scenario.name)
     sweep_args = ["sweep"] + ([args.scenario] if args.scenario else [])
     sweep_args += ["--out", str(out), "--profile", "nsys"]
@@ -280,6 +290,10 @@ def _nsys(scenario, args) -> int | None:
         sweep_args += ["--fake-busbw", repr(args.fake_busbw)]
     if args.nproc:
         sweep_args += ["--nproc", str(args.nproc)]
+    if args.no_progress:
+        sweep_args += ["--no-progress"]
+    if args.no_resource_check:
+        sweep_args += ["--no-resource-check"]
     if under_torchrun():
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         nodes = max(1, int(os.environ["WORLD_SIZE"]) // local)
@@ -291,21 +305,16 @@ def _nsys(scenario, args) -> int | None:
         program = [sys.executable, "-m", "cpbench", *sweep_args]
     n_cases = sum(c.skip_reason(None) is None for c in scenario.cases())
     cmd = nsys.profile_command(Path(out), program, n_cases)
-    if args.exec_ and under_torchrun():  # every rank says so, before any of them starts
-        raise UserError("--exec cannot re-launch ranks started by torchrun: run the printed command instead")
-    if under_torchrun() and os.environ.get("RANK", "0") != "0":
-        return None  # rank 0 prints the command
+    if not rank0:
+        return 0  # rank 0 prints the command
+    rundir.prepare_out_dir(out, "--out" if args.out else "results folder").release()  # nsys writes there
     if args.exec_:
-        args.out = out
         nsys.exec_under_nsys(cmd)
-    print(
-        f"cpbench: to capture the measured iterations with Nsight Systems:\n  {nsys.format_command(cmd)}",
-        file=sys.stderr,
-    )
+    print("cpbench: to capture the measured iterations with Nsight Systems, run:", file=sys.stderr)
+    print(nsys.format_command(cmd), flush=True)
     if not torch.cuda.is_available():
-        print("cpbench: warning: no CUDA device: cudaProfilerStart/Stop are skipped here", file=sys.stderr)
-    args.out = out
-    return None
+        print("cpbench: note: no CUDA device here: run it on the GPU machine", file=sys.stderr)
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------- the others

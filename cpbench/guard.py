@@ -9,7 +9,10 @@ Three checks, each against what the machine reports now:
 * **memory**: an estimate of the largest runnable case, per rank (:func:`case_bytes`), times the
   local ranks, against the available RAM (``MemAvailable``) on CPU, or against each GPU's free
   memory. Every rank of the world runs every case (``world / cp_size`` replicas), so the largest
-  case sets the peak.
+  case sets the peak. On CUDA with mamba-ssm and causal-conv1d installed (the layer's fast kernels)
+  the estimate walks the tensors the layer's code allocates, kernels' transient buffers included
+  (:mod:`cpbench.memory`; held within 0.7x-1.5x of every committed ``peak_mem_GiB`` by the tests);
+  elsewhere (CPU, or the torch reference kernels) it is the sum below.
 
 A scenario that fails a check is refused (exit 2) with the numbers and the way out
 (``--no-resource-check``, a smaller ``--nproc``, smaller ``--set`` values). The estimate is the sum
@@ -80,8 +83,17 @@ def machine(device: torch.device) -> Machine:
     return Machine(cpus=cpu_cores(), ram_available=ram_available(), gpu_free=gpu_free)
 
 
-def case_bytes(scenario: Scenario, case: Case) -> int:
-    """Estimated peak bytes one rank holds while running ``case`` (see the module docstring).
+def fast_kernels() -> bool:
+    """mamba-ssm and causal-conv1d are installed (looked up, not imported: importing mamba-ssm's Triton
+    modules fixes their autotuning before the sweep sets ``MAMBA_DETERMINISTIC``)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("mamba_ssm", "causal_conv1d"))
+
+
+def case_bytes(scenario: Scenario, case: Case, device: str = "cpu") -> int:
+    """Estimated peak bytes one rank holds while running ``case``: on ``device="cuda"`` with the fast
+    kernels, :func:`cpbench.memory.case_peak`; else the sum of the layer's tensors at its peak:
 
     * parameters: in_proj, out_proj, conv1d, per-head A/D/dt_bias, the norm (x3 with a backward:
       gradients, and the gradient buffers of the step);
@@ -94,6 +106,10 @@ def case_bytes(scenario: Scenario, case: Case) -> int:
       chunk states ``[head_dim, d_state]`` per chunk and head, and an fp32 output;
     * with a backward, autograd keeps the forward's activations and makes their gradients: x2.
     """
+    if device == "cuda" and fast_kernels():
+        from .memory import case_peak
+
+        return case_peak(scenario, case)
     lay = scenario.layer
     elem = ELEMENT_SIZE.get(case.dtype, 4)
     nh, ng, hd, ds, ch = case.n_heads, case.n_groups, lay.head_dim, lay.d_state, lay.chunk_size
@@ -116,13 +132,20 @@ def case_bytes(scenario: Scenario, case: Case) -> int:
     return int(total)
 
 
-def largest_case(scenario: Scenario, world: int | None) -> tuple[Case, int] | None:
-    """The runnable case with the largest estimate, and the estimate (``None``: nothing runs)."""
+def largest_case(scenario: Scenario, world: int | None, device: str = "cpu") -> tuple[Case, int] | None:
+    """The runnable case with the largest estimate, and the estimate (``None``: nothing runs). On CUDA a
+    case the layer refuses before allocating (a tensor past 2^31 elements) does not count."""
     best = None
+    walk = device == "cuda" and fast_kernels()
     for case in scenario.cases():
         if case.skip_reason(world) is not None:
             continue
-        b = case_bytes(scenario, case)
+        if walk:
+            from .memory import layer_of, layer_refuses, work_of
+
+            if layer_refuses(layer_of(scenario, case), work_of(scenario, case)):
+                continue
+        b = case_bytes(scenario, case, device)
         if best is None or b > best[1]:
             best = (case, b)
     return best
@@ -138,7 +161,7 @@ def check(scenario: Scenario, device: torch.device, nproc: int, fake: bool = Fal
     problems = []
     if device.type == "cpu" and nproc > mach.cpus:
         problems.append(f"{nproc} ranks on {mach.cpus} CPU core(s) (one core per rank at most)")
-    largest = largest_case(scenario, None if fake else nproc)
+    largest = largest_case(scenario, None if fake else nproc, device.type)
     if largest is not None:
         case, per_rank = largest
         what = f"case {case.index} ({case.describe()}) needs ~{_gib(per_rank)} per rank (estimate)"

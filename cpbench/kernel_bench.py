@@ -1,6 +1,9 @@
-"""Kernel microbenchmark: SSD time per head shard and conv1d backends, on one device.
+"""Kernel microbenchmark (GPU kernels): SSD time per head shard and conv1d backends, on one GPU.
 
-``python -m cpbench.kernel_bench [--seq-len 32768,...] [--cp 1,2,4,8] [--out CSV]``
+``python -m cpbench.kernel_bench [--seq-len 32768,...] [--cp 1,2,4,8] [--out CSV] [--dry-run]``
+
+It times CUDA kernels (mamba-ssm's Triton SSD, causal-conv1d, and the torch references beside them);
+without a CUDA device it refuses (exit 2). ``--dry-run`` lists the cases and stops.
 
 Hidden-parallel CP gives every rank the FULL sequence with ``n_heads/cp`` heads (and
 ``max(n_groups/cp, 1)`` groups), so the SSD time per rank at cp=N is the time of that head shard.
@@ -40,8 +43,22 @@ def ssd_inputs(L, nh, hd, ng, ds, dtype, device, grad):
     return x, dt, A, B, C, D, dt_bias
 
 
+def _ints(ap, flag: str, text: str, n: int | None = None) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        ap.error(f"{flag} {text!r}: expected comma-separated integers")
+    if not vals or any(v < 1 for v in vals) or (n is not None and len(vals) != n):
+        ap.error(f"{flag} {text!r}: expected {n or 'some'} positive integers")
+    return vals
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m cpbench.kernel_bench",
+        description=__doc__.splitlines()[0] + " Needs a CUDA device.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     ap.add_argument("--seq-len", default="32768,65536,131072,262144")
     ap.add_argument("--cp", default="1,2,4,8")
     ap.add_argument("--shape", default="128,64,8,128,256", help="n_heads,head_dim,n_groups,d_state,chunk")
@@ -54,19 +71,29 @@ def main(argv=None):
         "--max-torch-len", type=int, default=65536, help="skip the torch SSD and conv above this length"
     )
     ap.add_argument("--out", default=None)
+    ap.add_argument("--dry-run", action="store_true", help="check the arguments, list the cases and stop")
     a = ap.parse_args(argv)
+    lengths, cps = _ints(ap, "--seq-len", a.seq_len), _ints(ap, "--cp", a.cp)
+    nh, hd, ng, ds, chunk = _ints(ap, "--shape", a.shape, 5)
+    if a.dtype not in ("bfloat16", "float16", "float32"):
+        ap.error(f"--dtype {a.dtype!r}: expected bfloat16, float16 or float32")
+    if a.dry_run:
+        print(
+            f"kernel_bench: {len(lengths) * len(cps)} case(s): "
+            + ", ".join(f"L {L} cp {cp}" for L in lengths for cp in cps)
+        )
+        return 0
     if not torch.cuda.is_available():
-        print("kernel_bench needs CUDA", file=sys.stderr)
+        print("kernel_bench: error: it measures GPU kernels and no CUDA device is visible", file=sys.stderr)
         return 2
     dev = torch.device("cuda")
     dtype = getattr(torch, a.dtype)
-    nh, hd, ng, ds, chunk = (int(v) for v in a.shape.split(","))
     print(
         f"device {torch.cuda.get_device_name(dev)}; shape heads {nh}x{hd}, groups {ng}, d_state {ds}, chunk {chunk}"
     )
     rows = []
-    for L in (int(v) for v in a.seq_len.split(",")):
-        for cp in (int(v) for v in a.cp.split(",")):
+    for L in lengths:
+        for cp in cps:
             h, g = nh // cp, max(ng // cp, 1)
             for name in a.ssd.split(","):
                 try:

@@ -8,7 +8,8 @@
   127.0.0.1 on a free port; gloo on CPU, NCCL with one GPU per rank. One rank runs in-process.
 * **fake** (``--backend fake``): one process, no process group; each case runs rank 0's real work
   with ``cp_core.comm.LocalGroup(0, cp_size)`` on the local device (GPU if available) and the
-  communication is modeled (see :mod:`cpbench.metrics`).
+  communication is modeled (see :mod:`cpbench.metrics`). Under ``torchrun --nproc-per-node 1`` it
+  runs the same way (on GPU ``LOCAL_RANK``); torchrun with more ranks is refused.
 
 Each cp_size of the sweep is realised as CP subgroups of the world (``world / cp`` replicas of
 ``cp`` consecutive ranks), all created once, collectively, before the first case. Every process
@@ -59,6 +60,14 @@ class LaunchOptions:
 
 def under_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def local_cuda(index: int | None = None) -> torch.device:
+    """An indexed CUDA device (``torch.cuda.set_device`` refuses a bare ``"cuda"``): ``index``, else
+    torchrun's ``LOCAL_RANK``, else the current device."""
+    if index is None:
+        index = int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else torch.cuda.current_device()
+    return torch.device("cuda", index)
 
 
 def resolve_device(scenario: Scenario) -> torch.device:
@@ -191,11 +200,19 @@ def launch(scenario: Scenario, opts: LaunchOptions) -> int:
     """Run the sweep; the exit code (0: every case ok or skipped, 1: a case errored or the run failed)."""
     from .results import default_out_dir
 
-    if under_torchrun():
-        return _launch_torchrun(scenario, opts)
     device = resolve_device(scenario)
     backend = resolve_backend(opts.backend, scenario, device)
     fake = backend == "fake"
+    if under_torchrun():
+        if not fake:
+            return _launch_torchrun(scenario, opts)
+        if int(os.environ["WORLD_SIZE"]) > 1:
+            raise UserError(
+                f"--backend fake runs in one process, and torchrun started {os.environ['WORLD_SIZE']}: "
+                "run it without torchrun, or with torchrun --nproc-per-node 1"
+            )
+    if device.type == "cuda":
+        device = local_cuda()
     nproc = 1 if fake else (opts.nproc or max(scenario.sweep.cp_size))
     if nproc < 1:
         raise UserError(f"--nproc must be >= 1, got {nproc}")
@@ -209,6 +226,8 @@ def launch(scenario: Scenario, opts: LaunchOptions) -> int:
     out_dir = Path(opts.out_dir or default_out_dir(scenario.name))
     lock = rundir.prepare_out_dir(out_dir, "--out" if opts.out_dir else "results folder")
     try:
+        if device.type == "cuda" and nproc == 1:  # one process (spawned ranks set their own)
+            torch.cuda.set_device(device)
         if fake:
             from cp_core.comm import LocalGroup
 
@@ -216,8 +235,6 @@ def launch(scenario: Scenario, opts: LaunchOptions) -> int:
             env = DistEnv(0, 1, "fake", device, groups, distributed=False, timeout_s=scenario.run.timeout_s)
             return _run_rank(scenario, env, out_dir, opts)
         if nproc == 1:
-            if device.type == "cuda":
-                torch.cuda.set_device(device)
             env = DistEnv(
                 0, 1, backend, device, {1: None}, distributed=False, timeout_s=scenario.run.timeout_s
             )
@@ -310,12 +327,10 @@ def _launch_torchrun(scenario: Scenario, opts: LaunchOptions) -> int:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     device = resolve_device(scenario)
     backend = resolve_backend(opts.backend, scenario, device)
-    if backend == "fake":
-        raise UserError("--backend fake runs in one process: do not launch it with torchrun")
     if opts.nproc is not None and opts.nproc != world:
         raise UserError(f"--nproc {opts.nproc} contradicts torchrun's WORLD_SIZE={world}")
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
+        device = local_cuda(local_rank)
         torch.cuda.set_device(device)
     else:
         _set_threads(local_world)

@@ -1,6 +1,10 @@
-"""Layout microbenchmark: the local work of pre_conv_ssm + post_conv_ssm, the collective left out.
+"""Layout microbenchmark (GPU kernels): the local work of pre_conv_ssm + post_conv_ssm, the collective left out.
 
-``python -m cpbench.layout_bench [--device cuda] [--nemo PATH/TO/context_parallel/mamba.py] [--out CSV]``
+``python -m cpbench.layout_bench [--nemo PATH/TO/context_parallel/mamba.py] [--out CSV] [--dry-run]``
+
+It measures the copies and gathers on a GPU (the defaults are GPU-sized). Without a CUDA device it
+refuses (exit 2) unless ``--device cpu`` is given; on a CPU use small sizes, e.g. ``--device cpu
+--seq-len 4096 --shape 8,4,2,4`` (seconds). ``--dry-run`` lists the cases and stops.
 
 One process plays rank 0 of a CP group of ``cp`` ranks. The all-to-all is replaced by nothing at
 all (the received buffer aliases the sent one: ``LocalGroup(copy=False)``), so what is timed is every
@@ -256,9 +260,12 @@ def _csv_line(values) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        prog="python -m cpbench.layout_bench",
+        description=__doc__.splitlines()[0]
+        + ". GPU-sized defaults; on a CPU give --device cpu and small sizes (--seq-len 4096 --shape 8,4,2,4).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu (small sizes there)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     ap.add_argument("--cp", default="2,4,8", help="CP sizes")
     ap.add_argument("--seq-len", default="32768,131072", help="global tokens per sequence or pack")
@@ -277,13 +284,16 @@ def main(argv=None):
         "--plot", default=None, metavar="PNG", help="also draw the bars (from --out, or --from-csv)"
     )
     ap.add_argument("--from-csv", default=None, help="only plot this CSV of an earlier run")
+    ap.add_argument("--dry-run", action="store_true", help="check the arguments, list the cases and stop")
     a = ap.parse_args(argv)
     if a.from_csv:
         plot(a.from_csv, a.plot or a.from_csv.replace(".csv", ".png"))
         return 0
-    device = torch.device(a.device)
+    try:
+        device = torch.device(a.device)
+    except RuntimeError:
+        raise _usage(f"--device {a.device!r}: expected cuda or cpu") from None
     dtype = getattr(torch, a.dtype)
-    timer = _timer(device)
     shape = tuple(_ints("--shape", a.shape, 1))
     if len(shape) != 4:
         raise _usage(f"--shape {a.shape!r}: expected n_heads,head_dim,n_groups,d_state")
@@ -295,6 +305,18 @@ def main(argv=None):
     )
     for n in notes:
         print(f"layout_bench: {n}", file=sys.stderr)
+    if a.dry_run:
+        print(
+            f"layout_bench: {len(cases)} case(s) on {device.type}: "
+            + ", ".join(f"L {L} cp {cp} docs {d}" for L, cp, d in cases)
+        )
+        return 0
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise _usage(
+            "it measures GPU kernels and no CUDA device is visible (on a CPU: --device cpu with small sizes, "
+            "e.g. --seq-len 4096 --shape 8,4,2,4)"
+        )
+    timer = _timer(device)
     out = None
     if a.out:
         try:

@@ -1,18 +1,22 @@
 """Nsight Systems: the ``nsys profile`` command of a sweep, and ``nvtx_gpu_proj_sum`` read back.
 
-``cpbench sweep --profile nsys`` wraps each case's measured iterations in
-``cudaProfilerStart/Stop`` (inside an NVTX range ``case N: ...``), so
+``cpbench sweep --profile nsys`` prints the command that profiles the same sweep and stops (exit 0);
+``--exec`` becomes that command. Under it (``CPBENCH_UNDER_NSYS=1``, which the command sets in the
+profiled process) each case's measured iterations run between ``cudaProfilerStart/Stop`` inside an
+NVTX range ``cpbench:case N: ...``, and every region is an NVTX range ``cpbench:<region>``
+(``torch.cuda.nvtx``: the ranges Nsight Systems 2023.4.4 records), so
 
-    nsys profile -t cuda,nvtx -c cudaProfilerApi --capture-range-end=<end> -o <out>/cpbench ...
+    nsys profile -s none --cpuctxsw=none -t cuda,nvtx -c cudaProfilerApi --capture-range-end=<end> ...
 
-captures the measured iterations and nothing else (no warmup, no Triton autotuning). ``<end>`` is
+captures the measured iterations and nothing else: no warmup, no Triton autotuning, no CPU sampling
+or context switches (with them one case made a 2.2 GB capture; without, 1.9 MB). ``<end>`` is
 ``stop`` for a sweep of one case and ``repeat`` for several (nsys then writes one report per case,
 ``cpbench.1.nsys-rep``, ``cpbench.2.nsys-rep``, ... in the order the cases ran), so that every case
-is captured rather than only the first. ``--exec`` re-launches cpbench under that command.
+is captured rather than only the first.
 
 ``cpbench nsys-import REPORT.nsys-rep`` runs ``nsys stats --report nvtx_gpu_proj_sum --format csv``
-on a report (or reads a CSV already exported that way) and turns the NVTX ranges of domain
-``cpbench`` into the region columns of ``results.csv``: ``{region}_ms`` is the region's total
+on a report (or reads a CSV already exported that way) and turns the NVTX ranges named
+``cpbench:<region>`` into the region columns of ``results.csv``: ``{region}_ms`` is the region's total
 GPU-projected time divided by the number of measured iterations (the instances of ``layer_fwd``),
 i.e. the mean per iteration, of the sum of its occurrences; ``{region}_count`` is the number of
 instances per iteration. Column names are matched loosely (nsys versions differ): the range name is
@@ -46,12 +50,16 @@ def profile_command(out_dir: Path, program: list[str], n_cases: int) -> list[str
     return [
         "nsys",
         "profile",
+        "-s",
+        "none",
+        "--cpuctxsw=none",
         "-t",
         "cuda,nvtx",
         "-c",
         "cudaProfilerApi",
         f"--capture-range-end={end}",
         "--force-overwrite=true",
+        f"--env-var={UNDER_NSYS_ENV}=1",
         "-o",
         str(Path(out_dir) / "cpbench"),
         *program,
@@ -75,7 +83,9 @@ def exec_under_nsys(cmd: list[str]) -> None:
 
 
 def under_nsys() -> bool:
-    return os.environ.get(UNDER_NSYS_ENV) == "1"
+    """This process runs under the nsys command (which sets ``CPBENCH_UNDER_NSYS=1``), or under an nsys
+    session of someone's own command line (nsys names its session in the profiled process)."""
+    return os.environ.get(UNDER_NSYS_ENV) == "1" or "NSYS_PROFILING_SESSION_ID" in os.environ
 
 
 # ----------------------------------------------------------------------------------------------- import
@@ -181,29 +191,81 @@ def to_region_columns(rows: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def stats_csv(report: Path) -> str:
-    """``nsys stats --report nvtx_gpu_proj_sum --format csv`` of a report, as text."""
-    if shutil.which("nsys") is None:
+def nsys_command() -> list[str]:
+    """How to run nsys here: ``CPBENCH_NSYS`` (e.g. ``bash .../nsys_host.sh nsys`` on a machine where the
+    host part lives beside the CLI), else ``nsys`` on PATH."""
+    cmd = shlex.split(os.environ.get("CPBENCH_NSYS", "")) or ["nsys"]
+    if shutil.which(cmd[0]) is None:
         raise UserError(
-            f"{report}: reading a report needs nsys on PATH; or pass the CSV that "
-            f"`nsys stats --report nvtx_gpu_proj_sum --format csv -o -` printed"
+            "reading a report needs nsys (on PATH, or the command in CPBENCH_NSYS); or pass the CSV that "
+            "`nsys stats --report nvtx_gpu_proj_sum --format csv --output -` printed"
         )
-    cmd = [
-        "nsys",
-        "stats",
-        "--report",
-        "nvtx_gpu_proj_sum",
-        "--format",
-        "csv",
-        "--output",
-        "-",
-        "--force-export=true",
-        str(report),
-    ]
+    return cmd
+
+
+def stats_csv(report: Path, name: str = "nvtx_gpu_proj_sum") -> str:
+    """``nsys stats --report NAME --format csv`` of a report, as text."""
+    cmd = [*nsys_command(), "stats", "--report", name, "--format", "csv", "--output", "-"]
+    cmd += ["--force-export=true", str(report)]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise UserError(f"{report}: nsys stats failed ({res.returncode}): {res.stderr.strip()[-400:]}")
     return res.stdout
+
+
+def parse_kern_sum(text: str, source: str = "<csv>") -> dict[str, int]:
+    """Kernel instances by name from ``nsys stats --report cuda_gpu_kern_sum --format csv``."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        cells = [_norm(c) for c in next(csv.reader([line]), [])]
+        if "instances" in cells and "name" in cells:
+            rows = list(csv.DictReader(io.StringIO("\n".join(ln for ln in lines[i:] if ln.strip()))))
+            return {r["Name"]: int(float(r["Instances"])) for r in rows if r.get("Name")}
+    raise UserError(f"{source}: no cuda_gpu_kern_sum table found (a CSV header with Instances and Name)")
+
+
+def short_kernel(name: str) -> str:
+    """A kernel's name without ``void``, namespaces, template and call arguments (nsys and the torch
+    profiler spell templates differently)."""
+    n = name.strip()
+    if n.startswith("void "):
+        n = n[5:]
+    depth, out = 0, []
+    for ch in n:  # drop <...> and (...) at any depth
+        if ch in "<(":
+            depth += 1
+        elif ch in ">)":
+            depth = max(0, depth - 1)
+        elif depth == 0:
+            out.append(ch)
+    return "".join(out).split("::")[-1].strip() or n
+
+
+def agreement(cols: dict[str, float], row: dict[str, Any], tolerance: float = 0.10, min_ms: float = 0.2):
+    """Rows ``(region, nsys ms, events median ms, events min ms, ratio, verdict)`` comparing
+    :func:`to_region_columns` with the CUDA-event region times of the same run's results.csv row.
+    ``verdict``: ``ok`` within ``tolerance``, ``DIFF`` outside it, ``small`` (not judged) under
+    ``min_ms``, ``no GPU ops`` where nsys projected nothing: a range whose kernels are launched by
+    another thread (``layer_bwd``: autograd runs the backward on its own thread) has none."""
+    from cp_core import regions as R
+
+    names = [R.A2A_PRE, R.LAYOUT, R.CONV1D, R.SSM, R.A2A_POST, R.NORM_PROJ, R.STATE_XCHG]
+    known = ["layer_fwd", "layer_bwd", *names, *(n + "_bwd" for n in names)]
+    out = []
+    for reg in known:
+        ev = row.get(f"{reg}_ms")
+        if ev is None or ev != ev:
+            continue
+        ns = cols.get(f"{reg}_ms", float("nan"))
+        ratio = ns / ev if ev else float("nan")
+        if ns != ns:
+            verdict = "no GPU ops"
+        elif ev < min_ms:
+            verdict = "small"
+        else:
+            verdict = "ok" if abs(ratio - 1) <= tolerance else "DIFF"
+        out.append((reg, ns, ev, row.get(f"{reg}_min_ms", float("nan")), ratio, verdict))
+    return out
 
 
 def import_report(path: str | Path) -> dict[str, float]:

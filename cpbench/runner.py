@@ -41,7 +41,7 @@ from . import trace
 from .metrics import NAN
 from .packing import batch_cu_seqlens
 from .scenario import Case, Scenario
-from .timing import RegionTimer, synchronize
+from .timing import RegionTimer, nvtx_wanted, synchronize
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -233,7 +233,9 @@ def run_iterations(p: Prepared, scenario: Scenario, ctx: RankContext) -> dict[st
     from .timing import installed
 
     run = scenario.run
-    timer = ctx.timer or RegionTimer(ctx.device, record_function=ctx.profile == "torch")
+    timer = ctx.timer or RegionTimer(
+        ctx.device, nvtx=nvtx_wanted(ctx.profile, ctx.device), record_function=ctx.profile == "torch"
+    )
     cuda = ctx.device.type == "cuda"
     fault_point(ctx.rank, p.case.index, "run")
     with installed(timer):

@@ -1,9 +1,11 @@
-"""The region hook cpbench installs in ``cp_core.regions``: NVTX ranges plus timers.
+"""The region hook cpbench installs in ``cp_core.regions``: timers, and NVTX ranges under Nsight Systems.
 
 Every region (``a2a_pre``, ``ssm``, ..., and cpbench's own ``layer_fwd`` / ``layer_bwd``)
 
-* opens an NVTX range in domain ``cpbench`` with a registered string (what Nsight Systems shows,
-  and what ``cpbench nsys-import`` reads back), when the ``nvtx`` package is importable;
+* with ``nvtx=True`` (``--profile nsys``, or a tool that injects NVTX: ``NVTX_INJECTION64_PATH`` is set)
+  opens an NVTX range ``cpbench:<region>`` through ``torch.cuda.nvtx`` (what Nsight Systems shows and
+  what ``cpbench nsys-import`` reads back; the ``nvtx`` package's domain ranges do not reach Nsight
+  Systems 2023.4.4, see :mod:`cp_core.regions`). Without it no NVTX call is made;
 * optionally enters ``torch.profiler.record_function(name)`` (``--profile torch``), so the
   Chrome/Perfetto trace carries the same names;
 * is timed while the timer is *active* (the measured iterations): CUDA events on a GPU, recorded
@@ -24,12 +26,18 @@ from collections.abc import Iterator
 
 import torch
 
-try:
-    import nvtx as _nvtx
-except ImportError:  # pragma: no cover - nvtx is a dependency, but keep timing usable without it
-    _nvtx = None
+from cp_core.regions import nvtx_range
 
-NVTX_DOMAIN = "cpbench"
+#: the prefix of cpbench's NVTX range names
+NVTX_PREFIX = "cpbench:"
+
+
+def nvtx_wanted(profile: str | None, device) -> bool:
+    """NVTX ranges on: CUDA, and ``--profile nsys`` or an NVTX-consuming tool attached to the process."""
+    import os
+
+    cuda = torch.device(device).type == "cuda"
+    return cuda and (profile == "nsys" or bool(os.environ.get("NVTX_INJECTION64_PATH")))
 
 
 class _Range:
@@ -42,8 +50,8 @@ class _Range:
 
     def __enter__(self):
         t = self.timer
-        if t._domain is not None:
-            t._domain.push_range(t._attributes(self.name))
+        if t.nvtx:
+            torch.cuda.nvtx.range_push(NVTX_PREFIX + self.name)
         if t.record_function:
             self.rf = torch.profiler.record_function(self.name)
             self.rf.__enter__()
@@ -67,8 +75,8 @@ class _Range:
         if self.rf is not None:
             self.rf.__exit__(*exc)
             self.rf = None
-        if t._domain is not None:
-            t._domain.pop_range()
+        if t.nvtx:
+            torch.cuda.nvtx.range_pop()
         return False
 
 
@@ -76,21 +84,16 @@ class RegionTimer:
     """``timer(name)`` is a context manager; install with ``cp_core.regions.set_region_hook(timer)``."""
 
     def __init__(
-        self, device: torch.device | str = "cpu", *, use_nvtx: bool = True, record_function: bool = False
+        self, device: torch.device | str = "cpu", *, nvtx: bool = False, record_function: bool = False
     ):
         self.cuda = torch.device(device).type == "cuda"
+        if nvtx and not self.cuda:
+            raise ValueError("NVTX ranges are emitted on CUDA devices only")
+        self.nvtx = nvtx
         self.record_function = record_function
         self.active = False
         self._pending: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
         self._done: defaultdict[str, float] = defaultdict(float)
-        self._domain = _nvtx.get_domain(NVTX_DOMAIN) if (use_nvtx and _nvtx is not None) else None
-        self._attrs: dict[str, object] = {}
-
-    def _attributes(self, name: str):
-        a = self._attrs.get(name)
-        if a is None:
-            a = self._attrs[name] = self._domain.get_event_attributes(message=name)
-        return a
 
     def __call__(self, name: str) -> _Range:
         return _Range(self, name)
@@ -111,16 +114,9 @@ class RegionTimer:
         self._done.clear()
         return out
 
-    @contextlib.contextmanager
-    def mark(self, message: str) -> Iterator[None]:
-        """An untimed NVTX range (e.g. around a case's measured iterations, naming the case)."""
-        if self._domain is not None:
-            self._domain.push_range(self._domain.get_event_attributes(message=message))
-        try:
-            yield
-        finally:
-            if self._domain is not None:
-                self._domain.pop_range()
+    def mark(self, message: str):
+        """An untimed NVTX range ``cpbench:<message>`` (around a case's measured iterations, naming the case)."""
+        return nvtx_range(NVTX_PREFIX + message) if self.nvtx else contextlib.nullcontext()
 
 
 @contextlib.contextmanager

@@ -388,11 +388,93 @@ def test_nsys_profile_command_line():
 
     cmd = nsys.profile_command(Path("out"), ["python", "-m", "cpbench", "sweep"], n_cases=3)
     line = nsys.format_command(cmd)
-    assert line.startswith("nsys profile -t cuda,nvtx -c cudaProfilerApi --capture-range-end=repeat")
-    assert "-o out/cpbench python -m cpbench sweep" in line
+    # the measured iterations and nothing else: no CPU sampling, no context switches, capture by the API
+    assert line.startswith(
+        "nsys profile -s none --cpuctxsw=none -t cuda,nvtx -c cudaProfilerApi --capture-range-end=repeat"
+    )
+    assert "--env-var=CPBENCH_UNDER_NSYS=1" in line  # the profiled process knows it is profiled
+    assert line.endswith("-o out/cpbench python -m cpbench sweep")
     assert "--capture-range-end=stop" in nsys.format_command(
         nsys.profile_command(Path("o"), ["x"], n_cases=1)
     )
+
+
+@needs_layer
+def test_profile_nsys_prints_a_command_that_runs_as_printed(tmp_path, capsys):
+    scen = tmp_path / "tiny.toml"
+    scen.write_text(TINY)
+    out = tmp_path / "o"
+    args = ["sweep", str(scen), "--out", str(out), "--profile", "nsys", "--set", "sweep.cp_size=[1]"]
+    args += [
+        "--set",
+        'sweep.path=["fused"]',
+        "--set",
+        'sweep.packing=["none"]',
+        "--set",
+        'sweep.pass=["fwd"]',
+    ]
+    assert main(args) == 0  # printed, and stopped: nothing ran
+    printed = capsys.readouterr().out.strip()
+    assert printed.startswith("nsys profile -s none") and f"--out {out}" in printed
+    assert out.is_dir() and not (out / "results.csv").exists() and not (out / "meta.json").exists()
+    assert main(args) == 0  # the same again: the folder is still new
+    capsys.readouterr()
+    # what nsys runs: the program after its options, in an environment that says it is profiled
+    import shlex
+
+    words = shlex.split(printed)
+    program = words[words.index(str(out / "cpbench")) + 1 :]
+    assert program[:3] == [sys.executable, "-m", "cpbench"]
+    res = subprocess.run(
+        program,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO), "CPBENCH_UNDER_NSYS": "1"},
+        cwd=REPO,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert pd.read_csv(out / "results.csv")["status"].tolist() == ["ok"]
+    # a folder holding a run is refused before anything is printed
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "holds an earlier run" in captured.err
+
+
+@needs_layer
+def test_fake_backend_under_torchrun_of_one_rank(tmp_path, monkeypatch, capsys):
+    scen = tmp_path / "tiny.toml"
+    scen.write_text(TINY)
+    base = ["sweep", str(scen), "--backend", "fake", "--no-progress", "--set", 'sweep.path=["fused"]']
+    base += [
+        "--set",
+        'sweep.packing=["none"]',
+        "--set",
+        'sweep.pass=["fwd"]',
+        "--set",
+        "sweep.cp_size=[1, 2]",
+    ]
+    for k, v in {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(k, v)  # what torchrun --nproc-per-node 1 sets
+    assert main([*base, "--out", str(tmp_path / "o")]) == 0, capsys.readouterr().err
+    df = pd.read_csv(tmp_path / "o" / "results.csv")
+    assert (df["status"] == "ok").all() and (df["backend"] == "fake").all() and set(df["cp_size"]) == {1, 2}
+    capsys.readouterr()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main([*base, "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "runs in one process, and torchrun started 2" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o2").exists()
+
+
+def test_one_process_cuda_device_has_an_index(monkeypatch):
+    """torch.cuda.set_device refuses a bare "cuda": a one-GPU run takes torchrun's LOCAL_RANK, else the
+    current device (this cannot call CUDA here: only the index is checked)."""
+    from cpbench.launcher import local_cuda
+
+    assert local_cuda(3).index == 3
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert str(local_cuda()) == "cuda:1"
 
 
 NSYS_CSV = """\
@@ -526,3 +608,18 @@ def test_ctrl_c_stops_every_rank_and_marks_the_run(tmp_path):
     assert not alive
     meta = json.loads((out / "meta.json").read_text())
     assert meta["status"] == "interrupted"
+
+
+@pytest.mark.gpu
+def test_one_gpu_sweeps_without_torchrun(tmp_path):
+    """cp 1 in one process (it failed in torch.cuda.set_device('cuda')) and the fake backend, on CUDA."""
+    scen = tmp_path / "tiny.toml"
+    scen.write_text(TINY.replace('device = "cpu"', 'device = "cuda"'))
+    common = ["--no-progress", "--set", 'sweep.path=["fused"]', "--set", 'sweep.packing=["none"]']
+    res = cpbench("sweep", str(scen), "--set", "sweep.cp_size=[1]", "--out", str(tmp_path / "cp1"), *common)
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = cpbench("sweep", str(scen), "--backend", "fake", "--out", str(tmp_path / "fake"), *common)
+    assert res.returncode == 0, res.stdout + res.stderr
+    for d in ("cp1", "fake"):
+        df = pd.read_csv(tmp_path / d / "results.csv")
+        assert (df["status"] == "ok").all() and (df["device"] == "cuda").all()

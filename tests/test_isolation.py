@@ -7,15 +7,14 @@ outputs NaN from j on and leaves every other document exactly as it would be wit
 
 import pytest
 import torch
-from cases import cu_from_lengths, randn, setting
+from cases import cu_from_lengths, randn
 from ranks import verdict
 
-from cp_core import comm, state_passing
+from cp_core import comm
 from cp_core.kernels import conv1d, ssd
 from cp_core.kernels.reference import conv1d_ref, ssd_recurrent_ref
 from cp_core.layout import positions, shard
 from cp_core.mixer import Mamba2Config, Mamba2Mixer
-from cp_core.state_passing import _exclusive_scan
 
 NAN = float("nan")
 
@@ -154,50 +153,41 @@ def test_torch_conv_keeps_a_bad_value_in_its_document():
     assert torch.equal(conv1d_ref(xb, w, b, seq_idx=seq)[:, 5:], yc[:, 5:])
 
 
-def test_state_passing_scan_is_causal_and_per_document():
-    F_seg = randn((2, 4, 2, 3, 5), 1, torch.float64)
-    ld = -torch.rand(2, 4, 2, dtype=torch.float64)
-    h_clean = _exclusive_scan(F_seg, ld)
-    Fb, ldb = F_seg.clone(), ld.clone()
-    Fb[0, 1, 0, 0, 0] = NAN
-    ldb[0, 2, 1] = float("inf")
-    h = _exclusive_scan(Fb, ldb)
-    assert torch.equal(h[1], h_clean[1])  # the other document
-    assert torch.equal(h[0, :2], h_clean[0, :2])  # segments before the bad one (and the bad one itself)
-    assert torch.isnan(h[0, 2:]).all()
-
-
 # ----------------------------------------------------------------------------- the mixer, every strategy
 
 CFG = dict(d_model=16, n_heads=4, head_dim=4, n_groups=2, d_state=4, d_conv=4, chunk_size=8)
 
 
-def rows_isolation_case(group, row_tokens, *args, **kw):
-    """:func:`isolation_case` with state-passing pieces cut into SSD rows of ``row_tokens`` tokens."""
-    with setting(state_passing, "ROW_TOKENS", row_tokens):
-        return isolation_case(group, *args, **kw)
-
-
 def isolation_case(
-    group, strategy, layout, packed, device="cpu", ssd_backend="auto", tol=(1e-6, 1e-7), first=False
+    group,
+    strategy,
+    layout,
+    packed,
+    device="cpu",
+    ssd_backend="auto",
+    tol=(1e-6, 1e-7),
+    first=False,
+    units=None,
 ):
     """A NaN in one token of document 0 (or batch row 0): every other document's outputs and input
     gradients equal those of the clean batch; document 0's tokens before it too; from it on, non-finite.
     ``tol``: (rtol, atol) of "equal" (the two runs differ only in the NaN; on CUDA some kernels reduce
     in a run-dependent order). ``first``: the NaN in the very first token (rank 0's local token 0, which
-    the state-passing padding slots of shorter pieces read before they are selected away)."""
+    the state-passing halo and tail lookups read for slots outside a piece before they are selected away).
+    ``units``: the packed documents' lengths in multiples of ``g`` (default 3, 0, 2, 1)."""
     cp, r = comm.group_size(group), comm.group_rank(group)
     strategy, _, exchange = strategy.partition(":")
     g = 4 * cp  # a multiple of granule(layout, cp), of 4 tokens at least
     if packed:
-        cu = cu_from_lengths([3 * g, 0, 2 * g, g])
+        units = units or [3, 0, 2, 1]
+        cu = cu_from_lengths([n * g for n in units])
         total = int(cu[-1])
         x = randn((total, 16), 4)
         j0 = 0 if first else (2 * g) + 1  # in document 0, past its first segments when sharded
         x_bad = x.clone()
         x_bad[j0, 5] = NAN
         pos = positions(cp, layout, length=total, cu_seqlens=cu, ranks=r)
-        doc0 = pos < 3 * g
+        doc0 = pos < units[0] * g
     else:
         cu = None
         x = randn((2, 3 * g, 16), 4)
@@ -270,11 +260,11 @@ def test_mixer_keeps_a_nan_in_its_document(ranks, cp, strategy, layout, packed):
 @pytest.mark.parametrize(
     "strategy, layout", [("state_passing", "head_tail"), ("state_passing:chain", "contiguous")]
 )
-def test_state_passing_rows_keep_a_nan_in_its_document(ranks, strategy, layout):
-    """Pieces cut into rows of 3 tokens (the rows of a piece chained locally): still isolated."""
+def test_state_passing_rows_of_documents_keep_a_nan_in_its_document(ranks, strategy, layout):
+    """Documents of one length run as rows of pieces (no seq_idx): still isolated."""
     for first in (False, True):
         for r, (ok, bad) in enumerate(
-            ranks.run(rows_isolation_case, 2, 3, strategy, layout, True, first=first)
+            ranks.run(isolation_case, 2, strategy, layout, True, first=first, units=[3, 3, 3])
         ):
             assert ok, f"rank {r}, first={first}: {bad}"
 
@@ -282,7 +272,7 @@ def test_state_passing_rows_keep_a_nan_in_its_document(ranks, strategy, layout):
 @pytest.mark.parametrize(
     "strategy, layout", [("state_passing", "head_tail"), ("state_passing:chain", "contiguous")]
 )
-def test_state_passing_padding_never_reads_a_nan(ranks, strategy, layout):
-    """Documents of different lengths: shorter pieces are left-padded, and the padding slots read token 0."""
+def test_state_passing_lookups_never_read_a_nan(ranks, strategy, layout):
+    """A NaN in the very first token: the tail and halo slots outside a piece read token 0 and select it away."""
     for r, (ok, bad) in enumerate(ranks.run(isolation_case, 2, strategy, layout, True, first=True)):
         assert ok, f"rank {r}: {bad}"

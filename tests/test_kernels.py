@@ -361,65 +361,139 @@ def test_conv_mixed_dtype_grads():
 # carried-state correction (state-passing CP)
 
 
+def _rows_table(b, l):
+    from cp_core.kernels.correction import PieceTable
+
+    return PieceTable([r * l for r in range(b)], [l] * b, "cpu")
+
+
 @pytest.mark.parametrize("g, D_shape", [(1, "h"), (2, "hp"), (4, None)])
 def test_zero_state_ssd_plus_correction_equals_ssd_with_initial_state(g, D_shape):
-    """The identity state passing rests on: SSD(h0) = SSD(0) + exp(cumsum(A dt)) C . h0, exactly (float64)."""
-    from cp_core.kernels.correction import state_correction
+    """The identities state passing rests on, exactly (float64): SSD(h0) = SSD(0) + exp(cumsum(A dt)) C . h0,
+    and the final state from a zero start is the per-piece sum of exp(ld - acum) dt' x B^T, with
+    F(h0) = exp(ld) h0 + F(0)."""
+    from cp_core.kernels import correction as corr
 
-    inp = f64(ssd_inputs(2, 27, 4, 3, g, 5, seed=11, init=True, D_shape=D_shape))
+    b, l, h, p, n = 2, 27, 4, 3, 5
+    inp = f64(ssd_inputs(b, l, h, p, g, n, seed=11, init=True, D_shape=D_shape))
     y_ref, f_ref = run_ssd(ssd, inp, 8)
     y0, f0 = run_ssd(ssd, {**inp, "initial_states": None}, 8)
-    a = torch.nn.functional.softplus(inp["dt"] + inp["dt_bias"]) * inp["A"]  # [b, l, h]
-    acum = a.transpose(1, 2).cumsum(-1)
-    y = state_correction(y0, inp["C"], inp["initial_states"], acum, backend="torch")
-    assert_rel_close(y, y_ref, 1e-12, "output")
-    # and the final state is affine in the initial one: F(h0) = exp(sum A dt) h0 + F(0)
-    assert_rel_close(
-        torch.exp(acum[..., -1])[..., None, None] * inp["initial_states"] + f0, f_ref, 1e-12, "final"
-    )
+    table = _rows_table(b, l)
+    dtp = torch.nn.functional.softplus(inp["dt"] + inp["dt_bias"])  # [b, l, h]
+    a = (dtp * inp["A"]).reshape(b * l, h).t()  # [h, T]
+    acum = corr.segmented_cumsum(a, table)
+    flat = lambda t: t.reshape(b * l, *t.shape[2:])  # noqa: E731
+    y = corr.apply(flat(y0), flat(inp["C"]), inp["initial_states"], torch.exp(acum), table, backend="torch")
+    assert_rel_close(y.view_as(y_ref), y_ref, 1e-12, "output")
+    ld = acum[:, table.last].t()  # [b, h]
+    assert_rel_close(torch.exp(ld)[..., None, None] * inp["initial_states"] + f0, f_ref, 1e-12, "final")
+    s_f = torch.exp(ld.t()[:, table.tok_piece] - acum) * dtp.reshape(b * l, h).t()
+    F = corr.outer(flat(inp["x"]), flat(inp["B"]), s_f, table, backend="torch")
+    assert_rel_close(F, f0, 1e-12, "final from a zero start")
 
 
-def test_state_correction_torch_matches_naive_loop():
-    from cp_core.kernels.correction import state_correction_torch
+def _pieces_case(seed, lengths=(5, 0, 7, 1, 3), H=4, P=3, G=2, N=6):
+    from cp_core.kernels.correction import PieceTable
 
-    gen = torch.Generator().manual_seed(3)
-    R, L, H, P, G, N = 2, 5, 4, 3, 2, 6
-    y0, C = torch.randn(R, L, H, P, generator=gen), torch.randn(R, L, G, N, generator=gen)
-    h0, acum = torch.randn(R, H, P, N, generator=gen), -torch.rand(R, H, L, generator=gen)
-    y = state_correction_torch(y0, C, h0, acum)
-    ref = y0.double().clone()
-    for r in range(R):
-        for t in range(L):
-            for h in range(H):
-                ref[r, t, h] += torch.exp(acum[r, h, t].double()) * (
-                    h0[r, h].double() @ C[r, t, h // (H // G)].double()
-                )
-    assert_rel_close(y, ref, 1e-6)
-    yb = state_correction_torch(y0.bfloat16(), C.bfloat16(), h0, acum)
-    assert yb.dtype == torch.bfloat16  # formed in fp32, rounded once
+    gen = torch.Generator().manual_seed(seed)
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    table = PieceTable(starts, list(lengths), "cpu")
+    T, Pc = sum(lengths), len(lengths)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    return table, r(T, H, P), r(T, G, N), r(Pc, H, P, N), torch.rand(H, T, generator=gen, dtype=torch.float64)
 
 
-@pytest.mark.parametrize(
-    "shapes, match",
-    [
-        (((1, 4, 2, 3), (1, 4, 3, 5), (1, 2, 3, 5), (1, 2, 4)), "G dividing H"),
-        (((1, 4, 2, 3), (1, 4, 1, 5), (1, 2, 3, 4), (1, 2, 4)), "h0 must be"),
-        (((1, 4, 2, 3), (1, 4, 1, 5), (1, 2, 3, 5), (1, 4, 2)), "acum must be"),
-    ],
-)
-def test_state_correction_validation(shapes, match):
-    from cp_core.kernels.correction import state_correction
+def test_piece_products_match_naive_loops():
+    from cp_core.kernels import correction as corr
 
-    with pytest.raises(ValueError, match=match):
-        state_correction(*(torch.zeros(s) for s in shapes))
+    table, u, v, M, s = _pieces_case(3)
+    T, H, P = u.shape
+    G = v.shape[1]
+    out = corr.apply(u, v, M, s, table, backend="torch")
+    dv0 = torch.randn(v.shape, dtype=torch.float64)
+    dv, g = corr.tapply(u, v, M, s, table, dv=dv0.clone(), accumulate=True, backend="torch")
+    Mo = corr.outer(u, v, s, table, backend="torch")
+    piece = table.tok_piece.tolist()
+    for t in range(T):
+        pc = piece[t]
+        want_dv = dv0[t].clone()
+        for hh in range(H):
+            gg = hh // (H // G)
+            mv = M[pc, hh] @ v[t, gg]
+            assert torch.allclose(out[t, hh], u[t, hh] + s[hh, t] * mv, atol=1e-12)
+            assert torch.allclose(g[hh, t], u[t, hh] @ mv, atol=1e-12)
+            want_dv[gg] += s[hh, t] * (M[pc, hh].t() @ u[t, hh])
+        assert torch.allclose(dv[t], want_dv, atol=1e-12)
+    for pc in range(table.n_pieces):
+        want = torch.zeros(H, P, M.shape[-1], dtype=torch.float64)
+        for t in [t for t in range(T) if piece[t] == pc]:
+            for hh in range(H):
+                want[hh] += s[hh, t] * torch.outer(u[t, hh], v[t, hh // (H // G)])
+        assert torch.allclose(Mo[pc], want, atol=1e-12)  # zero for the empty piece
+
+
+def test_segmented_cumsum_restarts_at_every_piece_and_keeps_a_nan_inside():
+    from cp_core.kernels import correction as corr
+
+    table, *_ = _pieces_case(4)
+    T = table.tokens
+    gen = torch.Generator().manual_seed(6)
+    a = torch.randn(3, T, dtype=torch.float64, generator=gen).requires_grad_()
+    out = corr.segmented_cumsum(a, table)
+    parts = [a[:, s : s + n].cumsum(-1) for s, n in zip(table.starts, table.lengths, strict=True) if n]
+    ref = torch.cat(parts, -1)
+    assert torch.allclose(out, ref, atol=1e-12)
+    gy = torch.randn(3, T, dtype=torch.float64, generator=gen)
+    (ga,) = torch.autograd.grad(out, a, gy)
+    (gr,) = torch.autograd.grad(ref, a, gy)
+    assert torch.allclose(ga, gr, atol=1e-12)
+    bad = a.detach().clone()
+    bad[0, 6] = float("nan")  # piece 2 = tokens 5..11
+    o = corr.segmented_cumsum(bad, table)
+    # elsewhere the same up to the rounding of the fp64 prefix sums
+    same = lambda x, y: torch.allclose(x, y.detach(), rtol=0, atol=1e-13)  # noqa: E731
+    assert torch.isnan(o[0, 6:12]).all() and same(o[0, :6], out[0, :6])
+    assert same(o[0, 12:], out[0, 12:]) and same(o[1:], out[1:])
+    gbad = gy.clone()
+    gbad[1, 13] = float("nan")  # piece 4 = tokens 13..15: its gradient is NaN up to token 13 only
+    (g2,) = torch.autograd.grad(corr.segmented_cumsum(a, table), a, gbad)
+    assert torch.isnan(g2[1, 12:14]).sum() == 1 and torch.isnan(g2[1, 13])
+    keep = torch.ones(T, dtype=torch.bool)
+    keep[13] = False
+    assert same(g2[1, keep], ga[1, keep]) and same(g2[0], ga[0])
+
+
+def test_piece_products_validation():
+    from cp_core.kernels import correction as corr
+
+    table, u, v, M, s = _pieces_case(5)
+    with pytest.raises(ValueError, match="v must be"):
+        corr.apply(u, v[:-1], M, s, table)
+    with pytest.raises(ValueError, match="M must be"):
+        corr.apply(u, v, M[:-1], s, table)
+    with pytest.raises(ValueError, match="s must be"):
+        corr.tapply(u, v, M, s[:, :-1], table)
+    with pytest.raises(ValueError, match="divide the heads"):
+        corr.outer(u[:, :3], v, s[:3], table)
     with pytest.raises(ValueError, match="backend must be"):
-        state_correction(
-            *(torch.zeros(s) for s in ((1, 4, 2, 3), (1, 4, 1, 5), (1, 2, 3, 5), (1, 2, 4))), backend="x"
-        )
-    with pytest.raises(ValueError, match="triton correction needs"):
-        state_correction(
-            *(torch.zeros(s) for s in ((1, 4, 2, 3), (1, 4, 1, 5), (1, 2, 3, 5), (1, 2, 4))), backend="triton"
-        )
+        corr.apply(u, v, M, s, table, backend="x")
+    with pytest.raises(ValueError, match="triton piece kernels need"):
+        corr.apply(u.float(), v.float(), M, s, table, backend="triton")
+    with pytest.raises(ValueError, match="tile the stream"):
+        corr.PieceTable([0, 3], [2, 2], "cpu")
+
+
+def test_torch_ssd_phases_equal_one_call():
+    from cp_core.kernels.ssd_torch import ssd_torch, ssd_torch_phases
+
+    inp = ssd_inputs(2, 27, 4, 3, 2, 5, seed=12)
+    seq = torch.tensor([[0] * 10 + [1] * 17, [0] * 27], dtype=torch.int32)
+    kw = dict(chunk_size=8, D=inp["D"], dt_bias=inp["dt_bias"], seq_idx=seq)
+    args = [inp[k] for k in ("x", "dt", "A", "B", "C")]
+    y, f = ssd_torch(*args, return_final_states=True, **kw)
+    ph = ssd_torch_phases(*args, **kw)
+    f2 = ph.states()
+    assert torch.equal(f2, f) and torch.equal(ph.outputs(), y)
 
 
 # ----------------------------------------------------------------------------------------------------

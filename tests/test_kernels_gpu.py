@@ -235,29 +235,66 @@ def test_conv_torch_cuda_matches_cpu(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    "R, L, H, P, G, N", [(2, 1000, 32, 64, 2, 128), (3, 77, 4, 16, 1, 16), (1, 5, 6, 12, 3, 20)]
+    "lengths, H, P, G, N",
+    [([1000, 0, 3000], 32, 64, 2, 128), ([77, 5, 1, 300], 4, 16, 1, 16), ([5], 6, 12, 3, 20)],
 )
-def test_state_correction_triton_matches_torch(dtype, R, L, H, P, G, N):
-    """The fused Triton correction (forward and the three gradients) against the fp32 torch reference."""
+def test_piece_products_triton_match_torch(dtype, lengths, H, P, G, N):
+    """The Triton per-piece products (the correction, its backward, the final states) against the fp32 torch
+    reference, with pieces longer than a superblock (partial sums added in order)."""
     need_cuda()
-    from cp_core.kernels.correction import state_correction
+    from cp_core.kernels import correction as corr
 
     gen = torch.Generator(device="cuda").manual_seed(0)
-    y0 = torch.randn(R, L, H, P, device="cuda", generator=gen).to(dtype)
-    C = torch.randn(R, L, 3 * G * N, device="cuda", generator=gen).to(dtype)[..., G * N : 2 * G * N]
-    C = C.reshape(R, L, G, N)  # strided, as the mixer passes it
-    h0 = torch.randn(R, H, P, N, device="cuda", generator=gen) / N**0.5
-    acum = -torch.rand(R, H, L, device="cuda", generator=gen).cumsum(-1) * 0.05
-    gy = torch.randn(R, L, H, P, device="cuda", generator=gen).to(dtype)
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    tab = corr.PieceTable(starts, lengths, "cuda")
+    T, Pc = sum(lengths), len(lengths)
+    r = lambda *s: torch.randn(*s, device="cuda", generator=gen)  # noqa: E731
+    u = r(T, H, P).to(dtype)
+    v = r(T, 3 * G * N).to(dtype)[:, G * N : 2 * G * N].reshape(T, G, N)  # strided, as the layer passes it
+    M, s, dv0 = r(Pc, H, P, N) / N**0.5, torch.rand(H, T, device="cuda", generator=gen), r(T, G, N).to(dtype)
     res = []
-    for backend in ("torch", "triton"):
-        ts = [t.clone().requires_grad_() for t in (y0, C, h0, acum)]
-        y = state_correction(*ts, backend=backend)
-        y.backward(gy)
-        res.append([y] + [t.grad for t in ts])
-    tol = 2e-3 if dtype == torch.float32 else 1e-2  # tf32 dots; one bf16 rounding of y and dC
-    for name, a, b in zip(("y", "dy0", "dC", "dh0", "dacum"), *res, strict=True):
+    for be in ("torch", "triton"):
+        out = corr.apply(u, v, M, s, tab, backend=be)
+        dv, g = corr.tapply(u, v, M, s, tab, dv=dv0.clone(), accumulate=True, backend=be)
+        res.append((out, dv, g, corr.outer(u, v, s, tab, backend=be)))
+    tol = 2e-3 if dtype == torch.float32 else 1e-2  # tf32 dots; bf16 operands of the dots, one rounding
+    for name, a, b in zip(("apply", "tapply dv", "tapply g", "outer"), *res, strict=True):
         assert a.dtype == b.dtype and rel_err(a, b) < tol, (name, rel_err(a, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("docs", [False, True])
+def test_ssd_phases_equal_mamba_combined(dtype, docs):
+    """mamba-ssm's SSD run in two phases (final states, then outputs) and its backward with the final states'
+    gradient taken late: bit for bit ``_mamba_chunk_scan_combined_fwd`` / ``_bwd``."""
+    need(ssd_mamba, "mamba-ssm")
+    import os
+
+    from cp_core.kernels.ssd_phases import SSDForward, ssd_backward
+
+    mod = ssd_mamba.load_submodule("mamba_ssm.ops.triton.ssd_combined")[0]
+    exact = os.environ.get("MAMBA_DETERMINISTIC") == "1"
+    inp, seq, chunk, gy, gf = ssd_case(dtype, docs=docs, init=False, D_shape="h", seed=3)
+    x, dt, A, B, C, D, bias = (inp[k] for k in ("x", "dt", "A", "B", "C", "D", "dt_bias"))
+    f = SSDForward("mamba_ssm", x, dt, A, B, C, chunk, D=D, dt_bias=bias, seq_idx=seq)
+    fin, y = f.states(), f.outputs()
+    ref = mod._mamba_chunk_scan_combined_fwd(
+        x, dt, A, B, C, chunk, D=D, dt_bias=bias, seq_idx=seq, dt_softplus=True
+    )
+    assert torch.equal(y, ref[0]) and torch.equal(fin, ref[5])
+    gy = gy.to(dtype)
+    bufs = [torch.empty_like(t) for t in (x, dt, B, C)]
+    dA, dD, dbias = ssd_backward(
+        "mamba_ssm", gy, x, dt, A, B, C, chunk, D, bias, seq, dx=bufs[0], ddt=bufs[1], dB=bufs[2], dC=bufs[3],
+        dfinal=lambda: gf,
+    )  # fmt: skip
+    want = mod._mamba_chunk_scan_combined_bwd(
+        gy, x, dt, A, B, C, ref[0], chunk, D=D, dt_bias=bias, dfinal_states=gf, seq_idx=seq, dt_softplus=True
+    )
+    for name, a, w in zip(("dx", "ddt", "dA", "dB", "dC", "dD", "ddt_bias"), (*bufs[:2], dA, *bufs[2:], dD, dbias),
+                          [want[i] for i in (0, 1, 2, 3, 4, 5, 7)], strict=True):  # fmt: skip
+        # bit for bit where mamba-ssm reduces deterministically (MAMBA_DETERMINISTIC=1); else atomics
+        assert torch.equal(a, w) if exact else rel_err(a, w) < 1e-6, (name, rel_err(a, w))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

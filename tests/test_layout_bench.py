@@ -2,6 +2,7 @@
 
 import pandas as pd
 import pytest
+import torch
 
 from cpbench import layout_bench
 
@@ -96,3 +97,38 @@ def test_help_shows_defaults(capsys):
         layout_bench.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: 32768,131072)" in text and "(default: 2,4,8)" in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
+def test_without_a_gpu_the_benches_refuse_in_one_line_or_run_what_is_asked(capsys):
+    from cpbench import kernel_bench
+
+    with pytest.raises(SystemExit) as e:
+        layout_bench.main([])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "measures GPU kernels" in err
+    assert "--device cpu" in err
+    assert kernel_bench.main([]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "measures GPU kernels" in err
+
+
+def test_dry_runs_list_the_cases_without_a_device(capsys):
+    from cpbench import kernel_bench
+
+    assert layout_bench.main(["--seq-len", "8192", "--cp", "2,4", "--docs", "0,8", "--dry-run"]) == 0
+    assert "4 case(s) on cuda" in capsys.readouterr().out
+    assert kernel_bench.main(["--seq-len", "8192,16384", "--cp", "1,2", "--dry-run"]) == 0
+    assert "4 case(s)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        kernel_bench.main(["--shape", "1,2", "--dry-run"])
+    assert e.value.code == 2
+
+
+def test_help_says_they_measure_gpu_kernels(capsys):
+    from cpbench import kernel_bench
+
+    for mod in (layout_bench, kernel_bench):
+        with pytest.raises(SystemExit):
+            mod.main(["--help"])
+        assert "GPU kernels" in " ".join(capsys.readouterr().out.split())

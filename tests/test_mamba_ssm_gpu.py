@@ -146,32 +146,35 @@ def test_causal_conv1d_keeps_a_nan_in_its_document(dtype):
 
 
 def test_triton_kernels_keep_a_nan_in_its_row():
-    """The correction works row by row (a row is one document's piece); pack and gather_rows copy."""
+    """The per-piece products work piece by piece (a piece is one document's segment on a rank): a NaN in
+    piece 0 (tokens, its matrix, the scale) leaves every other piece bit for bit; pack and gather_rows copy."""
     if not correction_triton.supports(torch.empty(1, device="cuda")):
         pytest.skip("triton unavailable")
-    R, L, H, P, G, N = 3, 70, 4, 16, 2, 16
-    y0, C = randn((R, L, H, P), 1).cuda(), randn((R, L, G, N), 2).cuda()
-    h0, acum = randn((R, H, P, N), 3).cuda(), -torch.rand(R, H, L, device="cuda").cumsum(-1) * 0.05
-    gy = randn((R, L, H, P), 4).cuda()
+    from cp_core.kernels import correction as corr
+
+    lengths, H, P, G, N = [70, 33, 100], 4, 16, 2, 16
+    T = sum(lengths)
+    tab = corr.PieceTable([0, 70, 103], lengths, "cuda")
+    u, v = randn((T, H, P), 1).cuda(), randn((T, G, N), 2).cuda()
+    M, s = randn((3, H, P, N), 3).cuda(), torch.rand(H, T, device="cuda")
     runs = []
     for bad in (False, True):
-        ts = [t.clone() for t in (y0, C, h0, acum)]
-        g = gy.clone()
+        uu, vv, MM, ss = (t.clone() for t in (u, v, M, s))
         if bad:
-            ts[0][0, 5, 1, 2] = NAN
-            ts[1][0, 9, 0, 0] = NAN
-            ts[2][0, 0, 0, 0] = NAN
-            g[0, 11, 0, 0] = NAN
-        ts = [t.requires_grad_() for t in ts]
-        out = correction_triton.state_correction_triton(*ts)
-        out.backward(g)
-        runs.append([out.detach()] + [t.grad for t in ts])
-    for name, clean, bad in zip(("y", "dy0", "dC", "dh0", "dacum"), *runs, strict=True):
-        finite = bool(torch.isfinite(bad[1:]).all())
-        diff = (bad[1:] - clean[1:]).abs().max().item() if finite else float("nan")
-        assert torch.equal(bad[1:], clean[1:]), (
-            f"{name}: rows 1.. differ (finite={finite}, max diff {diff:.3g})"
+            uu[5, 1, 2] = vv[9, 0, 0] = MM[0, 0, 0, 0] = ss[1, 11] = NAN
+        dv, g = corr.tapply(uu, vv, MM, ss, tab, backend="triton")
+        runs.append(
+            (
+                corr.apply(uu, vv, MM, ss, tab, backend="triton"),
+                dv,
+                g.t(),
+                corr.outer(uu, vv, ss, tab, backend="triton"),
+            )
         )
+    for name, clean, bad in zip(("apply", "tapply dv", "tapply g", "outer"), *runs, strict=True):
+        assert torch.equal(
+            bad[70:] if name != "outer" else bad[1:], clean[70:] if name != "outer" else clean[1:]
+        ), name
     x = randn((50, 96), 5).cuda().to(torch.bfloat16)
     xb = x.clone()
     xb[7] = NAN

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from cases import cu_from_lengths, doc_lengths, randn, setting
 from ranks import verdict
 
-from cp_core import comm, hidden, state_passing
+from cp_core import comm, hidden
 from cp_core.layout import granule, shard
 from cp_core.mixer import Mamba2Config, Mamba2Mixer
 
@@ -289,37 +289,56 @@ def test_state_passing_parity_bf16(ranks, exchange):
     check(ranks.run(parity_case, 4, cfg, "head_tail", 1, 5, "bfloat16", f"state_passing:{exchange}"))
 
 
-def rows_parity_case(group, row_tokens, *args, **kw):
-    """:func:`parity_case` with state-passing pieces cut into SSD rows of ``row_tokens`` tokens."""
-    with setting(state_passing, "ROW_TOKENS", row_tokens):
-        return parity_case(group, *args, **kw)
-
-
-@pytest.mark.parametrize("row_tokens", [3, 8])
-@pytest.mark.parametrize(
-    "cp, layout, fmt", [(2, "head_tail", "thd"), (4, "contiguous", "thd"), (2, "head_tail", "bshd")]
-)
 @pytest.mark.parametrize("exchange", ["allgather", "chain"])
-def test_state_passing_pieces_in_several_rows(ranks, cp, layout, fmt, exchange, row_tokens):
-    """Pieces longer than a row: each row runs the SSD from a zero state, the rows of a piece are chained
-    locally, the exchange carries one state per piece; the halo of a later row is the previous row's
-    last tokens (3 tokens per row: exactly the conv halo)."""
-    batch, n_docs = (2, None) if fmt == "bshd" else (1, 5)
-    strategy = f"state_passing:{exchange}"
-    check(
-        ranks.run(
-            rows_parity_case,
-            cp,
-            row_tokens,
-            small_cfg(4, 2),
-            layout,
-            batch,
-            n_docs,
-            "float32",
-            strategy,
-            units=6,
-        )
-    )
+@pytest.mark.parametrize("lengths", [[2, 2, 2], [3, 0, 1, 2]])
+def test_state_passing_documents_as_rows_or_one_row(ranks, exchange, lengths):
+    """Packed documents of one length run as ``[pieces, length]`` rows (no seq_idx, final states from the
+    SSD); otherwise as one row of pieces (seq_idx, final states from the per-piece product). Both against cp 1."""
+    cfg = small_cfg(4, 2)
+    check(ranks.run(lengths_parity_case, 2, cfg, "head_tail", lengths, f"state_passing:{exchange}"))
+
+
+def lengths_parity_case(group, cfg_kw, layout, units, strategy):
+    """:func:`parity_case` on a pack of documents of ``units[i] * granule`` tokens."""
+    cp, r = comm.group_size(group), comm.group_rank(group)
+    cfg = Mamba2Config(**cfg_kw)
+    cu = cu_from_lengths([n * granule(layout, cp) * 2 for n in units])
+    x, w = randn((int(cu[-1]), cfg.d_model), 41), randn((int(cu[-1]), cfg.d_model), 42)
+    ref = _run_layer(build(cfg, None, layout, torch.float32), x, w, cu)
+    got = _run_layer(build(cfg, group, layout, torch.float32, strategy), x, w, cu, group, layout)
+    errs = _errors(got, ref, cp, r, layout, cu)
+    bad = {k: v for k, v in errs.items() if not v <= 1e-5}
+    return verdict(not bad, group), bad, max(errs.values())
+
+
+def test_state_passing_layer_is_one_lean_function():
+    """Between in_proj and the output there is one autograd node (the hand-written backward), and it keeps
+    zxbcdt, y, the pieces' initial states and the halo: nothing of the size of the conv output besides."""
+    from cp_core.comm import LocalGroup
+
+    cfg = Mamba2Config(**small_cfg(8, 4))
+    for cu in (None, cu_from_lengths([16, 0, 32])):
+        m = Mamba2Mixer(cfg, cp_group=LocalGroup(0, 2), strategy="state_passing")
+        x = torch.randn(24, 16) if cu is not None else torch.randn(2, 8, 16)
+        y = m(x.requires_grad_(), cu)
+        node = y.grad_fn
+        while type(node).__name__ != "_SPCoreBackward":
+            assert type(node).__name__ in ("ViewBackward0", "UnsafeViewBackward0"), type(node).__name__
+            node = node.next_functions[0][0]
+        assert [type(n).__name__ for n, _ in node.next_functions if n is not None][0] == "MmBackward0"
+        tokens = x.numel() // 16
+        params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+        held = [t for t in (*node.saved_tensors, *node.inter) if isinstance(t, torch.Tensor)]
+        kept = sum(t.numel() for t in held if t.untyped_storage().data_ptr() not in params)
+        pieces = 2 * (2 if cu is None else 3)  # head-tail: 2 per document (a batch row is one)
+        state = pieces * cfg.n_heads * cfg.head_dim * cfg.d_state
+        # zxbcdt, y, the norm statistics (one per token and group), h0, every piece's ld (all ranks'), the
+        # halo, A = -exp(A_log)
+        small = pieces * (3 * cfg.n_heads + 3 * cfg.conv_dim) + cfg.n_heads
+        want = tokens * (cfg.d_in_proj + cfg.d_inner + cfg.n_groups) + state + small
+        assert kept <= want < kept + tokens * cfg.conv_dim, (kept, want)  # the conv output is not kept
+        y.sum().backward()
+        assert node.inter is None  # freed by the backward
 
 
 def test_projection_mode_runs_every_strategy_in_one_process():

@@ -188,9 +188,9 @@ def _held_on_ctx(node) -> list[tuple[int, ...]]:
     return found
 
 
-def _saved_case(group, hooks):
+def _saved_case(group, hooks, kind="hidden"):
     cp, r = comm.group_size(group), comm.group_rank(group)
-    m = layer(group, "hidden")
+    m = layer(group, kind)
     x, cu = data(cp, True)
     packed = []
 
@@ -206,21 +206,21 @@ def _saved_case(group, hooks):
         y = m(xl, cu)
     held = _held_on_ctx(y.grad_fn)
     n = xl.shape[0]
-    y_shape = (n, CFG.d_inner) if cp == 1 else None
+    y_shape = (n, CFG.d_inner) if cp == 1 or kind == "state_passing" else None
     y.sum().backward()
     return held, packed, y_shape
 
 
-@pytest.mark.parametrize("cp", [1, 2])
-def test_the_core_keeps_nothing_outside_saved_tensor_hooks(ranks, cp):
+@pytest.mark.parametrize("cp, kind", [(1, "hidden"), (2, "hidden"), (2, "state_passing")])
+def test_the_core_keeps_nothing_outside_saved_tensor_hooks(ranks, cp, kind):
     """With hooks active (checkpointing, offloading) every activation the core keeps goes through them; the
     same layer without hooks holds y and the conv input on its node (freed one by one in backward), which is
     what this check sees when it fails."""
-    for held, packed, y_shape in ranks.run(_saved_case, cp, True):
+    for held, packed, y_shape in ranks.run(_saved_case, cp, True, kind):
         assert held == [], held
         if y_shape is not None:
             assert y_shape in packed
-    for held, _, _ in ranks.run(_saved_case, cp, False):
+    for held, _, _ in ranks.run(_saved_case, cp, False, kind):
         assert held, "without hooks the node holds its intermediates"
 
 

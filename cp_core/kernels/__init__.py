@@ -7,8 +7,11 @@ ssd        ``"torch"``           :mod:`.ssd_torch`, chunked SSD in torch (any de
 ssd        ``"mamba_ssm"``       :mod:`.ssd_mamba`, mamba-ssm's Triton ``mamba_chunk_scan_combined``
 conv1d     ``"torch"``           :mod:`.conv_torch`, shifted multiply-adds in torch (any device)
 conv1d     ``"causal_conv1d"``   :mod:`.conv_cuda`, causal-conv1d's CUDA ``causal_conv1d_fn``
-state_corr ``"torch"``           :mod:`.correction`, carried-state correction in fp32 torch
-state_corr ``"triton"``          :mod:`.correction_triton`, the same fused in one Triton pass
+pieces     ``"torch"``           :mod:`.correction`, state passing's per-piece products (the carried-state
+                                 correction, its backward, the final states), fp32 torch
+pieces     ``"triton"``          :mod:`.correction_triton`, the same over blocks inside one piece
+ssd phases ``"mamba_ssm"``       :mod:`.ssd_phases`, the SSD as final states then outputs (mamba-ssm's
+                                 kernels, or the torch SSD in that order) and its backward
 =========  ====================  ===============================================================
 
 ``backend="auto"`` picks the fast kernel when the tensors are on CUDA and the package imports, else
@@ -34,13 +37,11 @@ import torch
 
 from . import conv_cuda, conv_torch, correction, reference, ssd_mamba, ssd_torch  # noqa: F401  (submodules)
 from .conv_torch import check_conv_args, conv1d_torch
-from .correction import state_correction
 from .ssd_torch import check_ssd_args
 
 __all__ = [
     "ssd",
     "conv1d",
-    "state_correction",
     "resolve_backends",
     "SSD_BACKENDS",
     "CONV_BACKENDS",

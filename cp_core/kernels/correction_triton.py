@@ -1,16 +1,21 @@
-"""Triton kernels for :func:`cp_core.kernels.correction.state_correction` (reference: ``state_correction_torch``).
+"""Triton kernels of :mod:`cp_core.kernels.correction` (``apply``, ``tapply``, ``outer``; the torch
+functions there are the reference).
 
-Forward, one pass: each program takes ``BL`` tokens of one head, forms ``C . h0`` with a dot
-(fp32 accumulation), scales it by ``exp(acum)``, adds ``y0`` in fp32 and stores once. Heads are
-the fastest grid axis, so the heads of a group read the same ``C`` tile while it is in L2.
+Work is cut into *blocks* of at most ``BT`` tokens that never straddle two pieces
+(:meth:`~cp_core.kernels.correction.PieceTable.blocks`), so a program reads one piece's matrix and only
+its own tokens: no masking by document, no token of another piece loaded.
 
-Backward, two passes over ``dy`` (``s = exp(acum) * dy``):
+* ``apply``: one program per (block, head): ``dot(v [BT, N], M^T [N, P])``, times the scale, plus
+  ``base``; stored once (in place when ``out`` is ``base``). Heads are the fast grid axis, so the heads
+  of a group read the same ``v`` tile while it is in L2.
+* ``tapply``: one program per (block, group), a loop over the group's heads: ``dv += dot(s u, M)`` and
+  ``g = rowsum(u * dot(v, M^T))``; ``dv`` stored once per program (added to its contents when asked).
+* ``outer``: one program per (superblock, head), a loop over the superblock's ``BT``-token steps
+  accumulating ``dot((s u)^T, v)`` in fp32; a piece longer than a superblock leaves partial sums that
+  are added in a fixed order (no atomics: the result does not depend on scheduling).
 
-* per (``BL`` tokens, group): ``dC = sum_heads s @ h0`` and ``dacum = sum_p s * (C . h0)``;
-* per (head, slice of the tokens): partial ``dh0 = s^T @ C``, summed over the slices in torch
-  (no atomics: the result does not depend on scheduling).
-
-``dy0 = dy`` needs no kernel. Set ``TRITON_INTERPRET=1`` to run these on CPU (the tests do).
+Dots take the inputs' dtype (``M`` and ``s u`` cast to it, as mamba-ssm's SSD casts its states) and
+accumulate in fp32. ``TRITON_INTERPRET=1`` runs these on CPU (the tests do).
 """
 
 from __future__ import annotations
@@ -25,14 +30,28 @@ try:
 except ImportError:  # pragma: no cover - CPU installs without triton
     HAVE_TRITON = False
 
-# tokens per program and warps per kernel, picked on an H100 with scripts/correction_tune.py (bf16,
-# R 2, L 8192, 128 heads x 64, 8 groups, d_state 128): forward 0.42 ms, backward 1.9 ms (BL 64: 0.60, 2.3)
-BL = {"fwd": 128, "bwd": 32}
-NUM_WARPS = {"fwd": 4, "dc": 4, "dh0": 4}
+#: tokens per block (apply / tapply), per superblock (outer), warps per kernel (to be tuned on the GPU:
+#: ``scripts/correction_tune.py``)
+BT = {"apply": 64, "tapply": 64, "outer": 64}
+SUPERBLOCK = 2048
+NUM_WARPS = {"apply": 4, "tapply": 8, "outer": 4}
+
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: CUDA caps the second grid axis (the blocks here) at 65535 programs; longer grids are launched in parts
+_MAX_GRID_Y = 65535
 
 
 def supports(t: torch.Tensor) -> bool:
-    return HAVE_TRITON and t.is_cuda and t.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    """The kernels run on ``t`` on their own (CUDA; what ``backend="auto"`` picks)."""
+    return HAVE_TRITON and t.is_cuda and t.dtype in _DTYPES
+
+
+def runnable(t: torch.Tensor) -> bool:
+    """The kernels can be asked for explicitly: CUDA, or any tensor under ``TRITON_INTERPRET=1``."""
+    import os
+
+    return HAVE_TRITON and t.dtype in _DTYPES and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def _blk(n: int) -> int:
@@ -42,165 +61,174 @@ def _blk(n: int) -> int:
 if HAVE_TRITON:
 
     @triton.jit
-    def _fwd(
-        y0, C, h0, acum, y, L, H, HG, P, N,
-        sy0_r, sy0_l, sy0_h, sc_r, sc_l, sc_g, sy_r, sy_l, sy_h,
-        BL: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    def _apply_kernel(
+        base, v, M, s, out, bstart, blen, bpiece, boff,
+        T, H, HG, P, N,
+        sb_t, sb_h, sv_t, sv_g, so_t, so_h,
+        BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     ):  # fmt: skip
-        rh = tl.program_id(0)
-        r, h = rh // H, rh % H
+        blk = tl.program_id(1) + boff
+        h = tl.program_id(0)
         g = h // HG
-        ls = tl.program_id(1) * BL + tl.arange(0, BL)
+        t0 = tl.load(bstart + blk).to(tl.int64)
+        n = tl.load(blen + blk)
+        p = tl.load(bpiece + blk).to(tl.int64)
+        rows = tl.arange(0, BT)
+        ts = t0 + rows
         ps, ns = tl.arange(0, BP), tl.arange(0, BN)
-        lm, pm, nm = ls < L, ps < P, ns < N
-        r64, l64 = r.to(tl.int64), ls.to(tl.int64)
-        c = tl.load(
-            C + r64 * sc_r + l64[:, None] * sc_l + g * sc_g + ns[None, :],
-            mask=lm[:, None] & nm[None, :],
-            other=0.0,
+        tm, pm, nm = rows < n, ps < P, ns < N
+        vt = tl.load(
+            v + ts[:, None] * sv_t + g * sv_g + ns[None, :], mask=tm[:, None] & nm[None, :], other=0.0
         )
-        hs = tl.load(
-            h0 + (rh.to(tl.int64) * P + ps[:, None]) * N + ns[None, :],
-            mask=pm[:, None] & nm[None, :],
-            other=0.0,
+        mt = tl.load(
+            M + ((p * H + h) * P + ps[:, None]) * N + ns[None, :], mask=pm[:, None] & nm[None, :], other=0.0
         )
-        corr = tl.dot(c.to(tl.float32), tl.trans(hs))  # [BL, BP]
-        e = tl.exp(tl.load(acum + rh.to(tl.int64) * L + ls, mask=lm, other=0.0))
-        m2 = lm[:, None] & pm[None, :]
-        v = tl.load(y0 + r64 * sy0_r + l64[:, None] * sy0_l + h * sy0_h + ps[None, :], mask=m2, other=0.0)
-        out = v.to(tl.float32) + e[:, None] * corr
-        tl.store(
-            y + r64 * sy_r + l64[:, None] * sy_l + h * sy_h + ps[None, :], out.to(y.dtype.element_ty), mask=m2
-        )
+        corr = tl.dot(vt, tl.trans(mt.to(vt.dtype)))  # [BT, BP] fp32
+        sc = tl.load(s + h.to(tl.int64) * T + ts, mask=tm, other=0.0)
+        m2 = tm[:, None] & pm[None, :]
+        b = tl.load(base + ts[:, None] * sb_t + h * sb_h + ps[None, :], mask=m2, other=0.0).to(tl.float32)
+        res = b + sc[:, None] * corr
+        tl.store(out + ts[:, None] * so_t + h * so_h + ps[None, :], res.to(out.dtype.element_ty), mask=m2)
 
     @triton.jit
-    def _bwd_dc(
-        dy, C, h0, acum, dC, dacum, L, H, HG, P, N,
-        sd_r, sd_l, sd_h, sc_r, sc_l, sc_g,
-        BL: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    def _tapply_kernel(
+        u, v, M, s, dv, gout, bstart, blen, bpiece, boff,
+        T, H, HG, P, N,
+        su_t, su_h, sv_t, sv_g, sd_t, sd_g,
+        ACC: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     ):  # fmt: skip
-        G = H // HG
-        rg = tl.program_id(0)
-        r, g = rg // G, rg % G
-        ls = tl.program_id(1) * BL + tl.arange(0, BL)
+        blk = tl.program_id(1) + boff
+        g = tl.program_id(0)
+        t0 = tl.load(bstart + blk).to(tl.int64)
+        n = tl.load(blen + blk)
+        p = tl.load(bpiece + blk).to(tl.int64)
+        rows = tl.arange(0, BT)
+        ts = t0 + rows
         ps, ns = tl.arange(0, BP), tl.arange(0, BN)
-        lm, pm, nm = ls < L, ps < P, ns < N
-        r64, l64 = r.to(tl.int64), ls.to(tl.int64)
-        mc = lm[:, None] & nm[None, :]
-        c = tl.load(C + r64 * sc_r + l64[:, None] * sc_l + g * sc_g + ns[None, :], mask=mc, other=0.0).to(
-            tl.float32
-        )
-        dc = tl.zeros((BL, BN), dtype=tl.float32)
+        tm, pm, nm = rows < n, ps < P, ns < N
+        mv = tm[:, None] & nm[None, :]
+        vt = tl.load(v + ts[:, None] * sv_t + g * sv_g + ns[None, :], mask=mv, other=0.0)
+        acc = tl.zeros((BT, BN), dtype=tl.float32)
         for i in range(HG):
             h = g * HG + i
-            rh = r64 * H + h
-            hs = tl.load(
-                h0 + (rh * P + ps[:, None]) * N + ns[None, :], mask=pm[:, None] & nm[None, :], other=0.0
-            )
-            e = tl.exp(tl.load(acum + rh * L + ls, mask=lm, other=0.0))
-            d = tl.load(
-                dy + r64 * sd_r + l64[:, None] * sd_l + h * sd_h + ps[None, :],
-                mask=lm[:, None] & pm[None, :],
+            ut = tl.load(
+                u + ts[:, None] * su_t + h * su_h + ps[None, :], mask=tm[:, None] & pm[None, :], other=0.0
+            ).to(tl.float32)
+            mt = tl.load(
+                M + ((p * H + h) * P + ps[:, None]) * N + ns[None, :],
+                mask=pm[:, None] & nm[None, :],
                 other=0.0,
-            )
-            s = d.to(tl.float32) * e[:, None]  # [BL, BP]
-            corr = tl.dot(c, tl.trans(hs))
-            tl.store(dacum + rh * L + ls, tl.sum(s * corr, axis=1), mask=lm)
-            dc += tl.dot(s, hs)
-        # dC is written contiguous [R, L, G, N]
-        tl.store(
-            dC + ((r64 * L + l64[:, None]) * G + g) * N + ns[None, :], dc.to(dC.dtype.element_ty), mask=mc
-        )
+            ).to(vt.dtype)
+            sc = tl.load(s + h.to(tl.int64) * T + ts, mask=tm, other=0.0)
+            acc += tl.dot((ut * sc[:, None]).to(vt.dtype), mt)  # [BT, BN]
+            corr = tl.dot(vt, tl.trans(mt))  # [BT, BP]
+            tl.store(gout + h.to(tl.int64) * T + ts, tl.sum(ut * corr, axis=1), mask=tm)
+        ptr = dv + ts[:, None] * sd_t + g * sd_g + ns[None, :]
+        if ACC:
+            acc += tl.load(ptr, mask=mv, other=0.0).to(tl.float32)
+        tl.store(ptr, acc.to(dv.dtype.element_ty), mask=mv)
 
     @triton.jit
-    def _bwd_dh0(
-        dy, C, acum, part, L, H, HG, P, N, per_split,
-        sd_r, sd_l, sd_h, sc_r, sc_l, sc_g,
-        BL: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    def _outer_kernel(
+        u, v, s, out, bstart, blen, bslot, boff,
+        T, H, HG, P, N,
+        su_t, su_h, sv_t, sv_g, so_p,
+        BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     ):  # fmt: skip
-        rh = tl.program_id(0)
-        sp = tl.program_id(1)
-        r, h = rh // H, rh % H
+        sb = tl.program_id(1) + boff
+        h = tl.program_id(0)
         g = h // HG
+        t0 = tl.load(bstart + sb).to(tl.int64)
+        n = tl.load(blen + sb)
+        slot = tl.load(bslot + sb).to(tl.int64)
+        rows = tl.arange(0, BT)
         ps, ns = tl.arange(0, BP), tl.arange(0, BN)
         pm, nm = ps < P, ns < N
-        r64 = r.to(tl.int64)
         acc = tl.zeros((BP, BN), dtype=tl.float32)
-        start = sp * per_split
-        for l0 in range(start, tl.minimum(start + per_split, L), BL):
-            ls = l0 + tl.arange(0, BL)
-            lm = ls < L
-            l64 = ls.to(tl.int64)
-            e = tl.exp(tl.load(acum + rh.to(tl.int64) * L + ls, mask=lm, other=0.0))
-            d = tl.load(
-                dy + r64 * sd_r + l64[:, None] * sd_l + h * sd_h + ps[None, :],
-                mask=lm[:, None] & pm[None, :],
-                other=0.0,
+        for j in range(0, n, BT):
+            ts = t0 + j + rows
+            tm = (j + rows) < n
+            ut = tl.load(
+                u + ts[:, None] * su_t + h * su_h + ps[None, :], mask=tm[:, None] & pm[None, :], other=0.0
             )
-            s = d.to(tl.float32) * e[:, None]
-            c = tl.load(
-                C + r64 * sc_r + l64[:, None] * sc_l + g * sc_g + ns[None, :],
-                mask=lm[:, None] & nm[None, :],
-                other=0.0,
+            vt = tl.load(
+                v + ts[:, None] * sv_t + g * sv_g + ns[None, :], mask=tm[:, None] & nm[None, :], other=0.0
             )
-            acc += tl.dot(tl.trans(s), c.to(tl.float32))
-        base = (sp.to(tl.int64) * tl.num_programs(0) + rh) * P
-        tl.store(part + (base + ps[:, None]) * N + ns[None, :], acc, mask=pm[:, None] & nm[None, :])
+            sc = tl.load(s + h.to(tl.int64) * T + ts, mask=tm, other=0.0)
+            us = (ut.to(tl.float32) * sc[:, None]).to(vt.dtype)
+            acc += tl.dot(tl.trans(us), vt)
+        tl.store(
+            out + slot * so_p + (h * P + ps[:, None]) * N + ns[None, :], acc, mask=pm[:, None] & nm[None, :]
+        )
 
 
-def _last_unit(t: torch.Tensor) -> torch.Tensor:
+def _parts(n: int):
+    return [(o, min(_MAX_GRID_Y, n - o)) for o in range(0, n, _MAX_GRID_Y)]
+
+
+def _unit(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-class _Correction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y0, C, h0, acum):
-        R, L, H, P = y0.shape
-        G, N = C.shape[2:]
-        y0, C = _last_unit(y0), _last_unit(C)
-        h0, acum = h0.float().contiguous(), acum.float().contiguous()
-        y = torch.empty((R, L, H, P), device=y0.device, dtype=y0.dtype)
-        if y.numel():
-            grid = (R * H, triton.cdiv(L, BL["fwd"]))
-            _fwd[grid](
-                y0, C, h0, acum, y, L, H, H // G, P, N,
-                y0.stride(0), y0.stride(1), y0.stride(2), C.stride(0), C.stride(1), C.stride(2),
-                y.stride(0), y.stride(1), y.stride(2),
-                BL=BL["fwd"], BP=_blk(P), BN=_blk(N), num_warps=NUM_WARPS["fwd"],
+def _dims(u_or_base, v):
+    T, H, P = u_or_base.shape
+    G, N = v.shape[1:]
+    return T, H, H // G, P, G, N
+
+
+def apply(base, v, M, s, table, out):
+    T, H, HG, P, G, N = _dims(base, v)
+    base, v = _unit(base), _unit(v)
+    M, s = M.float().contiguous(), s.float().contiguous()
+    start, length, piece = table.blocks(BT["apply"])
+    if start.numel():
+        for off, nb in _parts(start.numel()):
+            _apply_kernel[(H, nb)](
+                base, v, M, s, out, start, length, piece, off, T, H, HG, P, N,
+                base.stride(0), base.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+                BT=BT["apply"], BP=_blk(P), BN=_blk(N), num_warps=NUM_WARPS["apply"],
             )  # fmt: skip
-        ctx.save_for_backward(C, h0, acum)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        C, h0, acum = ctx.saved_tensors
-        R, L, H, P = dy.shape
-        G, N = C.shape[2:]
-        dy = _last_unit(dy)
-        dC = torch.empty((R, L, G, N), device=C.device, dtype=C.dtype)
-        dacum = torch.empty_like(acum)
-        if dy.numel() == 0:
-            return dy, dC.zero_(), torch.zeros_like(h0), dacum.zero_()
-        strides = (dy.stride(0), dy.stride(1), dy.stride(2), C.stride(0), C.stride(1), C.stride(2))
-        bl = BL["bwd"]
-        blocks = dict(BL=bl, BP=_blk(P), BN=_blk(N))
-        _bwd_dc[(R * G, triton.cdiv(L, bl))](
-            dy, C, h0, acum, dC, dacum, L, H, H // G, P, N, *strides, **blocks, num_warps=NUM_WARPS["dc"]
-        )
-        # enough (head, token slice) programs to fill the device, slices a multiple of BL
-        n_blocks = triton.cdiv(L, bl)
-        splits = max(1, min(n_blocks, triton.cdiv(512, R * H)))
-        per_split = triton.cdiv(n_blocks, splits) * bl
-        splits = triton.cdiv(L, per_split)
-        part = torch.empty((splits, R, H, P, N), device=dy.device, dtype=torch.float32)
-        _bwd_dh0[(R * H, splits)](
-            dy, C, acum, part, L, H, H // G, P, N, per_split, *strides, **blocks, num_warps=NUM_WARPS["dh0"]
-        )
-        dh0 = part[0] if splits == 1 else part.sum(0)
-        return dy, dC, dh0, dacum
+    return out
 
 
-def state_correction_triton(y0, C, h0, acum):
-    """Triton :func:`cp_core.kernels.correction.state_correction` (same arguments, same result up to
-    fp32 rounding)."""
-    return _Correction.apply(y0, C, h0, acum)
+def tapply(u, v, M, s, table, dv, accumulate):
+    T, H, HG, P, G, N = _dims(u, v)
+    u, v = _unit(u), _unit(v)
+    M, s = M.float().contiguous(), s.float().contiguous()
+    g = torch.empty((H, T), dtype=torch.float32, device=u.device)
+    start, length, piece = table.blocks(BT["tapply"])
+    if start.numel():
+        for off, nb in _parts(start.numel()):
+            _tapply_kernel[(G, nb)](
+                u, v, M, s, dv, g, start, length, piece, off, T, H, HG, P, N,
+                u.stride(0), u.stride(1), v.stride(0), v.stride(1), dv.stride(0), dv.stride(1),
+                ACC=bool(accumulate), BT=BT["tapply"], BP=_blk(P), BN=_blk(N), num_warps=NUM_WARPS["tapply"],
+            )  # fmt: skip
+    return dv, g
+
+
+def outer(u, v, s, table, out):
+    T, H, HG, P, G, N = _dims(u, v)
+    u, v = _unit(u), _unit(v)
+    s = s.float().contiguous()
+    if out.shape[0] and out[0].stride() != (P * N, N, 1):
+        raise ValueError("outer: every piece's [H, P, N] block of out must be contiguous")
+    out.zero_()  # empty pieces
+    start, length, piece, rounds = table.superblocks(SUPERBLOCK)
+    if not start.numel():
+        return out
+    if rounds is None:  # one superblock per piece: straight into its row
+        dest, slot = out, piece
+    else:
+        dest = torch.empty((start.numel(), H, P, N), dtype=torch.float32, device=u.device)
+        slot = torch.arange(start.numel(), dtype=torch.int32, device=u.device)
+    for off, nb in _parts(start.numel()):
+        _outer_kernel[(H, nb)](
+            u, v, s, dest, start, length, slot, off, T, H, HG, P, N,
+            u.stride(0), u.stride(1), v.stride(0), v.stride(1), dest.stride(0),
+            BT=BT["outer"], BP=_blk(P), BN=_blk(N), num_warps=NUM_WARPS["outer"],
+        )  # fmt: skip
+    if rounds is not None:
+        for ids, pieces in rounds:  # each piece at most once per round: a fixed order of additions
+            out.index_add_(0, pieces, dest.index_select(0, ids))
+    return out

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from .isolation import DocumentGuard
 
-__all__ = ["ssd_torch", "check_ssd_args", "compute_dtype"]
+__all__ = ["ssd_torch", "ssd_torch_phases", "check_ssd_args", "compute_dtype"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -185,101 +185,152 @@ def ssd_torch(
 
     ``final_states`` is float32 (float64 when the computation ran in float64).
     """
-    if check:
-        b, l, h, p, g, n = check_ssd_args(x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, initial_states)
-    else:
-        b, l, h, p = x.shape
-        g, n = B.shape[2], B.shape[3]
-    # a non-finite value stays in its document (and after its token): see .isolation
-    guard = DocumentGuard(seq_idx, b, l, x.device)
-    (x, dt, B, C), initial_states, (A, D, dt_bias) = guard.enter(
-        [x, dt, B, C], initial_states, [A, D, dt_bias]
-    )
-    r = h // g
-    T = chunk_size
-    nc = math.ceil(l / T)
-    pad = nc * T - l
-    cdt = compute_dtype(x, dt, A, B, C, D, dt_bias, initial_states)
-
-    # dt' = softplus(dt + bias), in the accumulation dtype
-    dtp = dt.to(cdt)
-    if dt_bias is not None:
-        dtp = dtp + dt_bias.to(cdt)
-    if dt_softplus:
-        dtp = F.softplus(dtp)
-    xf, Bf, Cf = x.to(cdt), B.to(cdt), C.to(cdt)
-    if pad:
-        # padded tokens: dt' = 0 (no decay, no input), x = B = C = 0
-        dtp = F.pad(dtp, (0, 0, 0, pad))
-        xf = F.pad(xf, (0, 0, 0, 0, 0, pad))
-        Bf = F.pad(Bf, (0, 0, 0, 0, 0, pad))
-        Cf = F.pad(Cf, (0, 0, 0, 0, 0, pad))
-
-    xc = xf.view(b, nc, T, g, r, p)
-    Bc = Bf.view(b, nc, T, g, n)
-    Cc = Cf.view(b, nc, T, g, n)
-    dtc = dtp.view(b, nc, T, g, r).permute(0, 1, 3, 4, 2)  # [b, c, g, r, T]
-    dA = dtc * A.to(cdt).view(1, 1, g, r, 1)
-    dA_cs = torch.cumsum(dA, dim=-1)  # [b, c, g, r, T]
-
-    seg = None
-    if seq_idx is not None:
-        seg = document_ids(seq_idx)
-        if pad:
-            seg = torch.cat([seg, seg[:, -1:].expand(b, pad)], dim=1)
-        seg = seg.view(b, nc, T)
-
-    # 1. intra-chunk (diagonal blocks): y_i = sum_{j<=i, same doc} C_i.B_j exp(cs_i - cs_j) dt'_j x_j
-    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril(0)
-    if seg is not None:
-        keep = causal & (seg[:, :, :, None] == seg[:, :, None, :])  # [b, c, i, j]
-        keep = keep[:, :, None, None]
-    else:
-        keep = causal
-    decay = torch.exp((dA_cs[..., :, None] - dA_cs[..., None, :]).masked_fill(~keep, float("-inf")))
-    CB = torch.einsum("bcign,bcjgn->bcgij", Cc, Bc)  # [b, c, g, i, j]
-    M = CB[:, :, :, None] * decay * dtc[..., None, :]  # [b, c, g, r, i, j]
-    y = torch.einsum("bcgrij,bcjgrp->bcigrp", M, xc)
-
-    # 2. each chunk's own state at its last token (tokens of the last token's document only)
-    to_end = dA_cs[..., -1:] - dA_cs  # [b, c, g, r, T], <= 0
-    if seg is not None:
-        same_as_last = (seg == seg[:, :, -1:])[:, :, None, None, :]
-        to_end = to_end.masked_fill(~same_as_last, float("-inf"))
-    w = torch.exp(to_end) * dtc  # [b, c, g, r, T]
-    xw = xc * w.permute(0, 1, 4, 2, 3)[..., None]  # [b, c, T, g, r, p]
-    states = torch.einsum("bcjgn,bcjgrp->bcgrpn", Bc, xw)  # [b, c, g, r, p, n]
-
-    # 3. inter-chunk state passing over chunks -1 (initial state), 0, ..., nc-1, vectorised
-    if initial_states is not None:
-        init = initial_states.to(cdt).view(b, 1, g, r, p, n)
-    else:
-        init = states.new_zeros(b, 1, g, r, p, n)
-    states_ext = torch.cat([init, states], dim=1)  # [b, c+1, g, r, p, n]
-    chunk_decay = F.pad(dA_cs[..., -1], (0, 0, 0, 0, 1, 0))  # [b, c+1, g, r]; the virtual chunk: 0
-    ss = _segsum(chunk_decay.permute(0, 2, 3, 1))  # [b, g, r, z, k]
-    if seg is not None:
-        seg_last = F.pad(seg[:, :, -1], (1, 0))  # [b, c+1]: segment at the end of each chunk; virtual 0
-        same = (seg_last[:, :, None] == seg_last[:, None, :])[:, None, None]  # [b, 1, 1, z, k]
-        ss = ss.masked_fill(~same, float("-inf"))
-    passed = torch.einsum("bgrzk,bkgrpn->bzgrpn", torch.exp(ss), states_ext)  # state after chunk z-1
-    prev_states = passed[:, :-1]  # [b, c, g, r, p, n]: state entering chunk c
-    final_states = passed[:, -1]  # [b, g, r, p, n]
-
-    # 4. contribution of the incoming state: y_i += exp(cs_i) C_i h_in, tokens of the incoming document
-    from_start = dA_cs
-    if seg is not None:
-        seg_in = seg_last[:, :-1]  # [b, c]
-        same_in = (seg == seg_in[:, :, None])[:, :, None, None, :]
-        from_start = from_start.masked_fill(~same_in, float("-inf"))
-    y_off = torch.einsum("bcign,bcgrpn->bcigrp", Cc, prev_states)
-    y = y + y_off * torch.exp(from_start).permute(0, 1, 4, 2, 3)[..., None]
-
-    if D is not None:
-        Dv = D.to(cdt).view(g, r, 1) if D.dim() == 1 else D.to(cdt).view(g, r, p)
-        y = y + xc * Dv
-
-    y = y.reshape(b, nc * T, h, p)[:, :l].to(x.dtype)
+    run = _TorchSSD(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, seq_idx, initial_states, check)
+    final_states = run.states()
+    y = run.outputs()
     if return_final_states:
-        return guard.exit(y, final_states.reshape(b, h, p, n))
-    return guard.exit(y)[0]
+        return run.guard.exit(y, final_states.reshape(run.b, run.h, run.p, run.n))
+    return run.guard.exit(y)[0]
+
+
+def ssd_torch_phases(x, dt, A, B, C, *, chunk_size, D=None, dt_bias=None, dt_softplus=True, seq_idx=None):
+    """The torch SSD in the order mamba-ssm's chunked kernels run it: ``states()`` (chunk states, state
+    passing: the final state ``[b, h, p, n]``, NaN for a row whose last document holds a non-finite
+    input) first, then ``outputs()`` (``y``), so a caller can start an exchange of the final states
+    before the outputs are computed. Same numbers as :func:`ssd_torch`; for forward passes without
+    autograd (backward: autograd through :func:`ssd_torch`)."""
+    return _Phases(_TorchSSD(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, seq_idx, None, True))
+
+
+class _Phases:
+    def __init__(self, run: _TorchSSD):
+        self.run = run
+
+    def states(self) -> torch.Tensor:
+        r = self.run
+        final = r.states().reshape(r.b, r.h, r.p, r.n)
+        g = r.guard
+        last_bad = g.doc_bad.gather(1, g.seg[:, -1:])[:, 0]
+        return torch.where(last_bad.view(-1, 1, 1, 1), float("nan"), final)
+
+    def outputs(self) -> torch.Tensor:
+        return self.run.guard.exit(self.run.outputs())[0]
+
+
+class _TorchSSD:
+    """One torch SSD call, prepared (inputs guarded, chunked, ``cumsum(A dt')``); :meth:`states` (steps 2
+    and 3 of the module docstring) must run before :meth:`outputs` (steps 1 and 4, and ``D``)."""
+
+    def __init__(self, x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, seq_idx, initial_states, check):
+        if check:
+            b, l, h, p, g, n = check_ssd_args(x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, initial_states)
+        else:
+            b, l, h, p = x.shape
+            g, n = B.shape[2], B.shape[3]
+        # a non-finite value stays in its document (and after its token): see .isolation
+        guard = DocumentGuard(seq_idx, b, l, x.device)
+        (x, dt, B, C), initial_states, (A, D, dt_bias) = guard.enter(
+            [x, dt, B, C], initial_states, [A, D, dt_bias]
+        )
+        r = h // g
+        T = chunk_size
+        nc = math.ceil(l / T)
+        pad = nc * T - l
+        cdt = compute_dtype(x, dt, A, B, C, D, dt_bias, initial_states)
+
+        # dt' = softplus(dt + bias), in the accumulation dtype
+        dtp = dt.to(cdt)
+        if dt_bias is not None:
+            dtp = dtp + dt_bias.to(cdt)
+        if dt_softplus:
+            dtp = F.softplus(dtp)
+        xf, Bf, Cf = x.to(cdt), B.to(cdt), C.to(cdt)
+        if pad:
+            # padded tokens: dt' = 0 (no decay, no input), x = B = C = 0
+            dtp = F.pad(dtp, (0, 0, 0, pad))
+            xf = F.pad(xf, (0, 0, 0, 0, 0, pad))
+            Bf = F.pad(Bf, (0, 0, 0, 0, 0, pad))
+            Cf = F.pad(Cf, (0, 0, 0, 0, 0, pad))
+
+        self.xc = xf.view(b, nc, T, g, r, p)
+        self.Bc = Bf.view(b, nc, T, g, n)
+        self.Cc = Cf.view(b, nc, T, g, n)
+        self.dtc = dtp.view(b, nc, T, g, r).permute(0, 1, 3, 4, 2)  # [b, c, g, r, T]
+        dA = self.dtc * A.to(cdt).view(1, 1, g, r, 1)
+        self.dA_cs = torch.cumsum(dA, dim=-1)  # [b, c, g, r, T]
+
+        seg = None
+        if seq_idx is not None:
+            seg = document_ids(seq_idx)
+            if pad:
+                seg = torch.cat([seg, seg[:, -1:].expand(b, pad)], dim=1)
+            seg = seg.view(b, nc, T)
+        self.seg = seg
+        self.guard, self.init, self.D, self.x_dtype, self.cdt = guard, initial_states, D, x.dtype, cdt
+        self.b, self.l, self.h, self.p, self.g, self.n, self.r, self.T, self.nc = b, l, h, p, g, n, r, T, nc
+        self.prev_states = None
+
+    def states(self) -> torch.Tensor:
+        """Steps 2 and 3: the state entering every chunk (kept for :meth:`outputs`); returns the final
+        state ``[b, g, r, p, n]``."""
+        b, g, r, p, n = self.b, self.g, self.r, self.p, self.n
+        seg, dA_cs, dtc, xc, Bc = self.seg, self.dA_cs, self.dtc, self.xc, self.Bc
+        # 2. each chunk's own state at its last token (tokens of the last token's document only)
+        to_end = dA_cs[..., -1:] - dA_cs  # [b, c, g, r, T], <= 0
+        if seg is not None:
+            same_as_last = (seg == seg[:, :, -1:])[:, :, None, None, :]
+            to_end = to_end.masked_fill(~same_as_last, float("-inf"))
+        w = torch.exp(to_end) * dtc  # [b, c, g, r, T]
+        xw = xc * w.permute(0, 1, 4, 2, 3)[..., None]  # [b, c, T, g, r, p]
+        states = torch.einsum("bcjgn,bcjgrp->bcgrpn", Bc, xw)  # [b, c, g, r, p, n]
+
+        # 3. inter-chunk state passing over chunks -1 (initial state), 0, ..., nc-1, vectorised
+        if self.init is not None:
+            init = self.init.to(self.cdt).view(b, 1, g, r, p, n)
+        else:
+            init = states.new_zeros(b, 1, g, r, p, n)
+        states_ext = torch.cat([init, states], dim=1)  # [b, c+1, g, r, p, n]
+        chunk_decay = F.pad(dA_cs[..., -1], (0, 0, 0, 0, 1, 0))  # [b, c+1, g, r]; the virtual chunk: 0
+        ss = _segsum(chunk_decay.permute(0, 2, 3, 1))  # [b, g, r, z, k]
+        self.seg_last = None
+        if seg is not None:
+            self.seg_last = F.pad(seg[:, :, -1], (1, 0))  # [b, c+1]: segment at the end of each chunk
+            same = (self.seg_last[:, :, None] == self.seg_last[:, None, :])[:, None, None]  # [b, 1, 1, z, k]
+            ss = ss.masked_fill(~same, float("-inf"))
+        passed = torch.einsum("bgrzk,bkgrpn->bzgrpn", torch.exp(ss), states_ext)  # state after chunk z-1
+        self.prev_states = passed[:, :-1]  # [b, c, g, r, p, n]: state entering chunk c
+        return passed[:, -1]  # [b, g, r, p, n]
+
+    def outputs(self) -> torch.Tensor:
+        """Steps 1 and 4 and ``D``: ``y [b, l, h, p]`` in ``x``'s dtype (before the guard's exit)."""
+        if self.prev_states is None:
+            raise RuntimeError("_TorchSSD.outputs needs states() first")
+        b, g, r, p, T, nc = self.b, self.g, self.r, self.p, self.T, self.nc
+        seg, dA_cs, dtc, xc, Bc, Cc = self.seg, self.dA_cs, self.dtc, self.xc, self.Bc, self.Cc
+        # 1. intra-chunk (diagonal blocks): y_i = sum_{j<=i, same doc} C_i.B_j exp(cs_i - cs_j) dt'_j x_j
+        causal = torch.ones(T, T, dtype=torch.bool, device=xc.device).tril(0)
+        if seg is not None:
+            keep = causal & (seg[:, :, :, None] == seg[:, :, None, :])  # [b, c, i, j]
+            keep = keep[:, :, None, None]
+        else:
+            keep = causal
+        decay = torch.exp((dA_cs[..., :, None] - dA_cs[..., None, :]).masked_fill(~keep, float("-inf")))
+        CB = torch.einsum("bcign,bcjgn->bcgij", Cc, Bc)  # [b, c, g, i, j]
+        M = CB[:, :, :, None] * decay * dtc[..., None, :]  # [b, c, g, r, i, j]
+        y = torch.einsum("bcgrij,bcjgrp->bcigrp", M, xc)
+
+        # 4. contribution of the incoming state: y_i += exp(cs_i) C_i h_in, tokens of the incoming document
+        from_start = dA_cs
+        if seg is not None:
+            seg_in = self.seg_last[:, :-1]  # [b, c]
+            same_in = (seg == seg_in[:, :, None])[:, :, None, None, :]
+            from_start = from_start.masked_fill(~same_in, float("-inf"))
+        y_off = torch.einsum("bcign,bcgrpn->bcigrp", Cc, self.prev_states)
+        y = y + y_off * torch.exp(from_start).permute(0, 1, 4, 2, 3)[..., None]
+
+        D = self.D
+        if D is not None:
+            Dv = D.to(self.cdt).view(g, r, 1) if D.dim() == 1 else D.to(self.cdt).view(g, r, p)
+            y = y + xc * Dv
+
+        return y.reshape(b, nc * T, self.h, p)[:, : self.l].to(self.x_dtype)

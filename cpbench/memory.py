@@ -1,0 +1,847 @@
+"""Peak GPU memory of one sweep case, walked from the tensors its code allocates (the resource guard's
+estimate on CUDA, :func:`gpu_peak`).
+
+A case runs as one rank runs it (``--backend fake`` runs rank 0's work: the same tensors): the
+parameters, the input shard and its output gradient are live from the start; then the forward and the
+backward are walked step by step as :mod:`cp_core.pipeline` (cp 1 and hidden CP), the seed path, state
+passing and the peers (mamba-ssm's fused ``mamba_split_conv1d_scan_combined``, NeMo AutoModel's layer)
+run them, each tensor added where the code allocates it and dropped where its last reference goes. The
+peak is the largest sum of live bytes, which is what ``torch.cuda.max_memory_allocated`` reports after
+the warm-up (``peak_mem_GiB``). Inside the kernels the transient buffers of mamba-ssm 2.3's Triton SSD
+are walked too (:func:`_ssd_fwd`, :func:`_ssd_bwd`): its backward holds the chunk states and their
+gradients in fp32 and in the input dtype at once, ``12 * chunks * heads * head_dim * d_state`` bytes,
+the largest transient of the layer at long lengths.
+
+Left out: tensors of ``O(heads)`` or ``O(chunks x heads)`` bytes below the terms kept, the caching
+allocator's rounding, cuBLAS workspaces, and the copy-engine transport's mailboxes (``CP_CORE_TRANSPORT``).
+``tests/test_guard.py`` holds the walk against every committed measurement.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from cp_core.channels import chunk_groups, local_groups
+
+#: SMs of an H100 / H200 (mamba-ssm's SSD backward sizes some buffers by them)
+SM_COUNT = 132
+#: the smallest N block of mamba-ssm's backward kernels: deterministic mode keeps one fp32 buffer per block
+MIN_BLOCK_N = 32
+#: ``zxbcdt`` elements from which cp 1 computes ``z`` and ``[x|B|C|dt]`` as two tensors (cp_core.mixer)
+SPLIT_IN_PROJ_ELEMENTS = 2**31
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A Mamba2 layer's shape and element size (bytes)."""
+
+    d_model: int
+    n_heads: int
+    head_dim: int
+    n_groups: int
+    d_state: int
+    d_conv: int
+    chunk_size: int
+    elem: int
+
+    @property
+    def d_inner(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        return self.d_inner + 2 * self.n_groups * self.d_state
+
+    @property
+    def d_in_proj(self) -> int:
+        return 2 * self.d_inner + 2 * self.n_groups * self.d_state + self.n_heads
+
+    @property
+    def params(self) -> int:
+        """Parameter bytes."""
+        n = self.d_model * self.d_in_proj + self.d_inner * self.d_model
+        return self.elem * (n + self.conv_dim * (self.d_conv + 1) + 3 * self.n_heads + self.d_inner)
+
+
+@dataclass(frozen=True)
+class Work:
+    """What one rank runs: ``rows`` sequences of ``length`` global tokens (packed: one row of every pack's
+    tokens), and how.
+
+    ``exchange``: how hidden CP moves rows, ``"pieces"`` / ``"identity"`` (the all-to-all lands in place) or
+    ``"gather"`` (an all-to-all and a row gather; always with ``CP_CORE_EXCHANGE=gather``). ``doc_lens``:
+    the packed documents (padding document included), for state passing's rows and the exchange."""
+
+    cp: int
+    rows: int
+    length: int
+    backward: bool
+    strategy: str = "hidden"  # "hidden" | "state_passing" | "state_passing_chain"
+    path: str = "fused"
+    impl: str = "cp_core"
+    chunks: int = 1
+    exchange: str = "pieces"
+    slots: bool = True  # in_proj writes the send buffers (CP_CORE_EXCHANGE is not "gather")
+    deterministic: bool = False
+    layout: str = "head_tail"
+    doc_lens: tuple[int, ...] | None = None
+
+    @property
+    def local(self) -> int:
+        """This rank's tokens."""
+        return self.rows * self.length // self.cp
+
+
+class Timeline:
+    """Live bytes of named tensors; the peak and what was live at it."""
+
+    def __init__(self):
+        self.live: dict[str, int] = {}
+        self.total = 0
+        self.peak = 0
+        self.at_peak: dict[str, int] = {}
+
+    def add(self, name: str, nbytes: float) -> str:
+        if name in self.live:
+            raise KeyError(f"{name} is live already")
+        self.live[name] = int(nbytes)
+        self.total += int(nbytes)
+        if self.total > self.peak:
+            self.peak, self.at_peak = self.total, dict(self.live)
+        return name
+
+    def drop(self, *names: str) -> None:
+        for name in names:
+            self.total -= self.live.pop(name)
+
+    def drop_prefix(self, prefix: str) -> None:
+        self.drop(*[n for n in self.live if n.startswith(prefix)])
+
+    def transient(self, name: str, nbytes: float) -> None:
+        self.drop(self.add(name, nbytes))
+
+    def breakdown(self, top: int = 8) -> str:
+        """The largest tensors live at the peak, in GiB."""
+        items = sorted(self.at_peak.items(), key=lambda kv: -kv[1])[:top]
+        return ", ".join(f"{k} {v / 2**30:.2f}" for k, v in items)
+
+
+# ------------------------------------------------------------------------------------- kernels
+
+
+def _ssd_dims(s: Layer, rows: int, length: int, h: int):
+    q = s.chunk_size
+    chunks = rows * -(-length // q)
+    states = chunks * h * s.head_dim * s.d_state  # elements of [chunks, h, p, n]
+    lh = 4 * chunks * q * h  # bytes of one fp32 [rows, h, chunks, chunk] tensor
+    return chunks, states, lh
+
+
+def _ssd_fwd(
+    m: Timeline, tag: str, s: Layer, rows: int, length: int, h: int, g: int, *, z=False, keep_dA=False
+):
+    """mamba-ssm's ``_mamba_chunk_scan_combined_fwd``: leaves ``{tag}y`` (and ``{tag}y_x`` with a gate
+    ``z``; ``{tag}dA_cumsum`` with ``keep_dA``, as the autograd function saves it)."""
+    q, e = s.chunk_size, s.elem
+    chunks, states, lh = _ssd_dims(s, rows, length, h)
+    m.add(f"{tag}dA_cumsum", lh)
+    m.add(f"{tag}dt_out", lh)
+    m.add(f"{tag}states fp32", 4 * states)
+    m.add(f"{tag}passed states", e * states)
+    m.drop(f"{tag}states fp32")
+    m.add(f"{tag}CB", 4 * chunks * g * q * q)
+    out = m.add(f"{tag}y", e * rows * length * h * s.head_dim)
+    if z:
+        m.add(f"{tag}y_x", e * rows * length * h * s.head_dim)
+    m.drop(f"{tag}dt_out", f"{tag}passed states", f"{tag}CB")
+    if not keep_dA:
+        m.drop(f"{tag}dA_cumsum")
+    return out
+
+
+def _ssd_bwd(
+    m: Timeline, tag: str, w: Work, s: Layer, rows: int, length: int, h: int, g: int, *, given=True, z=False
+):
+    """mamba-ssm's ``_mamba_chunk_scan_combined_bwd``. ``given``: ``dx, ddt, dB, dC`` are the caller's
+    buffers; else they are allocated here and left live as ``{tag}dx`` ... (the autograd function's)."""
+    q, e, p, n = s.chunk_size, s.elem, s.head_dim, s.d_state
+    chunks, states, lh = _ssd_dims(s, rows, length, h)
+    tok = rows * length
+    det = w.deterministic
+    if not given:  # outputs, named "{tag}grad ..." (left live for the caller)
+        m.add(f"{tag}grad dB", e * tok * g * n)
+        m.add(f"{tag}grad dC", e * tok * g * n)
+        m.add(f"{tag}grad ddt", e * tok * h)
+    if z:  # _chunk_scan_bwd_dz: the gated output gradient, a new dout
+        m.add(f"{tag}dout gated", e * tok * h * p)
+    m.add(f"{tag}dt_in", e * tok * h)
+    m.add(f"{tag}dA_cumsum", lh)
+    m.add(f"{tag}dt_out", lh)
+    m.add(f"{tag}CB", 4 * chunks * g * q * q)
+    m.add(f"{tag}states fp32", 4 * states)
+    m.add(f"{tag}passed fp32", 4 * states)
+    m.drop(f"{tag}states fp32")
+    m.add(f"{tag}dstates fp32", 4 * states)
+    m.add(f"{tag}dstates", e * states)  # _state_passing_bwd: both in the input dtype, beside the fp32 ones
+    m.add(f"{tag}states", e * states)
+    m.drop(f"{tag}passed fp32", f"{tag}dstates fp32")
+    if not given:
+        m.add(f"{tag}grad dx", e * tok * h * p)
+    tiles_p = -(-p // MIN_BLOCK_N) if det else 1
+    tiles_n = -(-n // MIN_BLOCK_N) if det else 1
+    m.add(f"{tag}ddt fp32", lh * tiles_p)
+    if tiles_p > 1:
+        m.add(f"{tag}ddt sum", lh)
+        m.drop(f"{tag}ddt fp32")
+    per_prog = max(min(-(-chunks * h // SM_COUNT), h // g), 1)
+    splits = -(-(h // g) // per_prog)
+    for name in ("dB", "dC"):  # _chunk_state_bwd_db, _chunk_scan_bwd_dC: fp32 per split, then summed
+        m.add(f"{tag}{name} fp32 splits", 4 * tok * splits * g * n)
+        m.add(f"{tag}{name} ddA tiles", lh * tiles_n)
+        m.add(f"{tag}{name} fp32", 4 * tok * g * n)
+        m.drop(f"{tag}{name} fp32 splits")
+        if tiles_n > 1:
+            m.add(f"{tag}{name} ddA", lh)
+            m.drop(f"{tag}{name} ddA tiles")
+        else:
+            m.live[f"{tag}{name} ddA"] = m.live.pop(f"{tag}{name} ddA tiles")
+    m.add(f"{tag}dCB splits", 4 * chunks * splits * g * q * q)
+    m.add(f"{tag}dCB", 4 * chunks * g * q * q)
+    m.drop(f"{tag}dCB splits")
+    m.transient(f"{tag}ddA stable", lh * -(-q // 32))
+    m.drop_prefix(tag + "d")  # every buffer but the outputs
+    m.drop(f"{tag}CB", f"{tag}states")
+
+
+def _conv_fwd(m: Timeline, name: str, s: Layer, tok: int, channels: int, row_stride: int) -> str:
+    """causal-conv1d's channel-last forward (a copy first where the row stride is not a multiple of 8)."""
+    if row_stride % 8:
+        m.add(name + " input copy", s.elem * tok * channels)
+    m.add(name, s.elem * tok * channels)
+    if row_stride % 8:
+        m.drop(name + " input copy")
+    return name
+
+
+# ------------------------------------------------------------------------------------- the layer core
+
+
+def _core(m: Timeline, s: Layer, w: Work) -> None:
+    """cp 1 and hidden CP through :func:`cp_core.pipeline.layer_core` (cp_core's fused path)."""
+    e, cp, n, k = s.elem, w.cp, w.local, w.chunks
+    D, di, dp = s.d_model, s.d_inner, s.d_in_proj
+    tok = w.rows * w.length  # the conv/SSD tokens of one chunk (every token of the sequence at cp > 1)
+    hk = s.n_heads // cp // k
+    gk = chunk_groups(local_groups(s.n_groups, cp), k, 0)[1] if cp > 1 else s.n_groups
+    dim = hk * s.head_dim
+    cconv = dim + 2 * gk * s.d_state
+    width = cconv + hk
+    single = cp == 1 and n * dp < SPLIT_IN_PROJ_ELEMENTS
+    overlap = k > 1
+    slots = cp > 1 and w.slots
+    y_cols = slots and (di // (cp * k)) % (di // s.n_groups) == 0
+    # forward: in_proj
+    if single:
+        m.add("zxbcdt", e * n * dp)
+        x_stride = dp
+    elif slots:
+        m.add("in_proj rows", e * k * cp * width * D)
+        m.add("send slots", e * k * cp * n * width)
+        m.add("z", e * n * di)
+        m.drop("in_proj rows")
+    else:
+        m.add("z", e * n * di)
+        m.add("xbcdt", e * n * (dp - di))
+        x_stride = dp - di
+    if cp == 1:
+        _conv_fwd(m, "conv out", s, tok, cconv, x_stride)
+        m.live["y"] = m.live.pop(_ssd_fwd(m, "ssd ", s, w.rows, w.length, s.n_heads, s.n_groups))
+        m.drop("conv out")
+    else:
+        m.add("y", e * n * di)
+
+        def pre(j):
+            if w.exchange == "gather" or not slots:
+                if not slots:
+                    m.add("pack", e * tok * width)
+                m.add("recv", e * tok * width)
+                if not slots:
+                    m.drop("pack")
+                m.add(f"xh{j}", e * tok * width)
+                m.drop("recv")
+            else:
+                m.add(f"xh{j}", e * tok * width)
+
+        def compute(j):
+            _conv_fwd(m, "conv out", s, tok, cconv, width)
+            m.live[f"yh{j}"] = m.live.pop(_ssd_fwd(m, "ssd ", s, w.rows, w.length, hk, gk))
+            m.drop("conv out")
+
+        def post(j):
+            if w.exchange == "gather":
+                m.transient("y send", e * tok * dim)
+            if not y_cols:
+                m.transient("y recv", e * tok * dim)
+
+        _chunks(m, k, overlap, pre, compute, post, lambda j: f"yh{j}", keep_pre=True)
+    m.add("rstd", 4 * n * s.n_groups)
+    m.add("normed", e * n * di)
+    m.add("out", e * n * D)
+    m.drop("normed")
+    if cp > 1:
+        m.drop("send slots" if slots else "xbcdt")
+    if not w.backward:
+        return
+    # backward
+    m.add("dgrad", e * n * (dp if single else di))  # dz (with d[x|B|C|dt] beside it when single)
+    if slots:
+        m.add("dslots", e * k * cp * n * width)
+    elif not single:
+        m.add("dxbcdt", e * n * (dp - di))
+    m.add("dnormed", e * n * di)
+    m.add("dy", e * n * di)
+    m.add("normed", e * n * di)
+    m.drop("dnormed", "y", "rstd")
+    m.add("d out_proj", e * D * di)
+    m.drop("normed")
+    if cp == 1:
+        _conv_fwd(m, "conv out", s, tok, cconv, x_stride)
+        m.add("dxbc", e * tok * cconv)
+        _ssd_bwd(m, "bwd ", w, s, w.rows, w.length, s.n_heads, s.n_groups)
+        if x_stride % 8:
+            m.transient("dxbc copy", e * tok * cconv)
+        m.drop("conv out", "dxbc")
+    else:
+
+        def bpre(j):
+            if not y_cols:
+                m.add("dy pack", e * tok * dim)
+            if w.exchange == "gather":
+                m.add("dy recv", e * tok * dim)
+            m.add(f"dyh{j}", e * tok * dim)
+            for t in ("dy pack", "dy recv"):
+                if t in m.live:
+                    m.drop(t)
+
+        def bcompute(j):
+            m.add(f"dxh{j}", e * tok * width)
+            _conv_fwd(m, "conv out", s, tok, cconv, width)
+            m.add("dxbc", e * tok * cconv)
+            _ssd_bwd(m, "bwd ", w, s, w.rows, w.length, hk, gk)
+            m.drop("conv out", "dxbc", f"xh{j}")
+            if not overlap:
+                m.drop(f"dyh{j}")
+
+        def bpost(j):
+            if w.exchange == "gather":
+                m.transient("dx send", e * tok * width)
+            if not slots:
+                m.transient("dx recv", e * tok * width)
+
+        _chunks(m, k, overlap, bpre, bcompute, bpost, lambda j: f"dxh{j}", keep_pre=not overlap)
+        if overlap:
+            for j in range(k):
+                m.drop(f"dyh{j}")
+    m.drop("dy")
+    m.drop("zxbcdt" if single else "z")
+    if cp == 1 and not single:
+        m.drop("xbcdt")
+    # in_proj's backward
+    if slots:
+        m.add("in_proj rows", e * k * cp * width * D)
+        m.add("d in_proj", e * dp * D)
+        m.add("dx", e * n * D)
+        m.add("dslots side by side", e * n * k * cp * width)
+        m.transient("d in_proj rows", e * k * cp * width * D)
+    else:
+        m.add("dx", e * n * D)
+        m.add("d in_proj", e * dp * D)
+
+
+def _chunks(m: Timeline, k: int, overlap: bool, pre, compute, post, out_name, keep_pre: bool) -> None:
+    """:func:`cp_core.pipeline._run_chunks`: with overlap every ``pre`` first, and each chunk's result
+    lives until the next chunk's ``compute`` has returned (the loop variable is rebound then)."""
+    if not overlap:
+        for j in range(k):
+            pre(j)
+            compute(j)
+            post(j)
+            m.drop(out_name(j))
+        return
+    for j in range(k):
+        pre(j)
+    for j in range(k):
+        compute(j)
+        if j:
+            m.drop(out_name(j - 1))
+        post(j)
+    m.drop(out_name(k - 1))
+
+
+# ------------------------------------------------------------------------------------- composed paths
+
+
+def _seed(m: Timeline, s: Layer, w: Work) -> None:
+    """Hidden CP's seed path (``path = "seed"``): the seed's layout operations through autograd around
+    the same conv1d + SSD (:class:`cp_core.kernels.conv_ssd.ConvSSD`) and the gated norm + out_proj."""
+    e, cp, n, tok = s.elem, w.cp, w.local, w.rows * w.length
+    D, di, dp = s.d_model, s.d_inner, s.d_in_proj
+    hl, gl = s.n_heads // cp, local_groups(s.n_groups, cp)
+    dim = hl * s.head_dim
+    cconv = dim + 2 * gl * s.d_state
+    width = cconv + hl
+    m.add("zxbcdt", e * n * dp)  # kept: z, a view of it, is saved by the norm
+    m.add("parts", e * tok * width)  # every part moved, reordered, then concatenated
+    m.add("xh", e * tok * width)
+    m.drop("parts")
+    _conv_fwd(m, "conv out", s, tok, cconv, width)
+    yh = _ssd_fwd(m, "ssd ", s, w.rows, w.length, hl, gl)
+    m.drop("conv out")
+    m.add("y copies", 2 * e * n * di)
+    m.add("y", e * n * di)
+    m.drop("y copies", yh)
+    m.add("rstd", 4 * n * s.n_groups)
+    m.add("normed", e * n * di)
+    m.add("out", e * n * D)
+    m.drop("normed")
+    if not w.backward:
+        return
+    m.add("dnormed", e * n * di)
+    m.add("dy", e * n * di)
+    m.add("dz", e * n * di)
+    m.add("normed", e * n * di)
+    m.add("d out_proj", e * D * di)
+    m.drop("normed", "dnormed", "y", "rstd", "zxbcdt")
+    m.add("dy copies", 2 * e * n * di)
+    m.add("dyh", e * tok * dim)
+    m.drop("dy copies", "dy")
+    m.add("dxh", e * tok * width)
+    _conv_fwd(m, "conv out", s, tok, cconv, width)
+    m.add("dxbc", e * tok * cconv)
+    _ssd_bwd(m, "bwd ", w, s, w.rows, w.length, hl, gl)
+    m.drop("conv out", "dxbc", "xh", "dyh")
+    m.add("dx parts", e * n * (dp - di))
+    m.drop("dxh")
+    m.add("dzxbcdt", e * n * dp)
+    m.drop("dz", "dx parts")
+    m.add("dx", e * n * D)
+    m.add("d in_proj", e * dp * D)
+
+
+def sp_rows(w: Work, s: Layer) -> tuple[int, int, bool, int]:
+    """State passing's SSD rows: ``(rows, tokens per row, uniform, pieces)`` as
+    :class:`cp_core.state_passing._Pieces` lays them out."""
+    cp, k = w.cp, s.d_conv
+    nseg = 2 * cp if w.layout == "head_tail" else cp
+    nps = nseg // cp
+    doc_lens = list(w.doc_lens) if w.doc_lens else [w.length] * w.rows
+    seg = [d // nseg for d in doc_lens]
+    pieces = len(doc_lens) * nps
+    t_loc = sum(doc_lens) // cp
+    lmax = max(seg + [0])
+    if pieces * lmax <= 2 * t_loc:
+        lrow = lmax
+    else:
+        q = s.chunk_size
+        lrow = -(-max(-(-t_loc // max(pieces, 1)), 1) // q) * q
+    lrow = max(lrow, k - 1, 1)
+    per_piece = [max(1, -(-seg[p // nps] // lrow)) for p in range(pieces)]
+    if max(per_piece + [1]) == 1:
+        lrow = max(lmax, 1)
+    rows = sum(per_piece)
+    uniform = rows == pieces and all(v == lrow for v in seg) and rows * lrow == t_loc
+    return rows, lrow, uniform, pieces
+
+
+def _state_passing(m: Timeline, s: Layer, w: Work) -> None:
+    """State passing (:func:`cp_core.state_passing.state_passing_conv_ssd`, autograd through every step).
+    The function's locals (the padded rows, the exchanged and scanned states) live until it returns."""
+    e, cp, n = s.elem, w.cp, w.local
+    D, di, dp, H, C = s.d_model, s.d_inner, s.d_in_proj, s.n_heads, s.conv_dim
+    gn = s.n_groups * s.d_state
+    R, lrow, uniform, P = sp_rows(w, s)
+    nseg = 2 * cp if w.layout == "head_tail" else cp
+    docs = P // (nseg // cp)
+    segs = docs * nseg
+    lc = lrow + s.d_conv - 1
+    rt = R * lrow  # row slots (tokens plus left padding)
+    hpn = 4 * H * s.head_dim * s.d_state  # one fp32 state
+    chain = w.strategy == "state_passing_chain"
+    m.add("zxbcdt", e * n * dp)  # kept: z, a view of it, is saved by the norm
+    m.transient("tails pad", e * (n + 1) * C)
+    if uniform:
+        m.add("conv in", e * R * lc * C)
+    else:
+        m.add("local rows in", e * rt * C)
+        m.add("conv cat", e * (n + R * (s.d_conv - 1)) * C)
+        m.add("conv in", e * R * lc * C)
+        m.drop("conv cat")
+    m.add("conv out", e * R * lc * C)
+    m.add("B rows", e * rt * gn)  # padding selected to zero (BSHD: a contiguous copy for the SSD)
+    m.add("dt rows", e * rt * H)
+    m.add("x contiguous", e * rt * di)
+    m.add("C contiguous", e * rt * gn)
+    _ssd_fwd(m, "ssd ", s, R, lrow, H, s.n_groups, keep_dA=True)
+    m.live["y0"] = m.live.pop("ssd y")
+    m.add("local final states", R * hpn)
+    m.add("decay", 3 * 4 * rt * H)  # the float dt + dt_bias, its softplus (saved), the cumulative sum
+    m.transient("decay steps", 2 * 4 * rt * H)
+    if R > P:  # the rows of a piece chained: every step's state saved, the states before each row
+        m.add("compose saved", R * hpn)
+        m.add("compose h_pre", R * hpn)
+        m.add("local piece states", P * hpn)
+    if chain:
+        m.transient("chain states", 4 * docs * hpn)
+        m.add("h0", P * hpn)
+    else:
+        m.add("local payload", P * hpn)
+        m.add("local gathered", cp * P * hpn)
+        m.add("local segments", segs * hpn)
+        m.add("finite mask", segs * hpn // 4)
+        m.add("segments finite", segs * hpn)
+        m.add("scan operand", segs * hpn)  # einsum's batched product takes a permuted copy (saved)
+        m.drop("segments finite")
+        m.add("scan", segs * hpn)
+        m.add("scan cat", segs * hpn)
+        m.drop("scan")
+        m.add("local h0 all", segs * hpn)
+        m.drop("scan cat")
+        m.add("h0", P * hpn)
+    if R > P:
+        m.add("row h0 gathered", R * hpn)  # saved by the product with exp(d_pre)
+        m.add("row h0", R * hpn)
+    m.add("y", e * rt * di)
+    if not uniform:
+        m.add("y stream", e * n * di)
+        m.drop("y")
+        m.live["y"] = m.live.pop("y stream")
+    m.drop_prefix("local ")
+    m.add("rstd", 4 * n * s.n_groups)
+    m.add("normed", e * n * di)
+    m.add("out", e * n * D)
+    m.drop("normed")
+    if not w.backward:
+        return
+    m.add("dnormed", e * n * di)
+    m.add("dy", e * n * di)
+    m.add("dz", e * n * di)
+    m.add("normed", e * n * di)
+    m.add("d out_proj", e * D * di)
+    m.drop("normed", "dnormed", "y", "rstd", "zxbcdt")
+    if not uniform:
+        m.add("dy rows", e * rt * di)
+        m.drop("dy")
+        m.live["dy"] = m.live.pop("dy rows")
+    m.add("dC correction", e * rt * gn)
+    m.add("dacum", 4 * rt * H)
+    m.add("dh0 rows", (R if R > P else P) * hpn)
+    m.drop("conv out", "decay")  # C's view, saved by the correction, goes with it
+    if R > P:
+        m.drop("row h0")
+        m.add("dh0", P * hpn)
+        m.drop("row h0 gathered")
+    else:
+        m.live["dh0"] = m.live.pop("dh0 rows")
+    if chain:
+        m.transient("chain grads", 4 * docs * hpn)
+        m.drop("h0", "dh0")
+        m.add("d final", P * hpn)
+    else:
+        m.add("d h0 all", segs * hpn)
+        m.drop("dh0", "h0")
+        m.add("d scan", segs * hpn)
+        m.drop("d h0 all")
+        m.add("d scan operand", segs * hpn)
+        m.drop("d scan", "scan operand")
+        m.add("d segments", segs * hpn)
+        m.drop("d scan operand", "finite mask")
+        m.add("d gathered", cp * P * hpn)
+        m.drop("d segments")
+        m.add("d final", P * hpn)
+        m.drop("d gathered")
+    if R > P:  # back through the chained rows
+        m.add("d rows final", R * hpn)
+        m.drop("compose saved", "compose h_pre", "dh0 rows")
+    _ssd_bwd(m, "bwd ", w, s, R, lrow, H, s.n_groups, given=False)
+    m.drop("y0", "x contiguous", "dt rows", "B rows", "C contiguous", "ssd dA_cumsum", "dy", "d final")
+    if R > P:
+        m.drop("d rows final")
+    m.add("dC sum", e * rt * gn)
+    m.drop("bwd grad dC", "dC correction")
+    m.add("dxbc rows", e * rt * C)
+    m.drop("bwd grad dx", "bwd grad dB", "dC sum")
+    m.add("dconv out", e * R * lc * C)
+    m.drop("dxbc rows")
+    m.add("dconv in", e * R * lc * C)
+    m.drop("dconv out", "conv in")
+    if not uniform:
+        m.add("dxbc stream", e * n * C)
+    m.add("dxbcdt", e * n * (C + H))
+    m.drop("dconv in", "bwd grad ddt", "dacum")
+    if not uniform:
+        m.drop("dxbc stream")
+    m.add("dzxbcdt", e * n * dp)
+    m.drop("dz", "dxbcdt")
+    m.add("dx", e * n * D)
+    m.add("d in_proj", e * dp * D)
+
+
+def _fused_peer(m: Timeline, s: Layer, w: Work) -> None:
+    """mamba-ssm's ``Mamba2`` (and NeMo AutoModel's layer at cp 1): ``in_proj`` and
+    ``mamba_split_conv1d_scan_combined`` with the gated norm and ``out_proj`` inside."""
+    e, n = s.elem, w.local
+    D, di, dp, C = s.d_model, s.d_inner, s.d_in_proj, s.conv_dim
+    m.add("zxbcdt", e * n * dp)
+    _conv_fwd(m, "conv out", s, n, C, dp)
+    m.live["y"] = m.live.pop(_ssd_fwd(m, "ssd ", s, w.rows, w.length, s.n_heads, s.n_groups))
+    m.add("rstd", 4 * n * s.n_groups)
+    m.add("normed", e * n * di)
+    m.drop("conv out")
+    m.add("out", e * n * D)
+    m.drop("normed")
+    if not w.backward:
+        return
+    m.add("normed", e * n * di)  # recomputed
+    _conv_fwd(m, "conv out", s, n, C, dp)
+    m.add("dzxbcdt", e * n * dp)
+    m.add("dxbc", e * n * C)
+    m.add("dnormed", e * n * di)
+    m.add("dy", e * n * di)
+    _ssd_bwd(m, "bwd ", w, s, w.rows, w.length, s.n_heads, s.n_groups)
+    m.add("d out_proj", e * D * di)
+    m.drop("conv out", "dxbc", "normed", "dnormed", "dy", "zxbcdt", "y", "rstd")
+    m.add("dx", e * n * D)
+    m.add("d in_proj", e * dp * D)
+
+
+def _nemo(m: Timeline, s: Layer, w: Work) -> None:
+    """NeMo AutoModel's layer at cp > 1 (:class:`cpbench.peers._NemoPeer`): every part of ``zxbcdt``
+    moved by its module, the fused kernel without the norm (``y * silu(z)``), the module back, mamba-ssm's
+    RMSNorm, ``out_proj`` (whose input is saved)."""
+    e, cp, n, tok = s.elem, w.cp, w.local, w.rows * w.length
+    D, di, dp = s.d_model, s.d_inner, s.d_in_proj
+    hl, gl = s.n_heads // cp, local_groups(s.n_groups, cp)
+    dim = hl * s.head_dim
+    cconv = dim + 2 * gl * s.d_state
+    wl = dim + cconv + hl  # [z | x | B | C | dt] of this rank's heads
+    m.add("zxbcdt", e * n * dp)
+    m.add("parts", e * tok * wl)
+    m.drop("zxbcdt")
+    m.add("p", e * tok * wl)
+    m.drop("parts")
+    _conv_fwd(m, "conv out", s, tok, cconv, wl)
+    yh = _ssd_fwd(m, "ssd ", s, w.rows, w.length, hl, gl, z=True)
+    m.drop("conv out")
+    m.add("y copies", 2 * e * n * di)
+    m.add("y", e * n * di)
+    m.drop("y copies", yh)
+    m.add("rstd", 4 * n * s.n_groups)
+    m.add("normed", e * n * di)
+    m.add("out", e * n * D)
+    if not w.backward:
+        return
+    m.add("dnormed", e * n * di)
+    m.add("d out_proj", e * D * di)
+    m.add("dy", e * n * di)
+    m.drop("dnormed", "normed", "y", "rstd")
+    m.add("dy copies", 2 * e * n * di)
+    m.add("dyh", e * tok * dim)
+    m.drop("dy copies", "dy")
+    _conv_fwd(m, "conv out", s, tok, cconv, wl)
+    m.add("dp", e * tok * wl)
+    m.add("dxbc", e * tok * cconv)
+    _ssd_bwd(m, "bwd ", w, s, w.rows, w.length, hl, gl, z=True)
+    m.drop("conv out", "dxbc", "dyh", "p", "ssd y_x")
+    m.add("dparts", e * n * dp)
+    m.drop("dp")
+    m.add("dzxbcdt", e * n * dp)
+    m.drop("dparts")
+    m.add("dx", e * n * D)
+    m.add("d in_proj", e * dp * D)
+
+
+def walk(s: Layer, w: Work) -> Timeline:
+    """The timeline of one case on one rank (see the module docstring)."""
+    m = Timeline()
+    m.add("parameters", s.params)
+    m.add("input", s.elem * w.local * s.d_model)
+    if w.backward:
+        m.add("output gradient", s.elem * w.local * s.d_model)
+    if w.impl == "mamba_ssm" or (w.impl == "nemo" and w.cp == 1):
+        _fused_peer(m, s, w)
+    elif w.impl == "nemo":
+        _nemo(m, s, w)
+    elif w.strategy != "hidden" and w.cp > 1:
+        _state_passing(m, s, w)
+    elif w.path == "seed" and w.cp > 1:
+        _seed(m, s, w)
+    else:
+        _core(m, s, w)
+    return m
+
+
+def gpu_peak(s: Layer, w: Work) -> int:
+    """Peak bytes of :func:`walk`."""
+    return walk(s, w).peak
+
+
+# ------------------------------------------------------------------------------------- from a sweep case
+
+ELEMENT_SIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def layer_of(scenario, case) -> Layer:
+    lay = scenario.layer
+    return Layer(
+        lay.d_model, case.n_heads, lay.head_dim, case.n_groups, lay.d_state, lay.d_conv, lay.chunk_size,
+        ELEMENT_SIZE.get(case.dtype, 4),
+    )  # fmt: skip
+
+
+def work_of(scenario, case, deterministic: bool | None = None) -> Work:
+    """The :class:`Work` of a sweep case (its packs drawn as the sweep draws them)."""
+    import os
+
+    from cp_core import hidden
+
+    from .runner import case_cu_seqlens
+
+    if deterministic is None:
+        deterministic = (
+            scenario.run.autotune == "deterministic" or os.environ.get("MAMBA_DETERMINISTIC") == "1"
+        )
+    cu, _ = case_cu_seqlens(scenario, case)
+    host_cu = None if cu is None else tuple(int(v) for v in cu.tolist())
+    rows, length = (1, case.tokens) if host_cu else (case.batch, case.seq_len)
+    exchange = "gather"
+    if case.cp_size > 1 and case.strategy == "hidden" and hidden.EXCHANGE != "gather":
+        exchange = _exchange(case.cp_size, case.layout, rows, length, host_cu)
+    docs = None if host_cu is None else tuple(b - a for a, b in zip(host_cu[:-1], host_cu[1:], strict=True))
+    return Work(
+        cp=case.cp_size, rows=rows, length=length, backward=case.backward, strategy=case.strategy,
+        path=case.path, impl=case.impl, chunks=case.overlap_chunks or 1, exchange=exchange,
+        slots=hidden.EXCHANGE != "gather", deterministic=deterministic, layout=case.layout, doc_lens=docs,
+    )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=256)
+def _exchange(cp: int, layout: str, rows: int, length: int, host_cu) -> str:
+    """How hidden CP's all-to-all lands (:func:`cp_core.hidden._mode`)."""
+    from cp_core.plan import host_runs
+
+    runs = host_runs(cp, layout, rows, length, host_cu)
+    if runs is None:
+        return "gather"
+    n = rows * length // cp
+    return "identity" if all(len(r) == 1 and r[0][1] == i * n for i, r in enumerate(runs)) else "pieces"
+
+
+def case_peak(scenario, case, deterministic: bool | None = None) -> int:
+    """Estimated peak bytes one rank allocates on a GPU while running ``case``."""
+    return gpu_peak(layer_of(scenario, case), work_of(scenario, case, deterministic))
+
+
+def layer_refuses(s: Layer, w: Work) -> bool:
+    """Whether the layer refuses the case on CUDA before allocating it: a tensor its kernels index would
+    pass 2^31 elements (``cp_core.kernels.check_int32_extent`` in the layer core and state passing)."""
+    if w.impl != "cp_core":
+        return False
+    if w.strategy != "hidden" and w.cp > 1:
+        R, lrow, _, _ = sp_rows(w, s)
+        return R * (lrow + s.d_conv - 1) * s.conv_dim >= 2**31
+    if w.path == "seed" and w.cp > 1:
+        return False
+    hk = s.n_heads // w.cp // w.chunks
+    gk = chunk_groups(local_groups(s.n_groups, w.cp), w.chunks, 0)[1] if w.cp > 1 else s.n_groups
+    width = hk * s.head_dim + 2 * gk * s.d_state + hk
+    n = w.local
+    return max(w.rows * w.length * width, n * max(s.d_inner, s.d_in_proj - s.d_inner)) >= 2**31
+
+
+# ------------------------------------------------------------------------------------- against a results folder
+
+_KEY = ("cp_size", "seq_len", "batch", "n_heads", "n_groups", "packing", "layout", "path", "pass", "strategy")
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One ok CUDA row of a results folder with the sweep case it ran."""
+
+    scenario: object
+    case: object
+    peak_gib: float
+    deterministic: bool
+    backend: str
+
+
+@functools.lru_cache(maxsize=64)
+def _scenario(text: str, overrides: tuple[str, ...] = ()):
+    import os
+    import tempfile
+
+    from .scenario import load_scenario
+
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+        f.write(text)
+    try:
+        return load_scenario(f.name, list(overrides))
+    finally:
+        os.unlink(f.name)
+
+
+def _keyed(scenario) -> dict:
+    out = {}
+    for c in scenario.cases():
+        k = c.key(device="cuda", world_size=0, backend="")
+        out[(*[k[x] for x in _KEY], k["impl"], k["overlap_chunks"], k["dtype"])] = c
+    return out
+
+
+def _row_scenario(text: str, scenario, r, impl: str, chunks: int):
+    """A folder that joined several runs has one resolved scenario: the row's own axes, over the same cp
+    sizes (so that its packs keep their granule)."""
+    pack = '"none"' if r["packing"] == "none" else f"{{docs = {int(r['docs'])}, density = {r['density']}}}"
+    cps = sorted({*scenario.sweep.cp_size, int(r["cp_size"])})
+    sets = (
+        f"sweep.cp_size={cps}", f"sweep.seq_len=[{int(r['seq_len'])}]", f"sweep.batch=[{int(r['batch'])}]",
+        f"sweep.heads=[[{int(r['n_heads'])}, {int(r['n_groups'])}]]", f"sweep.packing=[{pack}]",
+        f'sweep.layout=["{r["layout"]}"]', f'sweep.path=["{r["path"]}"]', f'sweep.pass=["{r["pass"]}"]',
+        f'sweep.strategy=["{r["strategy"]}"]', f'sweep.impl=["{impl}"]', f"sweep.overlap_chunks=[{chunks}]",
+    )  # fmt: skip
+    return _scenario(text, sets)
+
+
+def measured(folder, min_gib: float = 0.0) -> list[Measured]:
+    """The ok CUDA rows of a results folder (its ``results.csv`` and ``meta.json``) with a ``peak_mem_GiB`` of
+    ``min_gib`` or more, each with the case of the folder's resolved scenario that ran it."""
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+
+    folder = Path(folder)
+    if not (folder / "meta.json").exists() or not (folder / "results.csv").exists():
+        return []
+    meta = json.loads((folder / "meta.json").read_text())
+    df = pd.read_csv(folder / "results.csv")
+    text = meta.get("scenario_resolved")
+    if "peak_mem_GiB" not in df or "device" not in df or not text:
+        return []
+    scenario = _scenario(text)
+    det = (meta.get("env", {}).get("settings") or {}).get("MAMBA_DETERMINISTIC") == "1"
+    cases = _keyed(scenario)
+    out = []
+    for _, r in df[(df.status == "ok") & (df.device == "cuda") & (df.peak_mem_GiB >= min_gib)].iterrows():
+        impl = r["impl"] if isinstance(r.get("impl"), str) else "cp_core"
+        k = r.get("overlap_chunks")
+        chunks = 1 if k is None or k != k else int(k)
+        key = (*[r[x].item() if hasattr(r[x], "item") else r[x] for x in _KEY], impl, chunks, r["dtype"])
+        sc, case = scenario, cases.get(key)
+        if case is None:
+            sc = _row_scenario(text, scenario, r, impl, chunks)
+            case = _keyed(sc).get(key)
+        if case is None:
+            raise ValueError(f"{folder}: no case of its scenario matches the row {key}")
+        out.append(Measured(sc, case, float(r["peak_mem_GiB"]), det, str(r["backend"])))
+    return out
