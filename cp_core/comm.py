@@ -94,24 +94,68 @@ class LocalGroup:
             raise ValueError(f"LocalGroup needs 0 <= rank < size, got rank={self.rank}, size={self.size}")
 
 
+def _is_mesh(group) -> bool:
+    return type(group).__name__ == "DeviceMesh" and hasattr(group, "get_group")
+
+
+def resolve_group(group):
+    """The process group behind ``group``: a 1-D ``DeviceMesh`` (e.g. ``mesh["cp"]``, one named dimension
+    of a larger mesh) becomes its ``ProcessGroup``; ``None``, a :class:`LocalGroup`, a ``ProcessGroup`` or
+    any object with ``size()`` and ``rank()`` (a test stub) are returned as they are."""
+    if _is_mesh(group):
+        if group.ndim != 1:
+            raise ValueError(
+                f"cp_group: a DeviceMesh must be 1-D, got {group.ndim} dimensions {group.mesh_dim_names}; "
+                f"pass its CP dimension, e.g. mesh['cp']"
+            )
+        return group.get_group()
+    if group is None or isinstance(group, LocalGroup):
+        return group
+    if not (callable(getattr(group, "size", None)) and callable(getattr(group, "rank", None))):
+        raise ValueError(
+            f"cp_group must be None, a ProcessGroup, a 1-D DeviceMesh, a LocalGroup or an object with size() "
+            f"and rank(), got {type(group).__name__}"
+        )
+    return group
+
+
 def group_size(group) -> int:
+    """Ranks in ``group``, read through the group's own ``size()`` (a ProcessGroup, a stub with ``size()``
+    and ``rank()``, a 1-D DeviceMesh); 1 for ``None``."""
     if group is None:
         return 1
     if isinstance(group, LocalGroup):
         return group.size
-    return dist.get_world_size(group)
+    return int(group.size())
 
 
 def group_rank(group) -> int:
+    """This process's rank in ``group`` (``rank()``; ``get_local_rank()`` of a 1-D DeviceMesh); 0 for ``None``."""
     if group is None:
         return 0
     if isinstance(group, LocalGroup):
         return group.rank
-    return dist.get_rank(group)
+    if _is_mesh(group):
+        return int(group.get_local_rank())
+    return int(group.rank())
+
+
+def check_buffers(what: str, sends, recvs) -> None:
+    """Every send buffer of a collective and the receive buffer it pairs with have one dtype and one size
+    (``sends[i]`` with ``recvs[i]``); ValueError naming the pair otherwise, raised before anything is sent.
+    The layer allocates both from one dtype (:attr:`cp_core.pipeline.CoreSpec.dtype`) and one agreed plan,
+    so a mismatch is a bug every rank meets at the same call: every rank raises, none waits or aborts."""
+    for i, (a, b) in enumerate(zip(sends, recvs, strict=True)):
+        if a.dtype != b.dtype or a.numel() != b.numel():
+            raise ValueError(
+                f"{what}: send buffer {i} is {a.dtype} x {a.numel()} but its receive buffer is {b.dtype} x "
+                f"{b.numel()}; no collective was issued"
+            )
 
 
 def all_to_all_single(output: torch.Tensor, input_: torch.Tensor, group) -> torch.Tensor:
     """Equal-split ``all_to_all_single`` along dim 0 (no autograd)."""
+    check_buffers("all_to_all_single", [input_], [output])
     COUNTS["all_to_all"] += 1
     if _skip(group):
         return input_
@@ -131,7 +175,12 @@ def exchange(sends: list[list[torch.Tensor]], recvs: list[list[torch.Tensor]], g
     ``p``. The pieces can be views into the final buffers (row ranges), so a permutation that moves whole
     row ranges costs no copy. One grouped launch of point-to-point operations (what NCCL's all-to-all is
     made of); the own pieces are copied locally. A :class:`LocalGroup` copies ``sends[p]`` into
-    ``recvs[p]`` (the same bytes moved, values this rank's own)."""
+    ``recvs[p]`` (the same bytes moved, values this rank's own). The pieces are symmetric (rank ``p``
+    sends this rank pieces of the sizes this rank sends it), so ``sends[p][i]`` is checked against
+    ``recvs[p][i]`` before anything moves (:func:`check_buffers`)."""
+    if len(sends) != len(recvs) or any(len(a) != len(b) for a, b in zip(sends, recvs, strict=False)):
+        raise ValueError("exchange: sends and recvs must hold the same number of pieces per rank")
+    check_buffers("exchange", [t for ts in sends for t in ts], [t for ts in recvs for t in ts])
     COUNTS["all_to_all"] += 1
     if _skip(group):
         return
@@ -141,7 +190,7 @@ def exchange(sends: list[list[torch.Tensor]], recvs: list[list[torch.Tensor]], g
             for a, b in zip(sends[p], recvs[p], strict=True):
                 b.copy_(a)
         return
-    me = dist.get_rank(group)
+    me = group_rank(group)
     first = next((t for ts in sends for t in ts), None)
     if first is not None and _copy_engines(first, group):
         mailbox.exchange(sends, recvs, group)
@@ -171,6 +220,11 @@ def exchange(sends: list[list[torch.Tensor]], recvs: list[list[torch.Tensor]], g
 
 def all_gather_into(output: torch.Tensor, input_: torch.Tensor, group) -> torch.Tensor:
     """``output[r] = input_ of rank r``; ``output`` has a new leading dim of size cp."""
+    if output.dtype != input_.dtype or output.numel() != input_.numel() * group_size(group):
+        raise ValueError(
+            f"all_gather: input {input_.dtype} x {input_.numel()} does not fill the output {output.dtype} x "
+            f"{output.numel()} over {group_size(group)} ranks; no collective was issued"
+        )
     COUNTS["all_gather"] += 1
     if _skip(group):
         return input_.unsqueeze(0).expand_as(output)

@@ -10,6 +10,13 @@ Two layouts, for sequences ``[B, L, ...]`` (sharded along dim 1) and packed docu
     Transformer Engine partitions THD batches.
 ``contiguous``
     rank ``r`` holds the ``r``-th of ``cp`` equal slices (of each document, when packed).
+``torch_head_tail``
+    the order of torch's ``context_parallel`` (``_PerDocumentHeadTailLoadBalancer``): every document is cut
+    into ``2*cp`` chunks and rearranged to ``[chunk 0, chunk 2cp-1, chunk 1, chunk 2cp-2, ...]`` in place,
+    then the rearranged pack is cut into ``cp`` equal contiguous shards. BSHD input (one document per
+    row) is the same as ``head_tail``; a pack of several documents is not (a rank's shard may hold whole
+    documents and none of another). The hidden strategy takes it as it takes the others (the token plan
+    absorbs the order); state passing and the seed path do not.
 
 :func:`positions` is the single definition of both: the global index of every local
 token, built with tensor ops on the device of ``cu_seqlens`` (no host sync). Everything
@@ -20,7 +27,9 @@ from __future__ import annotations
 
 import torch
 
-LAYOUTS = ("head_tail", "contiguous")
+LAYOUTS = ("head_tail", "contiguous", "torch_head_tail")
+#: layouts whose every rank holds the same pieces of every document (what state passing and the seed path need)
+PER_DOCUMENT = ("head_tail", "contiguous")
 
 
 def check_layout(layout: str) -> None:
@@ -43,14 +52,14 @@ def granule(layout: str, cp_size: int) -> int:
     check_layout(layout)
     if cp_size == 1:
         return 1
-    return 2 * cp_size if layout == "head_tail" else cp_size
+    return cp_size if layout == "contiguous" else 2 * cp_size
 
 
 def check_seq_len(length: int, cp_size: int, layout: str, what: str = "sequence length") -> None:
     g = granule(layout, cp_size)
     if length % g:
         raise ValueError(
-            f"{what} {length} is not a multiple of {g} (= {'2*' if layout == 'head_tail' else ''}cp_size "
+            f"{what} {length} is not a multiple of {g} (= {'' if layout == 'contiguous' else '2*'}cp_size "
             f"for layout {layout!r}, cp_size {cp_size}); pad it: nothing is dropped or padded silently"
         )
 
@@ -123,10 +132,22 @@ def positions(
     if cu_seqlens is None:
         if layout == "contiguous":
             pos = r * local + j
-        else:
+        else:  # head_tail, and torch_head_tail (the same for one document per row)
             half = local // 2
             first = j < half
             pos = torch.where(first, r * half + j, (2 * cp_size - 1 - r) * half + (j - half))
+    elif layout == "torch_head_tail":
+        # rank r holds rows [r*local, (r+1)*local) of the pack rearranged document by document to
+        # [c0, c_{2cp-1}, c1, c_{2cp-2}, ...]; q is a row of that rearranged pack
+        cu = cu_seqlens.to(torch.long)
+        lens = cu[1:] - cu[:-1]
+        q = (r * local + j).reshape(-1)
+        doc = (torch.searchsorted(cu, q, right=True) - 1).clamp_(0, lens.numel() - 1)
+        c = (lens[doc] // (2 * cp_size)).clamp_min(1)
+        o = q - cu[doc]
+        b, i = o // c, o % c  # chunk of the rearranged document, offset in it
+        k = torch.where(b % 2 == 0, b // 2, 2 * cp_size - 1 - b // 2)  # its chunk in the document
+        pos = (cu[doc] + k * c + i).view(r.shape[0], local)
     else:
         cu = cu_seqlens.to(torch.long)
         lens = cu[1:] - cu[:-1]

@@ -27,11 +27,12 @@ from . import comm
 from .agree import checked_plan
 from .channels import ChannelPlan, check_heads, local_groups, mamba_channel_plan
 from .hidden import heads_to_seq, seq_to_heads
-from .layout import check_cu_seqlens, check_layout
+from .layout import PER_DOCUMENT, check_cu_seqlens, check_layout
 from .regions import A2A_POST, A2A_PRE, LAYOUT, region
 
 __all__ = [
     "MambaContextParallel",
+    "CPConfigError",
     "_AllToAll",
     "_all_to_all",
     "_all_to_all_cp2hp",
@@ -171,11 +172,39 @@ def _reinterleave_packed_seqs(input_: torch.Tensor, cu_seqlens: torch.Tensor, cp
 # --------------------------------------------------------------------------- the class
 
 
+class CPConfigError(ValueError, AssertionError):
+    """A head/group configuration hidden-parallel CP cannot split. A ``ValueError`` (what ``cp_core`` raises
+    for bad input) that is also an ``AssertionError`` (what NeMo AutoModel's module raises for the same
+    cases), so code catching either keeps working; the messages carry NeMo's wording."""
+
+
+def _check_config(num_heads: int, n_groups: int, cp_size: int) -> None:
+    """NeMo AutoModel's checks, in its order and words, then the rest of :func:`check_heads`."""
+    if cp_size >= 1 and num_heads % cp_size:
+        raise CPConfigError(
+            f"num_heads ({num_heads}) must be divisible by cp_size ({cp_size}): hidden-parallel CP gives every "
+            f"rank num_heads/cp_size heads (the state-passing strategy has no such limit)"
+        )
+    if 1 <= n_groups < cp_size and cp_size % n_groups:
+        raise CPConfigError(
+            f"cp_size ({cp_size}) must be divisible by n_groups ({n_groups}) when n_groups < cp_size"
+        )
+    if n_groups >= cp_size >= 1 and n_groups % cp_size:
+        raise CPConfigError(f"n_groups ({n_groups}) must be divisible by cp_size ({cp_size})")
+    try:
+        check_heads(num_heads, n_groups, cp_size)
+    except ValueError as e:
+        raise CPConfigError(str(e)) from None
+
+
 class MambaContextParallel:
     """Hidden-parallel CP for one Mamba2 mixer. Owns no parameters: it slices the mixer's
     ``conv1d``, ``dt_bias``, ``A_log`` and ``D`` on the fly, so gradients land in the full parameters.
 
-    ``cp_group``: a process group, a :class:`~cp_core.comm.LocalGroup`, or ``None`` (cp_size 1).
+    ``cp_group``: a process group (read through its ``size()`` and ``rank()``, so a stub with those two
+    works for construction and slicing), a 1-D ``DeviceMesh`` (``mesh["cp"]``), a
+    :class:`~cp_core.comm.LocalGroup`, or ``None`` (cp_size 1). A configuration that cannot be split raises
+    :class:`CPConfigError` (a ``ValueError`` and an ``AssertionError``).
     """
 
     def __init__(
@@ -191,20 +220,26 @@ class MambaContextParallel:
         fused: bool = True,
     ):
         check_layout(layout)
+        if not fused and layout not in PER_DOCUMENT:
+            raise ValueError(f"the seed path (fused=False) takes a layout in {PER_DOCUMENT}, got {layout!r}")
+        cp_group = comm.resolve_group(cp_group)
         self.cp_group = cp_group
         self.cp_size = comm.group_size(cp_group)
         self.cp_rank = comm.group_rank(cp_group)
-        check_heads(num_heads, n_groups, self.cp_size)
+        _check_config(num_heads, n_groups, self.cp_size)
         if head_dim < 1 or d_state < 1:
-            raise ValueError(f"head_dim and d_state must be >= 1, got {head_dim} and {d_state}")
+            raise CPConfigError(f"head_dim and d_state must be >= 1, got {head_dim} and {d_state}")
         self.num_heads, self.head_dim, self.n_groups, self.d_state = num_heads, head_dim, n_groups, d_state
-        self.mixer = mixer
+        #: the mixer whose parameters are sliced (NeMo AutoModel's attribute name)
+        self._mixer = mixer
         self.layout = layout
         self.fused = fused
         self.d_inner = num_heads * head_dim
         self.d_inner_local = self.d_inner // self.cp_size
         self.num_heads_local = num_heads // self.cp_size
         self.n_groups_local = local_groups(n_groups, self.cp_size)
+        #: ranks that hold a copy of each group of B/C (``cp_size // n_groups`` when ``n_groups < cp_size``)
+        self.group_repeat_count = self.cp_size // n_groups if n_groups < self.cp_size else 1
         self._chan = {
             z: mamba_channel_plan(self.cp_size, num_heads, head_dim, n_groups, d_state, with_z=z)
             for z in (True, False)
@@ -348,24 +383,35 @@ class MambaContextParallel:
         k = n // self.cp_size
         return param[self.cp_rank * k : (self.cp_rank + 1) * k]
 
-    def _mixer(self):
-        if self.mixer is None:
+    @property
+    def mixer(self) -> torch.nn.Module | None:
+        """The mixer whose parameters are sliced (``_mixer``, NeMo AutoModel's name)."""
+        return self._mixer
+
+    def _require_mixer(self):
+        if self._mixer is None:
             raise ValueError("MambaContextParallel was built without a mixer: no parameters to slice")
-        return self.mixer
+        return self._mixer
 
-    def get_conv1d_weight(self) -> torch.Tensor:
-        """``conv1d.weight [conv_dim, 1, k]`` -> ``[conv_dim_local, k]``."""
-        return self._slice_conv_param(self._mixer().conv1d.weight).squeeze(1)
+    def get_conv1d_weight(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """``conv1d.weight [conv_dim, 1, k]`` (the mixer's, or ``weight``) -> ``[conv_dim_local, k]``."""
+        w = self._require_mixer().conv1d.weight if weight is None else weight
+        return self._slice_conv_param(w).squeeze(1)
 
-    def get_conv1d_bias(self) -> torch.Tensor | None:
-        bias = self._mixer().conv1d.bias
-        return None if bias is None else self._slice_conv_param(bias)
+    def get_conv1d_bias(self, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+        """``conv1d.bias [conv_dim]`` (the mixer's, or ``bias``) -> ``[conv_dim_local]``; None for a conv
+        without bias."""
+        b = self._require_mixer().conv1d.bias if bias is None else bias
+        return None if b is None else self._slice_conv_param(b)
 
-    def get_dt_bias(self) -> torch.Tensor:
-        return self._slice_vector_param(self._mixer().dt_bias)
+    def get_dt_bias(self, dt_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's heads of ``dt_bias`` (the mixer's, or the tensor given): a view."""
+        return self._slice_vector_param(self._require_mixer().dt_bias if dt_bias is None else dt_bias)
 
-    def get_A_log(self) -> torch.Tensor:
-        return self._slice_vector_param(self._mixer().A_log)
+    def get_A_log(self, A_log: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's heads of ``A_log`` (the mixer's, or the tensor given): a view."""
+        return self._slice_vector_param(self._require_mixer().A_log if A_log is None else A_log)
 
-    def get_D(self) -> torch.Tensor:
-        return self._slice_vector_param(self._mixer().D)
+    def get_D(self, D: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's heads (or channels, for ``D [d_inner]``) of ``D`` (the mixer's, or the tensor given): a view."""
+        return self._slice_vector_param(self._require_mixer().D if D is None else D)

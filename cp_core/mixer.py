@@ -26,18 +26,20 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from . import comm, hidden, kernels
+from . import comm, compiled, hidden, kernels
 from .agree import checked_plan
 from .channels import ChannelPlan, check_chunks, chunk_groups, local_groups, mamba_channel_plan
 from .kernels import conv_cuda, ssd_mamba
 from .kernels.conv_ssd import ConvSSDSpec, conv_ssd, fused_available
 from .kernels.norm import gated_norm_out_proj, gated_rmsnorm_torch
 from .kernels.norm import resolve as resolve_norm
-from .layout import check_layout, check_seq_len
+from .layout import PER_DOCUMENT, check_layout, check_seq_len
 from .mamba_cp import MambaContextParallel
 from .pipeline import CoreSpec, layer_core, slot_in_proj, slot_rows, split_in_proj
 from .plan import get_plan
@@ -50,6 +52,32 @@ SPLIT_IN_PROJ_ELEMENTS = 2**31
 
 #: ``"state_passing_chain"`` is ``strategy="state_passing", state_exchange="chain"`` in one name.
 STRATEGIES = ("hidden", "state_passing", "state_passing_chain")
+
+
+class Weights(NamedTuple):
+    """The layer's parameters as one forward uses them: the module's own, or (under autocast) copies in the
+    compute dtype made once per forward, so gradients flow back to the module's parameters in theirs."""
+
+    in_proj: torch.Tensor
+    conv: torch.Tensor  # [conv_dim, 1, d_conv]
+    conv_bias: torch.Tensor | None
+    dt_bias: torch.Tensor
+    A_log: torch.Tensor
+    D: torch.Tensor
+    norm: torch.Tensor
+    out_proj: torch.Tensor
+
+
+def autocast_dtype(x) -> torch.dtype | None:
+    """The dtype autocast computes in on ``x``'s device, or None when autocast is off there."""
+    if not isinstance(x, torch.Tensor):
+        return None
+    kind = x.device.type
+    try:
+        on = torch.is_autocast_enabled(kind)
+    except (TypeError, RuntimeError):  # a device type autocast does not know
+        return None
+    return torch.get_autocast_dtype(kind) if on else None
 
 
 @dataclass(frozen=True)
@@ -130,6 +158,10 @@ def _check_exchange(n_groups: int, cp_size: int, chunks: int) -> None:
 
 
 class Mamba2Mixer(nn.Module):
+    #: under ``torch.compile``, run the layer (cp 1, hidden CP) as one custom op (:mod:`cp_core.compiled`);
+    #: False: the compiler meets the autograd functions themselves (graph breaks around them)
+    COMPILE_AS_OP = True
+
     def __init__(
         self,
         config: Mamba2Config,
@@ -157,10 +189,16 @@ class Mamba2Mixer(nn.Module):
                 raise ValueError(f"{kind}_backend must be 'auto' or one of {valid}, got {name!r}")
         if strategy == "state_passing_chain":
             strategy, state_exchange = "state_passing", "chain"
+        if layout not in PER_DOCUMENT and (strategy != "hidden" or not fused):
+            raise ValueError(
+                f"layout {layout!r} (torch's context_parallel order) runs with strategy='hidden', fused=True; "
+                f"state passing and the seed path need a layout in {PER_DOCUMENT}"
+            )
         if state_exchange not in ("allgather", "chain"):
             raise ValueError(f"state_exchange must be 'allgather' or 'chain', got {state_exchange!r}")
         self.state_exchange = state_exchange
         c = self.config = config
+        cp_group = comm.resolve_group(cp_group)  # a 1-D DeviceMesh (mesh["cp"]) -> its ProcessGroup
         self.cp_group, self.layout, self.strategy, self.fused = cp_group, layout, strategy, fused
         self.cp_size = comm.group_size(cp_group)
         self.ssd_backend, self.conv_backend = ssd_backend, conv_backend
@@ -190,7 +228,13 @@ class Mamba2Mixer(nn.Module):
         self.overlap_chunks = overlap_chunks
         self.backends: dict[str, str] = {}
         self._specs: dict = {}
+        self._uid = compiled.register(self)  # how the compiled op finds this layer
         self.reset_parameters()
+
+    def __setstate__(self, state):  # a copy (deepcopy, pickle) is a layer of its own for the compiled op
+        super().__setstate__(state)
+        self._specs = {}
+        self._uid = compiled.register(self)
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -244,35 +288,113 @@ class Mamba2Mixer(nn.Module):
         self.backends["conv_ssd"] = spec.backend
         return spec
 
-    def _local_params(self):
+    def weights(self, dtype: torch.dtype | None = None) -> Weights:
+        """The parameters for one forward; with ``dtype``, floating ones in that dtype (differentiable casts:
+        the layer then computes exactly as one whose parameters are ``dtype``)."""
+        w = Weights(
+            self.in_proj.weight,
+            self.conv1d.weight,
+            self.conv1d.bias,
+            self.dt_bias,
+            self.A_log,
+            self.D,
+            self.norm.weight,
+            self.out_proj.weight,
+        )
+        if dtype is None:
+            return w
+        return Weights(*(None if t is None else t.to(dtype) if t.is_floating_point() else t for t in w))
+
+    def _local_params(self, w: Weights | None = None):
         """This rank's ``conv_w [c, k]``, ``conv_b``, ``dt_bias``, ``A`` (fp32), ``D`` (differentiable slices)."""
+        cw, b, dtb, alog, D = self._local_slices(w)
+        return cw, b, dtb, -torch.exp(alog.float()), D
+
+    def _local_slices(self, w: Weights | None = None):
+        """This rank's ``conv_w [c, k]``, ``conv_b``, ``dt_bias``, ``A_log``, ``D`` (differentiable slices)."""
         c = self.config
+        w = self.weights() if w is None else w
         if self.cp is None:
-            w, b, dtb, alog, D = (
-                self.conv1d.weight.squeeze(1),
-                self.conv1d.bias,
-                self.dt_bias,
-                self.A_log,
-                self.D,
-            )
+            cw, b, dtb, alog, D = w.conv.squeeze(1), w.conv_bias, w.dt_bias, w.A_log, w.D
         else:
             cp = self.cp
-            w, b, dtb, alog, D = (
-                cp.get_conv1d_weight(),
-                cp.get_conv1d_bias(),
-                cp.get_dt_bias(),
-                cp.get_A_log(),
-                cp.get_D(),
+            cw, b, dtb, alog, D = (
+                cp.get_conv1d_weight(w.conv),
+                None if w.conv_bias is None else cp.get_conv1d_bias(w.conv_bias),
+                cp.get_dt_bias(w.dt_bias),
+                cp.get_A_log(w.A_log),
+                cp.get_D(w.D),
             )
         if c.D_has_hdim:
             D = D.view(-1, c.head_dim)
-        return w, b, dtb, -torch.exp(alog.float()), D
+        return cw, b, dtb, alog, D
 
-    def _core_spec(self, x: torch.Tensor, plan, batch: int, length: int) -> CoreSpec:
+    def _chunks(self, x: torch.Tensor) -> int:
+        """Head chunks of the core (1 at cp 1); by default 2 on CUDA where the groups allow (measured: never
+        slower, less memory)."""
         c, cp = self.config, self.cp_size
         k = self.overlap_chunks if cp > 1 else 1
-        if k is None:  # 2 head chunks on CUDA where the groups allow (measured: never slower, less memory)
+        if k is None:
             k = 2 if x.is_cuda and (c.n_groups // cp) % 2 == 0 and c.n_groups >= cp else 1
+        return k
+
+    def _core_mode(self, x: torch.Tensor) -> str | None:
+        """How the core path takes ``in_proj``'s output: ``"whole"`` (one ``zxbcdt``), ``"split"`` (``z`` and
+        ``[x|B|C|dt]`` as two tensors), ``"slot"`` (``in_proj`` writes the all-to-all's send slots); None
+        where the layer is not the core (the seed path, state passing at cp > 1)."""
+        c, cp = self.config, self.cp_size
+        if not (cp == 1 or (self.strategy == "hidden" and self.fused)):
+            return None
+        if cp > 1:
+            return "split" if hidden.EXCHANGE == "gather" else "slot"
+        # past 2^31 elements of zxbcdt the Triton kernels' int32 offsets of a strided view overflow
+        return "split" if x.numel() // c.d_model * c.d_in_proj >= SPLIT_IN_PROJ_ELEMENTS else "whole"
+
+    def _core_setup(self, x: torch.Tensor, cu_seqlens, conv_w=None):
+        """``(plan, batch, length, spec, mode)`` of this call; ``spec`` and ``mode`` None off the core path."""
+        packed = cu_seqlens is not None
+        length = x.shape[-2] * self.cp_size
+        batch = 1 if packed else x.shape[0]
+        if packed:
+            plan = get_plan(self.cp_size, self.layout, 1, length, x.device, cu_seqlens)
+        else:
+            check_seq_len(length, self.cp_size, self.layout)
+            plan = None
+            if self.cp_size > 1 and self.strategy == "hidden":
+                plan = get_plan(self.cp_size, self.layout, batch, length, x.device)
+        mode = self._core_mode(x)
+        spec = None if mode is None else self._core_spec(x, plan, batch, length, conv_w)
+        return plan, batch, length, spec, mode
+
+    def _saved_meta(self, x: torch.Tensor) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        """Shapes and dtypes of what the core path keeps for backward besides its inputs, in the order
+        :mod:`cp_core.compiled` returns them (``zx``, ``keep_x``, ``y``, the norm statistics, every head
+        chunk's conv input), computed from shapes alone (no plan, no tensor): the compiled op's fake."""
+        c, cp = self.config, self.cp_size
+        mode, k, dt = self._core_mode(x), self._chunks(x), x.dtype
+        lead, n = tuple(x.shape[:-1]), x.numel() // c.d_model
+        norm_group = c.d_inner // c.n_groups
+        w_slot = c.d_inner // (cp * k)
+        y_cols = cp > 1 and mode == "slot" and w_slot % norm_group == 0
+        meta = [
+            (lead + (c.d_in_proj if mode == "whole" else c.d_inner,), dt),
+            (lead + (c.d_in_proj - c.d_inner,) if cp == 1 and mode == "split" else (0,), dt),
+            ((k * cp, n, w_slot) if y_cols else (n, c.d_inner), dt),
+        ]
+        if resolve_norm("auto", x) == "triton":
+            meta += [((w_slot // norm_group * n,), torch.float32)] * (k * cp) if y_cols else []
+            meta += [] if y_cols else [((c.d_inner // norm_group * n,), torch.float32)]
+        if cp > 1:
+            nh, ng = c.n_heads // cp // k, chunk_groups(local_groups(c.n_groups, cp), k, 0)[1]
+            meta += [((n * cp, nh * c.head_dim + 2 * ng * c.d_state + nh), dt)] * k
+        return meta
+
+    def _core_spec(self, x: torch.Tensor, plan, batch: int, length: int, conv_w=None) -> CoreSpec:
+        """The layer core's static description for ``x``'s dtype (the compute dtype) and device; ``conv_w``:
+        the conv weight the forward uses (``[conv_dim, 1, k]``, in the compute dtype), for the backend choice."""
+        c, cp = self.config, self.cp_size
+        conv_w = self.conv1d.weight if conv_w is None else conv_w
+        k = self._chunks(x)
         key = (
             id(plan),
             k,
@@ -289,7 +411,7 @@ class Mamba2Mixer(nn.Module):
             self.backends = dict(hit[2])
             return hit[1]
         h_loc, g_loc = c.n_heads // cp, local_groups(c.n_groups, cp)
-        conv = self._conv_spec(x, h_loc // k, chunk_groups(g_loc, k, 0)[1], self.conv1d.weight.squeeze(1))
+        conv = self._conv_spec(x, h_loc // k, chunk_groups(g_loc, k, 0)[1], conv_w.squeeze(1))
         if x.is_cuda:  # the same shapes on every rank: all raise before the first collective
             n_loc = batch * length // cp
             kernels.check_int32_extent(
@@ -331,6 +453,7 @@ class Mamba2Mixer(nn.Module):
             else ()
         )
         spec = CoreSpec(
+            dtype=x.dtype,
             d_inner=c.d_inner,
             norm_group=norm_group,
             eps=c.norm_eps,
@@ -357,14 +480,12 @@ class Mamba2Mixer(nn.Module):
         self._specs[key] = (plan, spec, dict(self.backends))
         return spec
 
-    def _norm_out(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def _norm_out(self, y: torch.Tensor, z: torch.Tensor, w: Weights) -> torch.Tensor:
         c = self.config
         with region(NORM_PROJ):
             backend = resolve_norm("auto", y)
             self.backends["norm"] = backend
-            return gated_norm_out_proj(
-                y, z, self.norm.weight, self.out_proj.weight, c.norm_eps, c.d_inner // c.n_groups, backend
-            )
+            return gated_norm_out_proj(y, z, w.norm, w.out_proj, c.norm_eps, c.d_inner // c.n_groups, backend)
 
     # ------------------------------------------------------------------ input validation
 
@@ -421,7 +542,7 @@ class Mamba2Mixer(nn.Module):
             "call": "mixer",
             "strategy": strategy if self.strategy == "state_passing" else self._hidden_mode(),
             "width": c.d_model,
-            "dtype": str(getattr(x, "dtype", "")),
+            "dtype": str(autocast_dtype(x) or getattr(x, "dtype", "")),  # the compute dtype
             "config": repr(c),
         }
         device = x.device if isinstance(x, torch.Tensor) else "cpu"
@@ -437,15 +558,34 @@ class Mamba2Mixer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """This rank's shard ``[B, L/cp, d_model]`` (or packed ``[T/cp, d_model]`` with the global padded
-        ``cu_seqlens``) -> the output shard of the same shape.
+        ``cu_seqlens``) -> the output shard of the same shape (a tensor of its own, not a view: in-place
+        residual adds work).
 
         cp 1 and the hidden strategy (``fused=True``) run :func:`cp_core.pipeline.layer_core`: one autograd
         function from ``in_proj``'s output to ``out_proj``'s, its backward hand-written (nothing is kept but
         ``zxbcdt``, the head-sharded conv input and ``y``), the all-to-alls optionally pipelined over
-        ``overlap_chunks`` head chunks; state passing runs :func:`cp_core.state_passing.state_passing_layer`, the same
-        kind of function (hand-written backward). The seed path (``fused=False``) composes the same
-        kernels through autograd."""
+        ``overlap_chunks`` head chunks; state passing runs :func:`cp_core.state_passing.state_passing_layer`, the
+        same kind of function (hand-written backward). The seed path (``fused=False``) composes the same
+        kernels through autograd.
+
+        Under ``torch.autocast`` the layer computes in the autocast dtype exactly as a layer whose parameters
+        are in that dtype: the input and the parameters are cast once (differentiably: the gradients reach
+        the parameters in their own dtype) and the layer runs with autocast off, so every kernel, buffer
+        and collective of the layer sees one dtype."""
+        if (
+            self.COMPILE_AS_OP
+            and torch.compiler.is_compiling()
+            and self._core_mode(hidden_states) is not None
+        ):
+            return compiled.compiled_forward(self, hidden_states, cu_seqlens)  # one op, no graph break
         self._check_input(hidden_states, cu_seqlens)
+        dtype = autocast_dtype(hidden_states)
+        if dtype is None:
+            return self._forward(hidden_states, cu_seqlens, self.weights())
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            return self._forward(hidden_states.to(dtype), cu_seqlens, self.weights(dtype))
+
+    def _forward(self, hidden_states: torch.Tensor, cu_seqlens, w: Weights) -> torch.Tensor:
         c = self.config
         packed = cu_seqlens is not None
         if hidden_states.dim() != (2 if packed else 3) or hidden_states.shape[-1] != c.d_model:
@@ -453,46 +593,35 @@ class Mamba2Mixer(nn.Module):
                 f"hidden_states must be {'[T/cp, d_model]' if packed else '[B, L/cp, d_model]'} with d_model "
                 f"{c.d_model}, got shape {tuple(hidden_states.shape)}"
             )
-        length = hidden_states.shape[-2] * self.cp_size
-        batch = 1 if packed else hidden_states.shape[0]
-        if packed:
-            plan = get_plan(self.cp_size, self.layout, 1, length, hidden_states.device, cu_seqlens)
-        else:
-            check_seq_len(length, self.cp_size, self.layout)
-            plan = None
-            if self.cp_size > 1 and self.strategy == "hidden":
-                plan = get_plan(self.cp_size, self.layout, batch, length, hidden_states.device)
-        core = self.cp_size == 1 or (self.strategy == "hidden" and self.fused)
-        if not core and self.strategy == "state_passing":  # the layer after in_proj: cp_core.state_passing
-            return state_passing_layer(self, hidden_states, cu_seqlens)
-        tokens = hidden_states.numel() // c.d_model
-        if core and (self.cp_size > 1 or tokens * c.d_in_proj >= SPLIT_IN_PROJ_ELEMENTS):
-            # z and [x|B|C|dt] as two tensors: at cp > 1 [x|B|C|dt] is dead once it has been sent; at cp 1
-            # past 2^31 elements of zxbcdt, since the Triton kernels index a strided view with int32 offsets
-            spec = self._core_spec(hidden_states, plan, batch, length)
+        plan, batch, length, spec, mode = self._core_setup(hidden_states, cu_seqlens, w.conv)
+        if (
+            mode is None and self.strategy == "state_passing"
+        ):  # the layer after in_proj: cp_core.state_passing
+            return state_passing_layer(self, hidden_states, cu_seqlens, params=w)
+        if mode in ("split", "slot"):
+            # z and [x|B|C|dt] as two tensors: at cp > 1 [x|B|C|dt] is dead once it has been sent (under
+            # "slot" in_proj writes the all-to-all's send buffers); at cp 1 past 2^31 elements of zxbcdt
             with region(NORM_PROJ):
-                if spec.slot_rows is not None:  # in_proj writes the all-to-all's send buffers
-                    z, xbcdt = slot_in_proj(hidden_states, self.in_proj.weight, spec)
+                if mode == "slot":
+                    z, xbcdt = slot_in_proj(hidden_states, w.in_proj, spec)
                 else:
-                    z, xbcdt = split_in_proj(hidden_states, self.in_proj.weight, c.d_inner)
-            w = (self.norm.weight, self.out_proj.weight)
-            return layer_core(spec, z, *self._local_params(), *w, xbcdt=xbcdt)
+                    z, xbcdt = split_in_proj(hidden_states, w.in_proj, c.d_inner)
+            return layer_core(spec, z, *self._local_params(w), w.norm, w.out_proj, xbcdt=xbcdt)
         with region(NORM_PROJ):
-            zxbcdt = self.in_proj(hidden_states)
-        if core:
-            spec = self._core_spec(zxbcdt, plan, batch, length)
-            return layer_core(spec, zxbcdt, *self._local_params(), self.norm.weight, self.out_proj.weight)
+            zxbcdt = F.linear(hidden_states, w.in_proj)
+        if mode == "whole":
+            return layer_core(spec, zxbcdt, *self._local_params(w), w.norm, w.out_proj)
         z, xbcdt = zxbcdt.split([c.d_inner, c.d_in_proj - c.d_inner], dim=-1)
         if self.strategy == "hidden":  # the seed path: the seed's layout operations around the same kernels
             cp = self.cp
             xh = cp.pre_conv_ssm(xbcdt, cu_seqlens, with_z=False)
             h_loc, g_loc = c.n_heads // self.cp_size, local_groups(c.n_groups, self.cp_size)
-            w, b, dtb, A, D = self._local_params()
-            spec = self._conv_spec(xh, h_loc, g_loc, w)
+            cw, b, dtb, A, D = self._local_params(w)
+            spec = self._conv_spec(xh, h_loc, g_loc, cw)
             y = conv_ssd(
                 spec,
                 xh.view(batch, length, xh.shape[-1]),
-                w,
+                cw,
                 b,
                 dtb,
                 A,
@@ -500,4 +629,4 @@ class Mamba2Mixer(nn.Module):
                 None if plan is None else plan.seq_idx,
             )
             y = cp.post_conv_ssm(y.view(*xh.shape[:-1], y.shape[-1]), cu_seqlens)
-        return self._norm_out(y, z)
+        return self._norm_out(y, z, w)

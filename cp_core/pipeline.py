@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from . import comm
 from .channels import ChannelPlan
@@ -82,6 +81,9 @@ class CoreSpec:
     #: (every norm group inside one slot; :func:`~cp_core.kernels.norm.norm_fwd_slots`); empty: the
     #: slots are unpacked into ``y`` first and ``dy`` packed again
     y_cols: tuple[int, ...] = ()
+    #: the compute dtype: of the layer's inputs and parameters (``A`` is fp32), and of every buffer the core
+    #: allocates and every collective's send and receive buffer (None: the input's)
+    dtype: torch.dtype | None = None
 
     @property
     def chunks(self) -> int:
@@ -186,177 +188,252 @@ def _views(spec: CoreSpec, zx: torch.Tensor, xsep: torch.Tensor | None):
     return z2[:, : spec.d_inner], z2[:, spec.d_inner :]
 
 
+def hooks_active() -> bool:
+    """Saved-tensor hooks are installed (non-reentrant activation checkpointing, ``save_on_cpu``, ...): what a
+    function keeps for backward must then go through ``save_for_backward`` for the hooks to see it."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return True if top is None else top(False) is not None
+
+
+def _check_dtypes(spec: CoreSpec, **tensors) -> torch.dtype:
+    """Every floating input of the core in one dtype (the compute dtype), so that every buffer and collective
+    of the layer has it; ValueError naming the odd one, before any collective (the same on every rank: the
+    ranks agreed on the input's dtype)."""
+    want = spec.dtype if spec.dtype is not None else tensors["zx"].dtype
+    for name, t in tensors.items():
+        if t is not None and t.dtype != want:
+            raise ValueError(
+                f"the layer core computes in {want} but {name} is {t.dtype}: cast the parameters and the input "
+                f"to one dtype (under torch.autocast, Mamba2Mixer does it)"
+            )
+    return want
+
+
+def _linear_into(normed: torch.Tensor, out_w: torch.Tensor, lead: tuple[int, ...]) -> torch.Tensor:
+    """``normed @ out_w.T`` written into a new ``[*lead, d_model]`` tensor, returned as it is (not a view of a
+    buffer: the caller may add into it in place, e.g. a residual)."""
+    out = normed.new_empty((*lead, out_w.shape[0]))
+    torch.mm(normed, out_w.t(), out=out.view(-1, out_w.shape[0]))
+    return out
+
+
+def _no_autocast(t: torch.Tensor):
+    """Backward passes compute in the dtypes forward chose, also when ``backward()`` is called under autocast."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
+def core_forward(spec: CoreSpec, zx, xsep, conv_w, conv_b, dt_bias, A, D, norm_w, out_w):
+    """The core's forward without autograd: ``(out, y, rstd, saved_xh)``, what backward needs besides the
+    inputs (:func:`core_backward`): ``y`` (or its slots), the norm statistics, the head-sharded conv input
+    of every head chunk (cp > 1)."""
+    cs = spec.conv
+    dtype = _check_dtypes(
+        spec, zx=zx, xbcdt=xsep, conv_weight=conv_w, conv_bias=conv_b, dt_bias=dt_bias, D=D,
+        norm_weight=norm_w, out_proj_weight=out_w,
+    )  # fmt: skip
+    z, xbcdt = _views(spec, zx, xsep)
+    n = z.shape[0]
+    saved_xh: list[torch.Tensor] = []
+    if spec.cp_size == 1:
+        with region(SSM):
+            y = conv_ssd_fwd(
+                cs, xbcdt.view(spec.batch, -1, cs.width), conv_w, conv_b, dt_bias, A, D, spec.seq_idx
+            )
+        y = y.view(n, spec.d_inner)
+    else:
+        group, tok, cp = spec.group, spec.tok, spec.cp_size
+        # the return all-to-all's receive buffer: the slots as received [k*cp, N, w], or y itself
+        shape = (
+            (spec.chunks * cp, n, spec.d_inner // (spec.chunks * cp)) if spec.y_cols else (n, spec.d_inner)
+        )
+        y = torch.empty(shape, dtype=dtype, device=z.device)
+
+        def pre(j):
+            if spec.slot_rows is not None:  # xsep holds the send buffers: [k*cp, N, w]
+                send = xsep[j * spec.cp_size : (j + 1) * spec.cp_size]
+                return _to_heads(send, spec.chans[j], tok, group, A2A_PRE, LAYOUT)
+            return _seq_to_heads(xbcdt, spec.chans[j], tok, group, A2A_PRE, LAYOUT)
+
+        def compute(j, xh):
+            saved_xh.append(xh)
+            with region(SSM):
+                yh = conv_ssd_fwd(
+                    cs, xh.view(spec.batch, spec.length, cs.width),
+                    *_chunk_params(spec, j, conv_w, conv_b, dt_bias, A, D), spec.seq_idx,
+                )  # fmt: skip
+            return yh.view(-1, cs.dim)
+
+        def post(j, yh):
+            if spec.y_cols:
+                _to_seq(yh, spec.chans_post[j], tok, group, A2A_POST, LAYOUT, recv=y[j * cp : (j + 1) * cp])
+            else:
+                _heads_to_seq(yh, spec.chans_post[j], tok, group, A2A_POST, LAYOUT, out=y)
+
+        ready = getattr(xsep, "chunk_ready", None) if spec.slot_rows is not None else None
+        _run_chunks(spec, pre, compute, post, (y,), ready)
+    with region(NORM_PROJ):
+        if spec.y_cols:
+            normed, rstd = norm_fwd_slots(
+                y, spec.y_cols, z, norm_w, spec.eps, spec.norm_group, spec.norm_backend
+            )
+        else:
+            normed, rstd = norm_fwd(y, z, norm_w, spec.eps, spec.norm_group, spec.norm_backend)
+        out = _linear_into(normed, out_w, zx.shape[:-1])
+    return out, y, rstd, saved_xh
+
+
 class _LayerCore(torch.autograd.Function):
     @staticmethod
     def forward(ctx, zx, xsep, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, spec: CoreSpec):
-        cs = spec.conv
-        z, xbcdt = _views(spec, zx, xsep)
-        n = z.shape[0]
-        saved_xh: list[torch.Tensor] = []
-        if spec.cp_size == 1:
-            with region(SSM):
-                y = conv_ssd_fwd(
-                    cs, xbcdt.view(spec.batch, -1, cs.width), conv_w, conv_b, dt_bias, A, D, spec.seq_idx
-                )
-            y = y.view(n, spec.d_inner)
-        else:
-            group, tok, cp = spec.group, spec.tok, spec.cp_size
-            if spec.y_cols:  # the returned slots as received, [k*cp, N, w]
-                y = z.new_empty((spec.chunks * cp, n, spec.d_inner // (spec.chunks * cp)))
-            else:
-                y = z.new_empty((n, spec.d_inner))
-
-            def pre(j):
-                if spec.slot_rows is not None:  # xsep holds the send buffers: [k*cp, N, w]
-                    send = xsep[j * spec.cp_size : (j + 1) * spec.cp_size]
-                    return _to_heads(send, spec.chans[j], tok, group, A2A_PRE, LAYOUT)
-                return _seq_to_heads(xbcdt, spec.chans[j], tok, group, A2A_PRE, LAYOUT)
-
-            def compute(j, xh):
-                saved_xh.append(xh)
-                with region(SSM):
-                    yh = conv_ssd_fwd(
-                        cs, xh.view(spec.batch, spec.length, cs.width),
-                        *_chunk_params(spec, j, conv_w, conv_b, dt_bias, A, D), spec.seq_idx,
-                    )  # fmt: skip
-                return yh.view(-1, cs.dim)
-
-            def post(j, yh):
-                if spec.y_cols:
-                    _to_seq(
-                        yh, spec.chans_post[j], tok, group, A2A_POST, LAYOUT, recv=y[j * cp : (j + 1) * cp]
-                    )
-                else:
-                    _heads_to_seq(yh, spec.chans_post[j], tok, group, A2A_POST, LAYOUT, out=y)
-
-            ready = getattr(xsep, "chunk_ready", None) if spec.slot_rows is not None else None
-            _run_chunks(spec, pre, compute, post, (y,), ready)
-        with region(NORM_PROJ):
-            if spec.y_cols:
-                normed, rstd = norm_fwd_slots(
-                    y, spec.y_cols, z, norm_w, spec.eps, spec.norm_group, spec.norm_backend
-                )
-            else:
-                normed, rstd = norm_fwd(y, z, norm_w, spec.eps, spec.norm_group, spec.norm_backend)
-            out = F.linear(normed, out_w)
+        out, y, rstd, saved_xh = core_forward(spec, zx, xsep, conv_w, conv_b, dt_bias, A, D, norm_w, out_w)
         ctx.spec = spec
         # at cp > 1 nothing needs xbcdt after its all-to-all (the conv input kept is the head-sharded one)
         keep_x = xsep if (xsep is not None and spec.cp_size == 1) else None
         ctx.shapes = (zx.shape, None if xsep is None else xsep.shape)
-        ctx.save_for_backward(zx, keep_x, conv_w, conv_b, dt_bias, A, D, norm_w, out_w)
-        # intermediates, held here rather than saved, so that backward can drop each one as soon as it is used
-        ctx.inter = [y, rstd, saved_xh]
-        return out.view(*zx.shape[:-1], out_w.shape[0])
+        params = (zx, keep_x, conv_w, conv_b, dt_bias, A, D, norm_w, out_w)
+        if hooks_active():
+            # checkpointing / offloading: everything kept goes through the hooks, which may drop or move it
+            rstds = rstd if isinstance(rstd, list) else [rstd]
+            ctx.inter = ("saved", isinstance(rstd, list), len(rstds), len(saved_xh))
+            ctx.save_for_backward(*params, y, *rstds, *saved_xh)
+        else:
+            # intermediates held here rather than saved, so that backward can drop each one as soon as it is used
+            ctx.save_for_backward(*params)
+            ctx.inter = [y, rstd, saved_xh]
+        return out
 
     @staticmethod
     def backward(ctx, dout):
+        with _no_autocast(dout):
+            return _LayerCore._backward(ctx, dout)
+
+    @staticmethod
+    def _backward(ctx, dout):
         spec: CoreSpec = ctx.spec
-        cs = spec.conv
-        zx, keep_x, conv_w, conv_b, dt_bias, A, D, norm_w, out_w = ctx.saved_tensors
         if ctx.inter is None:
             raise RuntimeError(
                 "the layer core's backward runs once per forward (its intermediates are freed)"
             )
-        y, rstd, saved_xh = ctx.inter
+        saved = ctx.saved_tensors
+        zx, keep_x, conv_w, conv_b, dt_bias, A, D, norm_w, out_w = saved[:9]
+        if ctx.inter[0] == "saved":
+            _, listed, n_rstd, n_xh = ctx.inter
+            y, rest = saved[9], list(saved[10:])
+            rstd = rest[:n_rstd] if listed else rest[0]
+            saved_xh = rest[n_rstd : n_rstd + n_xh]
+            del saved, rest
+        else:
+            y, rstd, saved_xh = ctx.inter
         ctx.inter = None
-        zshape, xshape = ctx.shapes
-        z2 = zx.reshape(-1, zx.shape[-1])
-        n = z2.shape[0]
-        d2 = dout.reshape(n, -1)
-        dz2 = torch.empty_like(z2)
-        if xshape is None:
-            z, xbcdt = z2[:, : spec.d_inner], z2[:, spec.d_inner :]
-            dz, dxbcdt = dz2[:, : spec.d_inner], dz2[:, spec.d_inner :]
-        elif spec.slot_rows is not None:
-            z, dz, xbcdt = z2, dz2, None
-            dxbcdt = torch.empty(xshape, dtype=z2.dtype, device=z2.device)  # the received slots
+        inter = [y, rstd, list(saved_xh)]
+        del y, rstd, saved_xh
+        params = (conv_w, conv_b, dt_bias, A, D, norm_w, out_w)
+        return (*core_backward(spec, dout, zx, ctx.shapes[1], keep_x, *params, inter), None)
+
+
+def core_backward(
+    spec: CoreSpec, dout, zx, xshape, keep_x, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, inter
+):
+    """Gradients ``(dzx, dxbcdt or None, dconv_w, dconv_b, ddt_bias, dA, dD, dnorm_w, dout_w)`` of
+    :func:`core_forward`; ``xshape``: the shape of its ``xsep`` (None: one ``zxbcdt``); ``inter``: the list
+    ``[y, rstd, saved_xh]``, emptied here so that each is freed as soon as it has been used."""
+    cs = spec.conv
+    y, rstd, saved_xh = inter
+    inter.clear()
+    zshape = zx.shape
+    z2 = zx.reshape(-1, zx.shape[-1])
+    n = z2.shape[0]
+    d2 = dout.reshape(n, -1)
+    dz2 = torch.empty_like(z2)
+    if xshape is None:
+        z, xbcdt = z2[:, : spec.d_inner], z2[:, spec.d_inner :]
+        dz, dxbcdt = dz2[:, : spec.d_inner], dz2[:, spec.d_inner :]
+    elif spec.slot_rows is not None:
+        z, dz, xbcdt = z2, dz2, None
+        dxbcdt = torch.empty(xshape, dtype=spec.dtype or z2.dtype, device=z2.device)  # the received slots
+    else:
+        z, dz = z2, dz2
+        xbcdt = None if keep_x is None else keep_x.reshape(n, -1)
+        dxbcdt = torch.empty((n, xshape[-1]), dtype=spec.dtype or z2.dtype, device=z2.device)
+    with region(NORM_PROJ + "_bwd"):
+        dnormed = d2 @ out_w
+        dy_ready = []  # per head chunk, when its dy slots are complete (the pipelined layer)
+
+        def chunk_done(i):
+            if spec.overlap and (i + 1) % spec.cp_size == 0:
+                dy_ready.append(torch.cuda.current_stream().record_event())
+
+        if spec.y_cols:  # dy in the slots that are sent, chunk by chunk
+            dy = torch.empty_like(y)
+            dnorm_w, normed = norm_bwd_slots(
+                dnormed, y, spec.y_cols, z, norm_w, rstd, spec.eps, spec.norm_group, spec.norm_backend,
+                dz=dz, dx=dy, on_slot=chunk_done,
+            )  # fmt: skip
         else:
-            z, dz = z2, dz2
-            xbcdt = None if keep_x is None else keep_x.reshape(n, -1)
-            dxbcdt = torch.empty((n, xshape[-1]), dtype=z2.dtype, device=z2.device)
-        with region(NORM_PROJ + "_bwd"):
-            dnormed = d2 @ out_w
-            dy_ready = []  # per head chunk, when its dy slots are complete (the pipelined layer)
+            dy, _, dnorm_w, normed = norm_bwd(
+                dnormed, y, z, norm_w, rstd, spec.eps, spec.norm_group, spec.norm_backend,
+                dz=dz, recompute_output=True,
+            )  # fmt: skip
+        del dnormed, y, rstd
+        if spec.overlap and not dy_ready:  # dy in one piece: every chunk's transfer waits for all of it
+            dy_ready = [torch.cuda.current_stream().record_event()] * spec.chunks
+        # a chunk's transfer starts as soon as its dy is complete: the first one before out_proj's
+        # weight gradient (queued after a norm kernel, NCCL's blocks are not left waiting for a GEMM's)
+        dout_w = d2.t() @ normed
+        del normed
+    if spec.cp_size == 1:
+        with region(SSM + "_bwd"):
+            _, dconv_w, dconv_b, ddt_bias, dA, dD = conv_ssd_bwd(
+                cs, dy.view(spec.batch, -1, cs.dim), xbcdt.view(spec.batch, -1, cs.width),
+                conv_w, conv_b, dt_bias, A, D, spec.seq_idx, dxbcdt=dxbcdt.view(spec.batch, -1, cs.width),
+            )  # fmt: skip
+    else:
+        group, tok = spec.group, spec.tok
+        k = spec.chunks
+        grads: list[tuple] = [()] * k
 
-            def chunk_done(i):
-                if spec.overlap and (i + 1) % spec.cp_size == 0:
-                    dy_ready.append(torch.cuda.current_stream().record_event())
+        def pre(j):
+            if spec.y_cols:
+                send = dy[j * spec.cp_size : (j + 1) * spec.cp_size]
+                return _to_heads(send, spec.chans_post[j], tok, group, A2A_POST + "_bwd", LAYOUT + "_bwd")
+            return _seq_to_heads(dy, spec.chans_post[j], tok, group, A2A_POST + "_bwd", LAYOUT + "_bwd")
 
-            if spec.y_cols:  # dy in the slots that are sent, chunk by chunk
-                dy = torch.empty_like(y)
-                dnorm_w, normed = norm_bwd_slots(
-                    dnormed, y, spec.y_cols, z, norm_w, rstd, spec.eps, spec.norm_group, spec.norm_backend,
-                    dz=dz, dx=dy, on_slot=chunk_done,
-                )  # fmt: skip
-            else:
-                dy, _, dnorm_w, normed = norm_bwd(
-                    dnormed, y, z, norm_w, rstd, spec.eps, spec.norm_group, spec.norm_backend,
-                    dz=dz, recompute_output=True,
-                )  # fmt: skip
-            del dnormed, y, rstd
-            if spec.overlap and not dy_ready:  # dy in one piece: every chunk's transfer waits for all of it
-                dy_ready = [torch.cuda.current_stream().record_event()] * spec.chunks
-            # a chunk's transfer starts as soon as its dy is complete: the first one before out_proj's
-            # weight gradient (queued after a norm kernel, NCCL's blocks are not left waiting for a GEMM's)
-            dout_w = d2.t() @ normed
-            del normed
-        if spec.cp_size == 1:
+        def compute(j, dyh):
+            xh, saved_xh[j] = saved_xh[j], None  # freed once this chunk's backward is done
             with region(SSM + "_bwd"):
-                _, dconv_w, dconv_b, ddt_bias, dA, dD = conv_ssd_bwd(
-                    cs, dy.view(spec.batch, -1, cs.dim), xbcdt.view(spec.batch, -1, cs.width),
-                    conv_w, conv_b, dt_bias, A, D, spec.seq_idx, dxbcdt=dxbcdt.view(spec.batch, -1, cs.width),
+                g = conv_ssd_bwd(
+                    cs, dyh.view(spec.batch, spec.length, cs.dim), xh.view(spec.batch, spec.length, cs.width),
+                    *_chunk_params(spec, j, conv_w, conv_b, dt_bias, A, D), spec.seq_idx,
                 )  # fmt: skip
-        else:
-            group, tok = spec.group, spec.tok
-            k = spec.chunks
-            grads: list[tuple] = [()] * k
+            del xh
+            grads[j] = g[1:]
+            return g[0].view(-1, cs.width)
 
-            def pre(j):
-                if spec.y_cols:
-                    send = dy[j * spec.cp_size : (j + 1) * spec.cp_size]
-                    return _to_heads(send, spec.chans_post[j], tok, group, A2A_POST + "_bwd", LAYOUT + "_bwd")
-                return _seq_to_heads(dy, spec.chans_post[j], tok, group, A2A_POST + "_bwd", LAYOUT + "_bwd")
-
-            def compute(j, dyh):
-                xh, saved_xh[j] = saved_xh[j], None  # freed once this chunk's backward is done
-                with region(SSM + "_bwd"):
-                    g = conv_ssd_bwd(
-                        cs, dyh.view(spec.batch, spec.length, cs.dim), xh.view(spec.batch, spec.length, cs.width),
-                        *_chunk_params(spec, j, conv_w, conv_b, dt_bias, A, D), spec.seq_idx,
-                    )  # fmt: skip
-                del xh
-                grads[j] = g[1:]
-                return g[0].view(-1, cs.width)
-
-            def post(j, dxh):
-                if spec.slot_rows is not None:
-                    recv = dxbcdt[j * spec.cp_size : (j + 1) * spec.cp_size]
-                    _to_seq(dxh, spec.chans[j], tok, group, A2A_PRE + "_bwd", LAYOUT + "_bwd", recv=recv)
-                else:
-                    _heads_to_seq(
-                        dxh, spec.chans[j], tok, group, A2A_PRE + "_bwd", LAYOUT + "_bwd", out=dxbcdt
-                    )
-
-            # the slots' gradients go to in_proj's backward, which runs its dz products before it waits for
-            # the last return (so that transfer runs beside them)
-            join = spec.slot_rows is None
-            _run_chunks(spec, pre, compute, post, (dxbcdt, dy), dy_ready or None, join)
-            if k == 1:
-                dconv_w, dconv_b, ddt_bias, dA, dD = grads[0]
+        def post(j, dxh):
+            if spec.slot_rows is not None:
+                recv = dxbcdt[j * spec.cp_size : (j + 1) * spec.cp_size]
+                _to_seq(dxh, spec.chans[j], tok, group, A2A_PRE + "_bwd", LAYOUT + "_bwd", recv=recv)
             else:
-                # chunks that split a group's heads share its B/C rows: their gradients are summed
-                shared = sum(r.numel() for r in spec.rows) > conv_w.shape[0]
-                dconv_w = _rows_to_full(conv_w, spec.rows, [g[0] for g in grads], shared)
-                dconv_b = (
-                    None
-                    if conv_b is None
-                    else _rows_to_full(conv_b, spec.rows, [g[1] for g in grads], shared)
-                )
-                ddt_bias = torch.cat([g[2] for g in grads])
-                dA = torch.cat([g[3] for g in grads])
-                dD = None if D is None else torch.cat([g[4] for g in grads])
-        dx_out = None if xshape is None else dxbcdt.view(xshape)
-        return dz2.view(zshape), dx_out, dconv_w, dconv_b, ddt_bias, dA, dD, dnorm_w, dout_w, None
+                _heads_to_seq(dxh, spec.chans[j], tok, group, A2A_PRE + "_bwd", LAYOUT + "_bwd", out=dxbcdt)
+
+        # the slots' gradients go to in_proj's backward, which runs its dz products before it waits for
+        # the last return (so that transfer runs beside them)
+        join = spec.slot_rows is None
+        _run_chunks(spec, pre, compute, post, (dxbcdt, dy), dy_ready or None, join)
+        if k == 1:
+            dconv_w, dconv_b, ddt_bias, dA, dD = grads[0]
+        else:
+            # chunks that split a group's heads share its B/C rows: their gradients are summed
+            shared = sum(r.numel() for r in spec.rows) > conv_w.shape[0]
+            dconv_w = _rows_to_full(conv_w, spec.rows, [g[0] for g in grads], shared)
+            dconv_b = (
+                None if conv_b is None else _rows_to_full(conv_b, spec.rows, [g[1] for g in grads], shared)
+            )
+            ddt_bias = torch.cat([g[2] for g in grads])
+            dA = torch.cat([g[3] for g in grads])
+            dD = None if D is None else torch.cat([g[4] for g in grads])
+    dx_out = None if xshape is None else dxbcdt.view(xshape)
+    return dz2.view(zshape), dx_out, dconv_w, dconv_b, ddt_bias, dA, dD, dnorm_w, dout_w
 
 
 def layer_core(
@@ -373,30 +450,38 @@ def layer_core(
     return _LayerCore.apply(zxbcdt, xbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, spec)
 
 
-class _SplitLinear(torch.autograd.Function):
-    """``u @ W.T`` written as two tensors ``(u @ W[:k].T, u @ W[k:].T)``; backward writes ``dW``'s two
-    row blocks in place and accumulates ``du`` in one buffer (no concatenation, no extra pass)."""
+def split_fwd(u, weight, k):
+    """``u @ W.T`` as two tensors ``(u @ W[:k].T, u @ W[k:].T)`` (no autograd)."""
+    u2 = u.reshape(-1, u.shape[-1])
+    a, b = u2 @ weight[:k].t(), u2 @ weight[k:].t()
+    return a.view(*u.shape[:-1], k), b.view(*u.shape[:-1], weight.shape[0] - k)
 
+
+def split_bwd(u, weight, k, da, db):
+    """``(du, dW)`` of :func:`split_fwd`: ``dW``'s two row blocks written in place, ``du`` accumulated in one
+    buffer (no concatenation, no extra pass)."""
+    u2 = u.reshape(-1, u.shape[-1])
+    da, db = da.reshape(-1, k), db.reshape(-1, weight.shape[0] - k)
+    du = torch.mm(da, weight[:k])
+    du.addmm_(db, weight[k:])
+    dw = torch.empty_like(weight)
+    torch.mm(da.t(), u2, out=dw[:k])
+    torch.mm(db.t(), u2, out=dw[k:])
+    return du.view_as(u), dw
+
+
+class _SplitLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, weight, k):
         ctx.save_for_backward(u, weight)
         ctx.k = k
-        u2 = u.reshape(-1, u.shape[-1])
-        a, b = u2 @ weight[:k].t(), u2 @ weight[k:].t()
-        return a.view(*u.shape[:-1], k), b.view(*u.shape[:-1], weight.shape[0] - k)
+        return split_fwd(u, weight, k)
 
     @staticmethod
     def backward(ctx, da, db):
         u, weight = ctx.saved_tensors
-        k = ctx.k
-        u2 = u.reshape(-1, u.shape[-1])
-        da, db = da.reshape(-1, k), db.reshape(-1, weight.shape[0] - k)
-        du = torch.mm(da, weight[:k])
-        du.addmm_(db, weight[k:])
-        dw = torch.empty_like(weight)
-        torch.mm(da.t(), u2, out=dw[:k])
-        torch.mm(db.t(), u2, out=dw[k:])
-        return du.view_as(u), dw, None
+        with _no_autocast(da):
+            return (*split_bwd(u, weight, ctx.k, da, db), None)
 
 
 def split_in_proj(u: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -419,55 +504,70 @@ def slot_rows(chans: tuple[ChannelPlan, ...], offset: int) -> tuple[torch.Tensor
     return rows, bool(rows.unique().numel() == rows.numel())
 
 
-class _SlotLinear(torch.autograd.Function):
+def slot_fwd(u, weight, k, rows, nslots, per_chunk):
     """``z = u @ W[:k].T`` and hidden CP's send buffers ``slots[i] = u @ W[rows_i].T`` (``[S, N, w]``):
     ``in_proj`` writes every destination rank's channels where the all-to-all reads them, so no pack pass
-    runs (each slot is a full-depth product, the same arithmetic as one GEMM). Backward: the received
-    gradient slots are laid side by side (one copy, the pass the pack saved going forward) so that
-    ``du = dz @ W[:k] + dslots @ W[rows]`` is two GEMMs with fp32 accumulation, as without slots (one
-    GEMM per slot would round ``du`` once per slot); ``dW`` goes back to its rows (summed where a
-    replicated group feeds several slots)."""
+    runs (each slot is a full-depth product, the same arithmetic as one GEMM). No autograd."""
+    u2 = u.reshape(-1, u.shape[-1])
+    wp = weight.index_select(0, rows).view(nslots, -1, weight.shape[1])
+    slots = u2.new_empty((nslots, u2.shape[0], wp.shape[1]))
+    ready = []
+    for i in range(nslots):
+        torch.mm(u2, wp[i].t(), out=slots[i])
+        if per_chunk and (i + 1) % per_chunk == 0:
+            ready.append(torch.cuda.current_stream().record_event())
+    z = u2 @ weight[:k].t()  # after the slots: the first chunk's transfer can run beside it
+    if ready:
+        slots.chunk_ready = ready  # read by the layer core (a missing attribute only costs overlap)
+    return z.view(*u.shape[:-1], k), slots
 
+
+def slot_bwd(u, weight, k, rows, unique, per_chunk, dz, dslots):
+    """``(du, dW)`` of :func:`slot_fwd`. The received gradient slots are laid side by side (one copy, the pass
+    the pack saved going forward) so that ``du = dz @ W[:k] + dslots @ W[rows]`` is two GEMMs with fp32
+    accumulation, as without slots (one GEMM per slot would round ``du`` once per slot); ``dW`` goes back
+    to its rows (summed where a replicated group feeds several slots)."""
+    u2 = u.reshape(-1, u.shape[-1])
+    dz = dz.reshape(-1, k)
+    wp = weight.index_select(0, rows)
+    # first what needs only dz: the pipelined layer's last return may still be filling dslots
+    dw = torch.empty_like(weight)
+    torch.mm(dz.t(), u2, out=dw[:k])
+    du = torch.mm(dz, weight[:k])
+    if per_chunk:  # the layer core left that transfer unjoined (_run_chunks(join=False))
+        torch.cuda.current_stream().wait_stream(comm_stream(dslots.device))
+    dside = dslots.transpose(0, 1).reshape(u2.shape[0], -1)  # [N, S*w]: slot i's columns side by side
+    del dslots
+    du.addmm_(dside, wp)
+    dwp = torch.mm(dside.t(), u2)
+    if unique:
+        dw.index_copy_(0, rows, dwp)
+    else:
+        dw[k:].zero_()
+        dw.index_add_(0, rows, dwp)
+    return du.view_as(u), dw
+
+
+class _SlotLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, weight, k, rows, nslots, unique, per_chunk):
-        u2 = u.reshape(-1, u.shape[-1])
-        wp = weight.index_select(0, rows).view(nslots, -1, weight.shape[1])
-        slots = u2.new_empty((nslots, u2.shape[0], wp.shape[1]))
-        ready = []
-        for i in range(nslots):
-            torch.mm(u2, wp[i].t(), out=slots[i])
-            if per_chunk and (i + 1) % per_chunk == 0:
-                ready.append(torch.cuda.current_stream().record_event())
-        z = u2 @ weight[:k].t()  # after the slots: the first chunk's transfer can run beside it
-        if ready:
-            slots.chunk_ready = ready  # read by the layer core (a missing attribute only costs overlap)
         ctx.save_for_backward(u, weight, rows)
         ctx.cfg = (k, unique, per_chunk)
-        return z.view(*u.shape[:-1], k), slots
+        return slot_fwd(u, weight, k, rows, nslots, per_chunk)
 
     @staticmethod
     def backward(ctx, dz, dslots):
         u, weight, rows = ctx.saved_tensors
         k, unique, per_chunk = ctx.cfg
-        u2 = u.reshape(-1, u.shape[-1])
-        dz = dz.reshape(-1, k)
-        wp = weight.index_select(0, rows)
-        # first what needs only dz: the pipelined layer's last return may still be filling dslots
-        dw = torch.empty_like(weight)
-        torch.mm(dz.t(), u2, out=dw[:k])
-        du = torch.mm(dz, weight[:k])
-        if per_chunk:  # the layer core left that transfer unjoined (_run_chunks(join=False))
-            torch.cuda.current_stream().wait_stream(comm_stream(dslots.device))
-        dside = dslots.transpose(0, 1).reshape(u2.shape[0], -1)  # [N, S*w]: slot i's columns side by side
-        del dslots
-        du.addmm_(dside, wp)
-        dwp = torch.mm(dside.t(), u2)
-        if unique:
-            dw.index_copy_(0, rows, dwp)
-        else:
-            dw[k:].zero_()
-            dw.index_add_(0, rows, dwp)
-        return du.view_as(u), dw, None, None, None, None, None
+        with _no_autocast(dz):
+            return (
+                *slot_bwd(u, weight, k, rows, unique, per_chunk, dz, dslots),
+                None,
+                None,
+                None,
+                None,
+                None,
+            )
 
 
 def slot_in_proj(u: torch.Tensor, weight: torch.Tensor, spec: CoreSpec) -> tuple[torch.Tensor, torch.Tensor]:

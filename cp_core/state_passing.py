@@ -49,7 +49,7 @@ from .kernels.norm import norm_bwd, norm_fwd
 from .kernels.norm import resolve as resolve_norm
 from .kernels.ssd_phases import SSDForward, ssd_backward
 from .layout import granule
-from .pipeline import comm_stream, split_in_proj
+from .pipeline import _linear_into, _no_autocast, comm_stream, hooks_active, split_in_proj
 from .plan import TokenPlan, get_plan
 from .regions import CONV1D, LAYOUT, NORM_PROJ, SSM, STATE_XCHG, region
 from .state_exchange import EXCHANGES, ExchangePlan, exchange_bwd, exchange_fwd, payload_buffer
@@ -150,6 +150,7 @@ class SPSpec:
     conv_backend: str  # "causal_conv1d" | "torch"
     correction_backend: str = "auto"  # the per-piece products: "auto" | "torch" | "triton"
     overlap: bool = False  # the exchanges on the communication stream (CUDA)
+    lead: tuple[int, ...] = ()  # the input's leading dims: the output is made in that shape (not a view)
 
     @property
     def d_inner(self) -> int:
@@ -397,24 +398,40 @@ class _SPCore(torch.autograd.Function):
         y = y.view(pl.tokens, spec.d_inner)
         with region(NORM_PROJ):
             normed, rstd = norm_fwd(y, z, norm_w, spec.eps, spec.norm_group, spec.norm_backend)
-            out = F.linear(normed, out_w)
+            # a tensor of its own in the input's leading shape, not a view (in-place residual adds work)
+            out = _linear_into(normed, out_w, spec.lead or zx.shape[:-1])
         ctx.spec = spec
         ctx.shapes = (zx.shape, None if xsep is None else xsep.shape)
-        ctx.save_for_backward(zx, xsep, conv_w, conv_b, dt_bias, A, D, norm_w, out_w)
-        # held rather than saved, so that backward can drop each one once it is used
-        ctx.inter = [y, rstd, halo, h0, ld, saved]
-        return out.view(*zx.shape[:-1], out_w.shape[0])
+        params = (zx, xsep, conv_w, conv_b, dt_bias, A, D, norm_w, out_w)
+        if hooks_active():  # checkpointing / offloading: everything kept goes through the hooks
+            ctx.save_for_backward(*params, y, rstd, halo, h0, ld, saved)
+            ctx.inter = "saved"
+        else:
+            ctx.save_for_backward(*params)
+            # held rather than saved, so that backward can drop each one once it is used
+            ctx.inter = [y, rstd, halo, h0, ld, saved]
+        return out
 
     @staticmethod
     def backward(ctx, dout):
+        with _no_autocast(dout):  # the dtypes forward chose, also when backward() runs under autocast
+            return _SPCore._backward(ctx, dout)
+
+    @staticmethod
+    def _backward(ctx, dout):
         spec: SPSpec = ctx.spec
         pl = spec.plan
-        zx, xsep, conv_w, conv_b, dt_bias, A, D, norm_w, out_w = ctx.saved_tensors
         if ctx.inter is None:
             raise RuntimeError(
                 "the state-passing layer's backward runs once per forward (its intermediates are freed)"
             )
-        y, rstd, halo, h0, ld, saved = ctx.inter
+        kept = ctx.saved_tensors  # once: checkpointing's hooks unpack each tensor once
+        zx, xsep, conv_w, conv_b, dt_bias, A, D, norm_w, out_w = kept[:9]
+        if ctx.inter == "saved":
+            y, rstd, halo, h0, ld, saved = kept[9:]
+        else:
+            y, rstd, halo, h0, ld, saved = ctx.inter
+        del kept
         ctx.inter = None
         zshape, xshape = ctx.shapes
         z, xbcdt = _views(spec, zx, xsep)
@@ -589,13 +606,16 @@ def state_passing_layer(
     *,
     correction_backend: str = "auto",
     overlap: bool | None = None,
+    params=None,
 ) -> torch.Tensor:
     """The whole Mamba2 layer of ``mixer`` (``in_proj`` to ``out_proj``) on this rank's shard
     ``[B, L/cp, d_model]`` (or packed ``[T/cp, d_model]`` with the global ``cu_seqlens``) under the
-    state-passing strategy; returns the output shard of the same shape.
+    state-passing strategy; returns the output shard of the same shape (a tensor of its own).
 
     ``correction_backend``: the per-piece products (:mod:`cp_core.kernels.correction`); ``overlap``: the
-    exchanges on a communication stream (default: on CUDA)."""
+    exchanges on a communication stream (default: on CUDA); ``params``: the
+    :class:`~cp_core.mixer.Weights` to use (under autocast: copies in the compute dtype), default the mixer's."""
+    w = mixer.weights() if params is None else params
     c = mixer.config
     group, layout = mixer.cp_group, mixer.layout
     cp, rank = comm.group_size(group), comm.group_rank(group)
@@ -620,7 +640,7 @@ def state_passing_layer(
     ):  # the mixer checked it (at cp 1 a direct call may cut one rank's rows)
         raise ValueError(f"every document length must be a multiple of {nseg} segments, got {doc_lens}")
     pl = _get_plan(plan, doc_lens, cp, rank, layout, c.d_conv, dev)
-    conv_w = mixer.conv1d.weight.squeeze(1)
+    conv_w = w.conv.squeeze(1)
     ssd_name, conv_name = _backends(mixer, hidden_states, conv_w)
     if dev.type == "cuda":  # the same shapes on every rank: all raise before the first collective
         kernels.check_int32_extent(
@@ -640,24 +660,14 @@ def state_passing_layer(
         ds=c.d_state, chunk=c.chunk_size, eps=c.norm_eps, norm_group=c.d_inner // c.n_groups,
         norm_backend=norm_backend, ssd_backend=ssd_name, conv_backend=conv_name,
         correction_backend=correction_backend, overlap=dev.type == "cuda" if overlap is None else overlap,
+        lead=tuple(hidden_states.shape[:-1]),
     )  # fmt: skip
     with region(NORM_PROJ):
         if tokens * c.d_in_proj >= SPLIT_IN_PROJ_ELEMENTS:
-            zx, xsep = split_in_proj(x2, mixer.in_proj.weight, c.d_inner)
+            zx, xsep = split_in_proj(x2, w.in_proj, c.d_inner)
         else:
-            zx, xsep = F.linear(x2, mixer.in_proj.weight), None
-    A = -torch.exp(mixer.A_log.float())
-    D = mixer.D.view(c.n_heads, c.head_dim) if c.D_has_hdim else mixer.D
-    out = _SPCore.apply(
-        zx,
-        xsep,
-        conv_w,
-        mixer.conv1d.bias,
-        mixer.dt_bias,
-        A,
-        D,
-        mixer.norm.weight,
-        mixer.out_proj.weight,
-        spec,
-    )
-    return out.view(*hidden_states.shape[:-1], c.d_model)
+            zx, xsep = F.linear(x2, w.in_proj), None
+    A = -torch.exp(w.A_log.float())
+    D = w.D.view(c.n_heads, c.head_dim) if c.D_has_hdim else w.D
+    # the output is made in the input's shape (spec.lead): no view of it is returned
+    return _SPCore.apply(zx, xsep, conv_w, w.conv_bias, w.dt_bias, A, D, w.norm, w.out_proj, spec)

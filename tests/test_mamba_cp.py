@@ -305,8 +305,8 @@ def _bad_case(group, which):
 
 
 BAD = {
-    "heads": "num_heads 6 is not divisible by cp_size 4",
-    "groups": "n_groups 3 < cp_size 4",
+    "heads": "num_heads (6) must be divisible by cp_size (4)",
+    "groups": "cp_size (4) must be divisible by n_groups (3)",
     "seq_len": "sequence length 12 is not a multiple of 8",
     "width": f"last-dim width {2 * 16 + 8 + 8 + 1}, expected {2 * 16 + 8 + 8}",
     "cu_dtype": "int32",

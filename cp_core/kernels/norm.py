@@ -197,13 +197,20 @@ class _GatedNormOutProj(torch.autograd.Function):
         if z2.stride(-1) != 1:
             z2 = z2.contiguous()
         normed, rstd = norm_fwd(y2, z2, norm_w, eps, group_size, backend)
-        out = F.linear(normed, out_w)
+        # written into the output tensor itself: a plain tensor, not a view of a buffer (in-place adds work)
+        out = normed.new_empty((*shape[:-1], out_w.shape[0]))
+        torch.mm(normed, out_w.t(), out=out.view(-1, out_w.shape[0]))
         ctx.save_for_backward(y2, z2, norm_w, out_w, rstd)
         ctx.cfg = (eps, group_size, backend, shape, z.shape)
-        return out.view(*shape[:-1], out_w.shape[0])
+        return out
 
     @staticmethod
     def backward(ctx, dout):
+        with torch.autocast(dout.device.type, enabled=False):  # the dtypes forward chose
+            return _GatedNormOutProj._backward(ctx, dout)
+
+    @staticmethod
+    def _backward(ctx, dout):
         y2, z2, norm_w, out_w, rstd = ctx.saved_tensors
         eps, group_size, backend, shape, zshape = ctx.cfg
         d2 = dout.reshape(-1, dout.shape[-1])
