@@ -232,12 +232,13 @@ def test_no_profiler_lines_on_the_console(tmp_path):
     res = subprocess.run(
         [sys.executable, "-m", "cpbench", "sweep", "--backend", "fake", "--profile", "torch", "--no-progress"]
         + ["--out", str(tmp_path / "o"), "--set", "sweep.seq_len=[64]", "--set", 'sweep.packing=["none"]']
-        + ["--set", 'sweep.path=["fused"]', "--set", "run.iters=1"],
+        + ["--set", 'sweep.path=["fused"]', "--set", "run.iters=1", "--set", "sweep.cp_size=[1, 2]"]
+        + ["--set", 'sweep.pass=["fwd"]'],
         capture_output=True,
         text=True,
         env=env,
         timeout=300,
     )
     assert res.returncode == 0, res.stderr
-    assert len(list((tmp_path / "o" / "traces").glob("*.json"))) == 4
+    assert len(list((tmp_path / "o" / "traces").glob("*.json"))) == 2
     assert "USDT" not in res.stderr + res.stdout and "profiler_start" not in res.stderr
