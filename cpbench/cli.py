@@ -5,10 +5,11 @@
     cpbench sweep [SCENARIO] [--out DIR] [--nproc N] [--backend gloo|nccl|fake] [--fake-busbw GBPS]
                   [--set TABLE.KEY=VALUE ...] [--profile nsys|torch] [--exec] [--dry-run] [--no-progress]
                   [--no-resource-check]
-    cpbench report RESULTS [--group-by COLS] [--metrics COLS]
+    cpbench report RESULTS [--group-by COLS] [--metrics COLS] [--vs IMPL] [--format text|markdown|json]
     cpbench plot RESULTS [--out DIR]
-    cpbench compare OLD NEW [--threshold 5%] [--alpha 0.05] [--spread 8] [--only-changed] [--metric COL ...]
-                    [--ignore COLS] [--allow-missing] [--allow-extra] [--allow-unreadable]
+    cpbench compare BASELINE [BASELINE ...] NEW [--threshold 5%] [--alpha 0.05] [--z 10] [--run-noise 20%]
+                    [--min-shift 15%] [--only-changed] [--metric COL ...] [--ignore COLS]
+                    [--allow-missing] [--allow-extra] [--allow-unreadable] [--format text|markdown|json]
     cpbench nsys-import REPORT.nsys-rep|CSV [--csv OUT]
     cpbench trace TRACE.json [--min-gap-ms MS] [--top N]
     cpbench scenarios
@@ -52,18 +53,41 @@ memory. A scenario that cannot fit is refused with the estimate; --no-resource-c
 anyway. Ctrl-C stops every rank; a rank killed by the kernel's out-of-memory killer is named so.
 """
 
-COMPARE_HELP = """\
-A case regresses only when (1) its change exceeds --threshold, (2) its per-iteration samples
-of the two runs differ in that direction (one-sided Mann-Whitney U at --alpha; files without
-samples: the change exceeds half the sum of the IQRs), and (3) the change exceeds --spread Z
-times the run-to-run spread: 1.4826 * MAD of log(new/old) over all cases compared (load that
-shifts whole cases between runs; needs 5 cases). Changes failing (2) or (3) are shown as noise.
-Improvements mirror this. ok -> error is a regression. On a shared machine a load burst can
-still move a few cases of one run by more than Z sigma: compare two runs of each side, or raise Z.
+FORMATS = ("text", "markdown", "json")
 
-The gate (exit 1) also fails on cases of OLD absent or no longer ok in NEW, cases only in NEW,
-and metric cells that are not numbers, unless --allow-missing / --allow-extra / --allow-unreadable.
-Exit 2: unreadable or incomparable inputs.
+COMPARE_HELP = """\
+Each side is one run or several runs of the same code: several baseline folders (BASELINE ...
+NEW), or a folder of run folders for either side (base/ holding base/1, base/2 ...). A side's
+value per case is the geometric mean over its runs. The noise comes from the baseline runs and
+each side's own samples, never from how NEW differs from OLD: a regression cannot widen its own
+bar. A case regresses only when all hold:
+
+  1. minimum effect: the change is worse than --threshold (default 5%);
+  2. its own samples: NEW's per-iteration samples are worse than the baseline's (one-sided
+     Mann-Whitney U at --alpha, default 0.05; files without samples: the change exceeds half
+     the sum of the IQRs);
+  3. run to run, either
+     (a) the case alone: its log(new/old) less NEW's whole-run shift exceeds --z (default 10)
+         times sigma sqrt(1/k + 1/m), k and m the runs per side, sigma how far one case moves
+         against the rest of its run between the baseline runs (1.4826 * MAD, pooled); or
+     (b) the run as a whole: NEW's shift (median log(new/old) over all cases) exceeds
+         --min-shift (default 15%) plus the one-sided 1 - alpha prediction bound of a run's
+         shift from the baseline runs (Student's t, k - 1 degrees of freedom, times the SD of
+         their own shifts, times sqrt(1/k + 1/m)).
+     One baseline run cannot measure either spread: --run-noise (default 20%) stands in for
+     both and the output says so.
+
+Changes failing 2 or 3 are shown as noise. Improvements mirror this; ok -> error is a
+regression. Impossible values (a time, rate, bandwidth or memory <= 0, a nan or inf cell, a
+sample <= 0) are errors. On a shared machine take 2 or more baseline runs interleaved with the new
+one: on a 2-core CPU at load average 4-12 (results/cpu-compare-gate-20261201), 3 baseline runs gave
+0/10 false positives and missed 9/10, 8/10, 5/10 slowdowns of 1.2x, 1.5x, 2x (whole runs of the
+same code moved by up to 1.8x there); 1 baseline run gave 2/10 false positives.
+
+Exit codes: 0 the gate passes; 1 it fails: a regression, or coverage (cases of OLD absent or no
+longer ok in NEW, cases only in NEW, metric cells that are not numbers: --allow-missing /
+--allow-extra / --allow-unreadable); 2 unreadable, impossible or incomparable inputs.
+--format json prints {"gate": "pass"|"fail", "exit_code", "failures", "metrics", "cases": [...]}.
 """
 
 
@@ -142,6 +166,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=("nemo", "mamba_ssm", "cp_core"),
         help="also a table of every case's time and peak memory as a ratio to this peer's same case",
     )
+    r.add_argument("--format", choices=FORMATS, default="text", help="text (default), markdown or json")
 
     pl = sub.add_parser("plot", help="PNG figures of a run's results")
     pl.add_argument("csv", type=Path, metavar="RESULTS", help="results folder or its results.csv")
@@ -149,13 +174,21 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser(
         "compare",
-        help="compare two runs case by case; exit 1 on a regression or lost coverage",
+        help="compare runs case by case; exit 1 on a regression or lost coverage",
         description=COMPARE_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    c.add_argument("old", type=Path, help="results folder or results.csv of the reference run")
-    c.add_argument("new", type=Path, help="results folder or results.csv of the run under test")
-    c.add_argument("--threshold", default="5%", help="relative change that counts (default 5%%)")
+    c.add_argument(
+        "runs",
+        nargs="+",
+        type=Path,
+        metavar="RUN",
+        help="BASELINE [BASELINE ...] NEW: results folders (or results.csv); the last one is NEW; "
+        "any of them may be a folder of run folders (repeats of one side)",
+    )
+    c.add_argument(
+        "--threshold", default="5%", help="minimum effect: relative change that counts (default 5%%)"
+    )
     c.add_argument(
         "--alpha",
         type=float,
@@ -163,11 +196,23 @@ def _parser() -> argparse.ArgumentParser:
         help="significance of the per-case samples test (one-sided Mann-Whitney U; default 0.05)",
     )
     c.add_argument(
-        "--spread",
+        "--z",
         type=float,
-        default=8.0,
+        default=10.0,
         metavar="Z",
-        help="a change must exceed Z times the run-to-run spread of the cases (default 8: on a loaded 2-core machine a load burst moved whole small cases by 1.9x with a spread of x1.13)",
+        help="a case alone counts past Z times the run-to-run spread (default 10)",
+    )
+    c.add_argument(
+        "--run-noise",
+        default="20%",
+        metavar="PCT",
+        help="run-to-run noise assumed when one baseline run cannot measure it (default 20%%)",
+    )
+    c.add_argument(
+        "--min-shift",
+        default="15%",
+        metavar="PCT",
+        help="the whole run counts past this median change plus the baseline runs' own spread (default 15%%)",
     )
     c.add_argument("--only-changed", action="store_true", help="show only regressions, improvements, noise")
     c.add_argument(
@@ -182,6 +227,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--allow-missing", action="store_true", help="cases of OLD absent or not ok in NEW pass")
     c.add_argument("--allow-extra", action="store_true", help="cases only in NEW pass")
     c.add_argument("--allow-unreadable", action="store_true", help="metric cells that are not numbers pass")
+    c.add_argument("--format", choices=FORMATS, default="text", help="text (default), markdown or json")
 
     n = sub.add_parser("nsys-import", help="region columns from an nsys report or nvtx_gpu_proj_sum CSV")
     n.add_argument("report", type=Path)
@@ -244,6 +290,7 @@ def _sweep(args) -> int:
 def _dry_run(scenario, args) -> int:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     if scenario.run.backend == "fake":
         world = None
@@ -259,7 +306,8 @@ def _dry_run(scenario, args) -> int:
         t.add_column(col)
     for case in scenario.cases():
         reason = case.skip_reason(world)
-        t.add_row(str(case.index), case.describe(), "yes" if reason is None else f"skipped: {reason}")
+        runs = "yes" if reason is None else f"skipped: {reason}"
+        t.add_row(str(case.index), Text(case.describe()), Text(runs))  # Text: "[nemo]" is not markup
     Console().print(t)
     return 0
 
@@ -322,7 +370,7 @@ def _nsys(scenario, args) -> int | None:
 
 def _report(args) -> int:
     from .report import render, split_list
-    from .results import read_results
+    from .results import numeric_columns, read_results
     from .rundir import results_csv, run_status_line, why_no_rows
 
     path = results_csv(args.csv)
@@ -330,16 +378,21 @@ def _report(args) -> int:
     if not len(df):
         print(f"cpbench: error: {why_no_rows(path)}", file=sys.stderr)
         return 1
-    status = run_status_line(path.parent)
-    if status:
-        print(status)
-    render(df, group_by=split_list(args.group_by), metrics=split_list(args.metrics) or None, vs=args.vs or ())
+    numeric_columns(df, path)
+    render(
+        df,
+        group_by=split_list(args.group_by),
+        metrics=split_list(args.metrics) or None,
+        vs=args.vs or (),
+        fmt=args.format,
+        status=run_status_line(path.parent),
+    )
     return 0 if "status" not in df.columns or (df["status"] == "ok").any() else 1
 
 
 def _plot(args) -> int:
     from .plot import plot_all
-    from .results import read_results
+    from .results import numeric_columns, read_results
     from .rundir import prepare_plot_dir, results_csv, why_no_rows
 
     path = results_csv(args.csv)
@@ -347,6 +400,7 @@ def _plot(args) -> int:
     if not len(df):
         print(f"cpbench: error: {why_no_rows(path)}", file=sys.stderr)
         return 1
+    numeric_columns(df, path)
     out = prepare_plot_dir(args.out or path.parent / "plots", "--out" if args.out else "plots folder")
     files = plot_all(df, out)
     if not files:
@@ -361,29 +415,41 @@ def _compare(args) -> int:
     from . import compare
     from .report import split_list
     from .results import read_results
-    from .rundir import results_csv
+    from .rundir import run_csvs
 
+    if len(args.runs) < 2:
+        raise UserError("compare needs a baseline and a new run: cpbench compare BASELINE [BASELINE ...] NEW")
     threshold = compare.parse_threshold(args.threshold)
+    run_noise = compare.parse_threshold(args.run_noise, "--run-noise")
+    min_shift = compare.parse_threshold(args.min_shift, "--min-shift")
     if not 0 < args.alpha < 1:
         raise UserError(f"--alpha {args.alpha}: must be in (0, 1)")
-    if not (args.spread >= 0 and math.isfinite(args.spread)):
-        raise UserError(f"--spread {args.spread}: must be a non-negative number")
-    old, new = read_results(results_csv(args.old)), read_results(results_csv(args.new))
+    if not (args.z >= 0 and math.isfinite(args.z)):
+        raise UserError(f"--z {args.z}: must be a non-negative number")
+    old_csvs = [c for p in args.runs[:-1] for c in run_csvs(p)]
+    new_csvs = run_csvs(args.runs[-1])
     cmp = compare.compare(
-        old,
-        new,
+        [read_results(c) for c in old_csvs],
+        [read_results(c) for c in new_csvs],
         metrics=split_list(args.metric) or ["layer_ms"],
         threshold=threshold,
         ignore=split_list(args.ignore),
-        names=(str(args.old), str(args.new)),
+        names=([_run_name(c) for c in old_csvs], [_run_name(c) for c in new_csvs]),
         alpha=args.alpha,
-        spread_z=args.spread,
+        z=args.z,
+        run_noise=run_noise,
+        min_shift=min_shift,
     )
     failures = cmp.failures(
         allow_missing=args.allow_missing, allow_extra=args.allow_extra, allow_unreadable=args.allow_unreadable
     )
-    compare.render(cmp, only_changed=args.only_changed, threshold=threshold, failures=failures)
+    compare.render(cmp, only_changed=args.only_changed, failures=failures, fmt=args.format)
     return 1 if failures else 0
+
+
+def _run_name(csv: Path) -> str:
+    """A run's name in the output: its folder (the CSV itself when it is not called results.csv)."""
+    return str(csv.parent) if csv.name == "results.csv" else str(csv)
 
 
 def _nsys_import(args) -> int:

@@ -1,36 +1,57 @@
-"""``cpbench compare OLD NEW``: join two sweeps on the case key; a gate CI can trust.
+"""``cpbench compare BASELINE [BASELINE ...] NEW``: join sweeps on the case key; a gate CI can trust.
 
 Cases are joined on the case key (:data:`cpbench.scenario.CASE_KEY`, less any ``--ignore`` columns)
-plus the layer's shape (:data:`LAYER_KEY`) where both files record it. For every case ok in both
-files and every metric (default ``layer_ms``), ``ratio = new / old``. A metric is *lower-is-better*
-(``*_ms``, ``*_bytes``, ``*_GiB``, ``wall_s``) or *higher-is-better* (``*_GBps``, ``*_pct``,
-``tokens_per_s``); ``worse`` is how much the new run is worse.
+plus the layer's shape (:data:`LAYER_KEY`) where every file records it. Each side is one run or
+several runs of the same code (repeats: several folders, or a folder of run folders). For every case
+ok on both sides and every metric (default ``layer_ms``), a side's value is the geometric mean over its
+runs (per run, the metric as the run recorded it: ``layer_ms`` is the median of its iterations) and
+``ratio = new / old``. A metric is *lower-is-better* (``*_ms``, ``*_bytes``, ``*_GiB``, ``wall_s``) or
+*higher-is-better* (``*_GBps``, ``*_pct``, ``tokens_per_s``).
 
-**Noise test.** A timing on a shared machine moves for two reasons: iteration to iteration (another
-process takes the core for a while), and run to run (the load changes while a whole case runs, so
-every iteration of that case moves together; the per-iteration spread of one run cannot see it).
-A case **regressed** only when all three hold:
+**Noise model: nothing the change under test moves.** A timing on a shared machine moves iteration to
+iteration (another process takes a core for a while) and run to run (the load changes while a whole
+case, or a whole run, goes by; the iterations of one run cannot see that). The noise is estimated
+from the baseline's runs and each side's own samples, never from how NEW differs from OLD, so a
+regression cannot widen its own bar. A case **regressed** only when all of these hold:
 
-1. *threshold*: ``worse > threshold * |old|`` (default 5%);
-2. *the case's own samples*: the per-iteration samples of the two runs (``layer_ms_samples``, the
-   slowest rank per iteration; rates use the samples of the time they derive from) differ in the
-   worse direction by a one-sided Mann-Whitney U test at ``--alpha`` (default 0.05; exact for small
-   samples). Where a file has no samples, the older rule stands in: ``worse > iqr_old/2 + iqr_new/2``;
-3. *the run-to-run spread*: ``|log(new/old)| > z * sigma`` (``--spread``, default z = 8), ``sigma``
-   being the robust spread (1.4826 * median absolute deviation) of ``log(new/old)`` over every case
-   compared for that metric: how far the same code moves between these two runs on this machine.
-   It needs :data:`MIN_CASES_FOR_SPREAD` cases; with fewer it is not applied (and the output says so).
+1. *minimum effect*: the change is worse than ``--threshold`` (default 5%);
+2. *the case's own samples*: NEW's per-iteration samples (``layer_ms_samples``: the slowest rank per
+   iteration, every run of the side pooled; rates use the samples of the time they derive from) are
+   worse than the baseline's by a one-sided Mann-Whitney U test at ``--alpha`` (default 0.05; exact
+   for small samples). Files without samples: the change must exceed half the sum of the IQRs;
+3. *run to run*, either
+   a. *the case alone*: its ``log(new/old)`` less NEW's whole-run shift (b) exceeds
+      ``z * sigma * sqrt(1/k + 1/m)`` (``--z``, default 10; ``k``, ``m``: the runs of each side), with
+      ``sigma`` how far one case moves against the rest of its run between runs of the same code:
+      1.4826 * the median absolute deviation of every baseline run's ``log`` values around their
+      cases' means less the run's own shift, pooled over all cases (:func:`baseline_noise`); or
+   b. *the run as a whole*: NEW's shift, the median over all compared cases of ``log(new/old)``,
+      exceeds ``log(1 + --min-shift)`` (default 15%) plus the one-sided ``1 - --alpha`` prediction
+      bound of a run's shift from the ``k`` baseline runs: ``t(1 - alpha, k - 1) * s * sqrt(1/k +
+      1/m)``, ``s`` the standard deviation of the baseline runs' own shifts. A regression of the code
+      usually moves every case; a burst of load moves a few, a change of load the whole run, which
+      the baseline runs can only bound as tightly as they agree with each other.
 
-A change that passes 1 but not 2 or 3 is ``noise`` (shown, not a regression). **Improved** is the
-mirror image. A case that was ok and now errors is a regression.
+   With a single baseline run neither spread can be measured: ``--run-noise`` (default 20%, about the
+   middle of what baseline runs measured on the loaded 2-core CPU: x1.03 to x1.63) stands in for both (a
+   normal bound instead of Student's) and the output says so.
+
+The false positives and negatives of these defaults over repeated real runs on a loaded 2-core CPU,
+the layer slowed by ``CPBENCH_SLOWDOWN`` (:mod:`cpbench.runner`): ``results/cpu-compare-gate-*``
+(``scripts/compare_gate_rates.py``). A change that passes 1 but not 2 and 3 is ``noise``
+(shown, not a regression). **Improved** is the mirror image. A case that was ok and now errors is a
+regression.
+
+**Impossible values are errors** (exit 2): a time, rate, bandwidth or memory metric (:func:`positive`)
+of 0 or less in an ok row, a sample of 0 or less, a ``nan`` or ``inf`` cell.
 
 **Coverage.** The gate also fails (exit 1) on cases of OLD missing from NEW (absent, or no longer ok),
 cases only in NEW, and metric cells that are not numbers in an ok row (or unreadable samples), unless
-``--allow-missing``, ``--allow-extra``, ``--allow-unreadable`` say otherwise. A metric empty in both
-files for a case (``comm_ms`` at cp_size 1) is not applicable, not unreadable.
+``--allow-missing``, ``--allow-extra``, ``--allow-unreadable`` say otherwise. A metric empty on both
+sides for a case (``comm_ms`` at cp_size 1) is not applicable, not unreadable.
 
-Exit codes: 0 the gate passes, 1 it fails (regression or coverage), 2 malformed or incomparable
-inputs (unreadable CSV, key columns or the metric missing, no case in common).
+Exit codes: 0 the gate passes, 1 it fails (regression or coverage), 2 malformed, impossible or
+incomparable inputs (unreadable CSV, key columns or the metric missing, no case in common).
 """
 
 from __future__ import annotations
@@ -42,36 +63,59 @@ from typing import Any
 from .errors import ResultsError, UserError
 from .scenario import CASE_KEY
 
-#: Columns of the layer's shape, joined on as well when both files have them.
+#: Columns of the layer's shape, joined on as well when every file has them.
 LAYER_KEY = ("d_model", "head_dim", "d_state", "d_conv", "chunk_size")
 LOWER_SUFFIXES = ("_ms", "_bytes", "_GiB", "wall_s", "n_collectives")
 HIGHER_SUFFIXES = ("_GBps", "_pct", "tokens_per_s")
-#: Fewest cases from which the run-to-run spread is estimated.
+#: Fewest cases from which a run's shift or the cases' spread is estimated.
 MIN_CASES_FOR_SPREAD = 5
 #: Largest n_old * n_new for which the Mann-Whitney p-value is exact (normal approximation above).
 EXACT_MWU = 400
+#: Defaults of the gate (``cpbench compare --help``).
+DEFAULT_THRESHOLD = 0.05
+DEFAULT_ALPHA = 0.05
+DEFAULT_Z = 10.0
+DEFAULT_RUN_NOISE = 0.20
+DEFAULT_MIN_SHIFT = 0.15
+#: Metrics that are a time, rate, bandwidth or size of something that happened: > 0 in an ok row.
+POSITIVE = (
+    "layer_ms",
+    "layer_min_ms",
+    "layer_fwd_ms",
+    "layer_bwd_ms",
+    "layer_nocomm_ms",
+    "comm_ms",
+    "comm_min_ms",
+    "comm_xfer_ms",
+    "tokens_per_s",
+    "peak_mem_GiB",
+    "wall_s",
+)
 
 
-def parse_threshold(text: str | float) -> float:
+def positive(metric: str) -> bool:
+    """Whether a value of ``metric`` must be > 0 (times of the layer and its communication, rates,
+    bandwidths, memory). Region times, ``exposed_comm_ms``, ``comm_wait_ms`` and percentages may be
+    0 or, measured as differences, negative."""
+    return metric in POSITIVE or metric.endswith("_GBps")
+
+
+def parse_threshold(text: str | float, flag: str = "--threshold") -> float:
     """``"5%"`` -> 0.05, ``"0.05"`` -> 0.05, ``"5"`` -> 0.05 (a bare number >= 1 is a percentage)."""
     s = str(text).strip()
     try:
         v = float(s[:-1]) / 100 if s.endswith("%") else float(s)
     except ValueError:
-        raise UserError(
-            f"--threshold {text!r}: expected a percentage like 5% or a fraction like 0.05"
-        ) from None
+        raise UserError(f"{flag} {text!r}: expected a percentage like 5% or a fraction like 0.05") from None
     if not s.endswith("%") and v >= 1:
         v /= 100
     if not math.isfinite(v) or v < 0:
-        raise UserError(f"--threshold {text!r}: must be a non-negative number")
+        raise UserError(f"{flag} {text!r}: must be a non-negative number")
     return v
 
 
 def higher_is_better(metric: str) -> bool:
-    if metric.endswith(HIGHER_SUFFIXES):
-        return True
-    return False
+    return metric.endswith(HIGHER_SUFFIXES)
 
 
 def noise_source(metric: str) -> tuple[str, str] | None:
@@ -96,14 +140,13 @@ def noise_source(metric: str) -> tuple[str, str] | None:
 
 def _num(v: Any) -> float:
     try:
-        f = float(v)
+        return float(v)
     except (TypeError, ValueError):
         return float("nan")
-    return f
 
 
-def noise(row: dict, metric: str, suffix: str) -> float:
-    """The IQR (in the metric's unit) of one side of a joined row; 0 when unknown."""
+def noise(row: dict, metric: str, suffix: str = "") -> float:
+    """The IQR (in the metric's unit) of one run's row; 0 when unknown."""
     src = noise_source(metric)
     if src is None:
         return 0.0
@@ -136,7 +179,6 @@ def mann_whitney_p(worse: list[float], better: list[float]) -> float:
         return 1.0
     u = sum((w > b) + 0.5 * (w == b) for w in worse for b in better)
     if n * m <= EXACT_MWU:
-        # counts[k]: orderings of n + m values with U = k (recursion on the largest value)
         counts = _u_counts(n, m)
         k = math.floor(u)
         return sum(counts[k:]) / sum(counts)
@@ -145,9 +187,16 @@ def mann_whitney_p(worse: list[float], better: list[float]) -> float:
     return 0.5 * math.erfc(z / math.sqrt(2))
 
 
+def smallest_p(n: int, m: int) -> float:
+    """The smallest one-sided Mann-Whitney p-value ``n`` and ``m`` samples can give: ``1 / C(n+m, n)``."""
+    if not n or not m:
+        return 1.0
+    return 1.0 / math.comb(n + m, n)
+
+
 def _u_counts(n: int, m: int) -> list[int]:
     """Number of arrangements of n 'worse' and m 'better' values per value of U (0..n*m)."""
-    # f[i][j] is a list indexed by U; f(i, j) = f(i-1, j) shifted by j (largest is 'worse') + f(i, j-1)
+    # f(i, j) = f(i-1, j) shifted by j (the largest value is 'worse') + f(i, j-1)
     prev = [[1] for _ in range(m + 1)]  # i = 0: U = 0 only
     for _ in range(n):
         cur = [[1]]  # j = 0: U = 0 only
@@ -159,19 +208,77 @@ def _u_counts(n: int, m: int) -> list[int]:
     return prev[m]
 
 
-def run_spread(log_ratios: list[float]) -> float:
-    """Robust spread (1.4826 * MAD) of the cases' ``log(new/old)``; NaN below MIN_CASES_FOR_SPREAD."""
-    xs = [v for v in log_ratios if math.isfinite(v)]
-    if len(xs) < MIN_CASES_FOR_SPREAD:
-        return float("nan")
-    xs.sort()
-    med = _median(xs)
-    return 1.4826 * _median(sorted(abs(v - med) for v in xs))
-
-
 def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
     n = len(xs)
     return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def baseline_noise(per_run: list[dict[str, float]]) -> tuple[float, float]:
+    """``(sigma, shift_sd)`` in ``log`` units from repeated baseline runs (one ``{case: log value}`` per
+    run), neither of which a NEW run can move:
+
+    * ``shift_sd``: how far a whole run moves. A run's *shift* is the median over its cases of its
+      ``log`` value minus the case's mean over the runs; ``shift_sd`` is the sample standard deviation
+      of the runs' shifts (NaN with fewer than two runs of :data:`MIN_CASES_FOR_SPREAD` cases);
+    * ``sigma``: how far one case moves against the rest of its run: every value minus its case's mean
+      and its run's shift, scaled by ``sqrt(n / (n - 1))`` (n runs of that case), then 1.4826 * the
+      median absolute value over all of them (NaN with fewer than :data:`MIN_CASES_FOR_SPREAD` cases
+      of two runs or more)."""
+    cases: dict[str, list[tuple[int, float]]] = {}
+    for j, run in enumerate(per_run):
+        for k, v in run.items():
+            if math.isfinite(v):
+                cases.setdefault(k, []).append((j, v))
+    cases = {k: vs for k, vs in cases.items() if len(vs) >= 2}
+    mean = {k: sum(v for _, v in vs) / len(vs) for k, vs in cases.items()}
+    shifts: dict[int, float] = {}
+    for j in range(len(per_run)):
+        devs = [v - mean[k] for k, vs in cases.items() for jj, v in vs if jj == j]
+        if len(devs) >= MIN_CASES_FOR_SPREAD:
+            shifts[j] = _median(devs)
+    res = []
+    for k, vs in cases.items():
+        scale = math.sqrt(len(vs) / (len(vs) - 1))
+        res += [abs(v - mean[k] - shifts.get(j, 0.0)) * scale for j, v in vs]
+    sigma = 1.4826 * _median(res) if len(cases) >= MIN_CASES_FOR_SPREAD else float("nan")
+    if len(shifts) >= 2:
+        xs = list(shifts.values())
+        mu = sum(xs) / len(xs)
+        shift_sd = math.sqrt(sum((x - mu) ** 2 for x in xs) / (len(xs) - 1))
+    else:
+        shift_sd = float("nan")
+    return sigma, shift_sd
+
+
+def t_quantile(p: float, dof: float) -> float:
+    """The ``p`` quantile of Student's t with ``dof`` degrees of freedom (the normal one for ``dof`` =
+    inf): bisection on the CDF, integrated with Simpson's rule (accurate to 1e-6 here)."""
+    if not 0.5 <= p < 1:
+        raise ValueError(f"p = {p}: expected 0.5 <= p < 1")
+    if math.isinf(dof):
+
+        def cdf(x):
+            return 0.5 * (1 + math.erf(x / math.sqrt(2)))
+    else:
+        c = math.exp(math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2)) / math.sqrt(dof * math.pi)
+
+        def pdf(x):
+            return c * (1 + x * x / dof) ** (-(dof + 1) / 2)
+
+        def cdf(x):
+            n = 2000
+            h = x / n
+            acc = pdf(0) + pdf(x) + sum((4 if i % 2 else 2) * pdf(i * h) for i in range(1, n))
+            return 0.5 + acc * h / 3
+
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < p:
+        lo, hi = hi, hi * 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
 
 
 def verdict(
@@ -190,10 +297,56 @@ def verdict(
 
 
 @dataclass
+class Gate:
+    """The settings of the noise test (``cpbench compare --help``)."""
+
+    threshold: float = DEFAULT_THRESHOLD
+    alpha: float = DEFAULT_ALPHA
+    z: float = DEFAULT_Z
+    run_noise: float = DEFAULT_RUN_NOISE
+    min_shift: float = DEFAULT_MIN_SHIFT
+
+
+@dataclass
+class MetricNoise:
+    """What the gate used for one metric, in ``log`` units (``exp`` of them are the ratios shown)."""
+
+    runs_old: int  # baseline runs
+    runs_new: int
+    sigma: float  # one case against the rest of its run, run to run
+    shift_sd: float  # a whole run, run to run
+    measured: bool  # both from the baseline runs (else --run-noise)
+    cases: int  # cases compared
+    shift: float  # NEW's whole-run shift: the median log(new/old) (NaN below MIN_CASES_FOR_SPREAD)
+    shift_bar: float
+    case_bar: float
+    samples_test: bool = True  # False when the samples cannot reach --alpha
+
+    def as_dict(self) -> dict[str, Any]:
+        def x(v):
+            return round(math.exp(v), 4) if math.isfinite(v) else None
+
+        return {
+            "runs_old": self.runs_old,
+            "runs_new": self.runs_new,
+            "run_noise": x(self.sigma),
+            "shift_noise": x(self.shift_sd),
+            "run_noise_measured": self.measured,
+            "cases": self.cases,
+            "case_bar": x(self.case_bar),
+            "shift": x(self.shift),
+            "shift_bar": x(self.shift_bar),
+            "samples_test": self.samples_test,
+        }
+
+
+@dataclass
 class Comparison:
     keys: list[str]
     metrics: list[str]
     rows: list[dict[str, Any]]  # one per (case, metric)
+    gate: Gate = field(default_factory=Gate)
+    names: tuple[list[str], list[str]] = ((), ())
     only_old: list[str] = field(default_factory=list)
     only_new: list[str] = field(default_factory=list)
     columns_only_old: list[str] = field(default_factory=list)
@@ -201,7 +354,7 @@ class Comparison:
     not_compared: list[str] = field(default_factory=list)
     no_longer_ok: list[str] = field(default_factory=list)  # ok in OLD, skipped in NEW: lost coverage
     unreadable: list[str] = field(default_factory=list)
-    spread: dict[str, float] = field(default_factory=dict)  # metric -> run-to-run sigma of log(new/old)
+    noise: dict[str, MetricNoise] = field(default_factory=dict)
 
     @property
     def regressions(self) -> list[dict[str, Any]]:
@@ -256,124 +409,280 @@ def _cell_number(v: Any) -> tuple[float, bool]:
     return f, math.isfinite(f)
 
 
+@dataclass
+class _Side:
+    """One side's runs, joined by case key."""
+
+    name: str
+    frames: list  # DataFrames with a _key column
+    names: list[str]
+    records: list[dict[str, dict]] = field(default_factory=list)  # per run: key -> row
+
+    def keys(self) -> set[str]:
+        return set().union(*(r.keys() for r in self.records))
+
+    def rows(self, key: str) -> list[tuple[str, dict]]:
+        return [(nm, r[key]) for nm, r in zip(self.names, self.records, strict=True) if key in r]
+
+    def status(self, key: str) -> str:
+        sts = [r.get("status") for _, r in self.rows(key)]
+        if "ok" in sts:
+            return "ok"
+        if "error" in sts:
+            return "error"
+        return str(sts[0]) if sts else "absent"
+
+
+def _as_runs(x, name) -> tuple[list, list[str]]:
+    import pandas as pd
+
+    if isinstance(x, pd.DataFrame):
+        return [x], [name]
+    frames = list(x)
+    if isinstance(name, str):
+        names = [name] if len(frames) == 1 else [f"{name}#{i + 1}" for i in range(len(frames))]
+    else:
+        names = list(name)
+    if not frames:
+        raise ResultsError(f"{name}: no run given")
+    return frames, names
+
+
 def compare(
     old,
     new,
     *,
     metrics=("layer_ms",),
-    threshold: float = 0.05,
+    threshold: float = DEFAULT_THRESHOLD,
     ignore=(),
     names=("OLD", "NEW"),
-    alpha: float = 0.05,
-    spread_z: float = 8.0,
+    alpha: float = DEFAULT_ALPHA,
+    z: float = DEFAULT_Z,
+    run_noise: float = DEFAULT_RUN_NOISE,
+    min_shift: float = DEFAULT_MIN_SHIFT,
 ) -> Comparison:
-    """Compare two results DataFrames (see the module docstring); raises ResultsError when incomparable."""
+    """Compare the baseline's runs with NEW's (see the module docstring). ``old`` and ``new`` are a
+    results DataFrame or a list of them (runs of the same code); ``names`` the side's name or one name
+    per run. Raises ResultsError when the inputs cannot be compared or hold impossible values."""
     from .metrics import parse_samples
 
-    o_name, n_name = names
+    gate = Gate(threshold=threshold, alpha=alpha, z=z, run_noise=run_noise, min_shift=min_shift)
+    o_frames, o_names = _as_runs(old, names[0])
+    n_frames, n_names = _as_runs(new, names[1])
+    everything = list(zip(o_frames + n_frames, o_names + n_names, strict=True))
     keys = [k for k in CASE_KEY if k not in ignore]
-    # the layer's shape is part of a case too, where both files record it
-    keys += [k for k in LAYER_KEY if k in old.columns and k in new.columns and k not in ignore]
-    for df, nm in ((old, o_name), (new, n_name)):
+    # the layer's shape is part of a case too, where every file records it
+    keys += [k for k in LAYER_KEY if all(k in df.columns for df, _ in everything) and k not in ignore]
+    for df, nm in everything:
         missing = [k for k in keys if k not in df.columns]
         if missing:
             raise ResultsError(f"{nm}: missing key column(s) {', '.join(missing)}: not a cpbench results CSV")
     metrics = list(metrics)
     for m in metrics:
-        where = [nm for df, nm in ((old, o_name), (new, n_name)) if m not in df.columns]
+        where = [nm for df, nm in everything if m not in df.columns]
         if where:
             raise ResultsError(f"metric {m!r} is not a column of {' and '.join(where)}")
-        empty = [nm for df, nm in ((old, o_name), (new, n_name)) if not _has_numbers(df[m])]
+        empty = [nm for df, nm in everything if not _has_numbers(df[m])]
         if empty:
             raise ResultsError(f"metric {m!r} has no numeric value in {' and '.join(empty)}")
-    old = old.assign(_key=_key_text(old, keys))
-    new = new.assign(_key=_key_text(new, keys))
-    for df, nm in ((old, o_name), (new, n_name)):
-        dup = df["_key"][df["_key"].duplicated()]
-        if len(dup):
-            raise ResultsError(f"{nm}: {len(dup)} duplicated case key(s), e.g. {dup.iloc[0]}")
-    cmp = Comparison(keys=keys, metrics=metrics, rows=[])
-    cmp.columns_only_old = [c for c in old.columns if c not in new.columns]
-    cmp.columns_only_new = [c for c in new.columns if c not in old.columns]
-    ok_set, nk_set = set(old["_key"]), set(new["_key"])
+    sides = []
+    for frames, nms, side_name in ((o_frames, o_names, "OLD"), (n_frames, n_names, "NEW")):
+        side = _Side(side_name, [], nms)
+        for df, nm in zip(frames, nms, strict=True):
+            df = df.assign(_key=_key_text(df, keys))
+            dup = df["_key"][df["_key"].duplicated()]
+            if len(dup):
+                raise ResultsError(f"{nm}: {len(dup)} duplicated case key(s), e.g. {dup.iloc[0]}")
+            _check_possible(df, nm, metrics)
+            side.frames.append(df)
+            side.records.append({r["_key"]: r for r in df.to_dict("records")})
+        sides.append(side)
+    o_side, n_side = sides
+    cmp = Comparison(keys=keys, metrics=metrics, rows=[], gate=gate, names=(o_names, n_names))
+    cmp.columns_only_old = [c for c in o_frames[0].columns if c not in n_frames[0].columns]
+    cmp.columns_only_new = [c for c in n_frames[0].columns if c not in o_frames[0].columns]
+    ok_set, nk_set = o_side.keys(), n_side.keys()
     cmp.only_old = sorted(ok_set - nk_set)
     cmp.only_new = sorted(nk_set - ok_set)
     common = ok_set & nk_set
     if not common:
+        o_label = o_names[0] if len(o_names) == 1 else f"the {len(o_names)} baseline runs"
+        n_label = n_names[0] if len(n_names) == 1 else f"the {len(n_names)} new runs"
         raise ResultsError(
-            f"{o_name} and {n_name} have no case in common ({len(ok_set)} vs {len(nk_set)} cases): they come "
-            f"from different sweeps (differing key columns: {', '.join(_differing(old, new, keys)) or 'none'}); "
-            f"--ignore COLS drops key columns from the join"
+            f"{o_label} and {n_label} have no case in common ({len(ok_set)} vs {len(nk_set)} cases): they "
+            f"come from different sweeps (differing key columns: "
+            f"{', '.join(_differing(o_frames[0], n_frames[0], keys)) or 'none'}); --ignore COLS drops key "
+            f"columns from the join"
         )
-    joined = old.merge(new, on="_key", suffixes=("_old", "_new"))
-    pending: list[tuple[dict, str, float, float, list[float], list[float]]] = []
-    for rec in joined.to_dict("records"):
-        so, sn = rec.get("status_old"), rec.get("status_new")
-        label = rec["_key"]
+    # per metric: the cases to judge, each side's per-run values and pooled samples
+    pending: list[dict[str, Any]] = []
+    for key in sorted(common):
+        so, sn = o_side.status(key), n_side.status(key)
+        first = o_side.rows(key)[0][1]
         if so == "ok" and sn == "error":
+            err = next((r.get("error", "") for _, r in n_side.rows(key) if r.get("status") == "error"), "")
             for m in metrics:
-                cmp.rows.append(
-                    _row(rec, keys, m, "regressed", note=f"now error: {rec.get('error_new', '')}")
-                )
+                cmp.rows.append(_row(first, keys, m, "regressed", note=f"now error: {err}"))
             continue
         if so == "ok" and sn != "ok":
-            cmp.no_longer_ok.append(f"{label}: {so} -> {sn}")
+            cmp.no_longer_ok.append(f"{key}: {so} -> {sn}")
             continue
         if so != "ok" or sn != "ok":
-            cmp.not_compared.append(f"{label}: {so} -> {sn}")
+            cmp.not_compared.append(f"{key}: {so} -> {sn}")
             continue
         for m in metrics:
-            o, o_ok = _cell_number(rec.get(m + "_old"))
-            n, n_ok = _cell_number(rec.get(m + "_new"))
-            if not (o_ok and n_ok) or math.isnan(o) != math.isnan(n):
-                side = o_name if not o_ok or math.isnan(o) else n_name
-                cmp.unreadable.append(
-                    f"{label}: {m} in {side}: {rec.get(m + ('_old' if side == o_name else '_new'))!r}"
-                )
-                cmp.rows.append(_row(rec, keys, m, "n/a", note="unreadable"))
+            item = {"key": key, "first": first, "metric": m, "old": [], "new": [], "s_old": [], "s_new": []}
+            item["iqr_old"], item["iqr_new"] = [], []
+            bad = False
+            for side, vals, samp, iqrs in (
+                (o_side, item["old"], item["s_old"], item["iqr_old"]),
+                (n_side, item["new"], item["s_new"], item["iqr_new"]),
+            ):
+                for nm, rec in side.rows(key):
+                    if rec.get("status") != "ok":
+                        continue
+                    v, readable = _cell_number(rec.get(m))
+                    if not readable:
+                        cmp.unreadable.append(f"{key}: {m} in {nm}: {rec.get(m)!r}")
+                        bad = True
+                        continue
+                    vals.append(v)
+                    iqrs.append(noise(rec, m))
+                    col = samples_column(m)
+                    if col is not None and col in rec:
+                        try:
+                            samp.append(parse_samples(rec[col]))
+                        except ValueError:
+                            cmp.unreadable.append(f"{key}: {col} in {nm} is not a list of numbers")
+            present = [[v for v in item[s] if math.isfinite(v)] for s in ("old", "new")]
+            if bad or (bool(present[0]) != bool(present[1])):
+                if not bad:
+                    side = n_name_of(cmp) if not present[1] else o_name_of(cmp)
+                    cmp.unreadable.append(f"{key}: {m} empty in {side} only")
+                cmp.rows.append(_row(first, keys, m, "n/a", note="unreadable"))
                 continue
-            samples = ([], [])
-            col = samples_column(m)
-            if col is not None and col + "_old" in rec and col + "_new" in rec:
-                try:
-                    samples = (parse_samples(rec[col + "_old"]), parse_samples(rec[col + "_new"]))
-                except ValueError:
-                    cmp.unreadable.append(f"{label}: {col} is not a list of numbers")
-            pending.append((rec, m, o, n, *samples))
+            if not present[0]:  # not applicable on both sides (comm_ms at cp 1)
+                cmp.rows.append(_row(first, keys, m, "n/a"))
+                continue
+            item["old"], item["new"] = present
+            pending.append(item)
+    k, n_new = len(o_frames), len(n_frames)
+    spread = math.sqrt(1 / k + 1 / n_new)
     for m in metrics:
-        logs = [
-            math.log(n / o)
-            for rec, mm, o, n, *_ in pending
-            if mm == m and o > 0 and n > 0 and math.isfinite(n / o)
-        ]
-        cmp.spread[m] = run_spread(logs)
-    for rec, m, o, n, s_old, s_new in pending:
-        v, note = _judge(rec, m, o, n, s_old, s_new, threshold, alpha, spread_z * cmp.spread[m])
-        cmp.rows.append(_row(rec, keys, m, v, note=note))
+        items = [it for it in pending if it["metric"] == m]
+        sigma, shift_sd = baseline_noise(_per_run_logs(o_side, m, {it["key"] for it in items}))
+        measured = math.isfinite(sigma) and math.isfinite(shift_sd)
+        if measured:
+            q = t_quantile(1 - alpha, k - 1)  # a prediction bound from k baseline runs
+        else:
+            sigma = shift_sd = math.log1p(run_noise)
+            q = t_quantile(1 - alpha, math.inf)
+        logs = [_center(it["new"]) - _center(it["old"]) for it in items]
+        logs = [v for v in logs if math.isfinite(v)]
+        shift = _median(logs) if len(logs) >= MIN_CASES_FOR_SPREAD else float("nan")
+        cmp.noise[m] = MetricNoise(
+            runs_old=k,
+            runs_new=n_new,
+            sigma=sigma,
+            shift_sd=shift_sd,
+            measured=measured,
+            cases=len(items),
+            shift=shift,
+            shift_bar=math.log1p(min_shift) + q * shift_sd * spread,
+            case_bar=z * sigma * spread,
+        )
+        for it in items:
+            v, note = _judge(cmp, it)
+            cmp.rows.append(_row(it["first"], keys, m, v, note=note, item=it))
     return cmp
 
 
-def _judge(rec, m, o, n, s_old, s_new, threshold, alpha, log_bar) -> tuple[str, str]:
-    """The verdict of one case and metric (see the module docstring) and a note on a rejected change."""
-    if not (math.isfinite(o) and math.isfinite(n)):
+def o_name_of(cmp: Comparison) -> str:
+    return "OLD" if len(cmp.names[0]) != 1 else cmp.names[0][0]
+
+
+def n_name_of(cmp: Comparison) -> str:
+    return "NEW" if len(cmp.names[1]) != 1 else cmp.names[1][0]
+
+
+def _center(values: list[float]) -> float:
+    """A side's value in log units: the mean over its runs of ``log`` value, i.e. the geometric mean
+    (NaN if not all > 0)."""
+    if not values or any(v <= 0 for v in values):
+        return float("nan")
+    return sum(math.log(v) for v in values) / len(values)
+
+
+def _per_run_logs(side: _Side, metric: str, keys: set[str]) -> list[dict[str, float]]:
+    """Per run of the side: ``{case: log value}`` of its ok rows with a value > 0."""
+    out = []
+    for rec in side.records:
+        logs = {}
+        for k in keys & rec.keys():
+            v, readable = _cell_number(rec[k].get(metric))
+            if rec[k].get("status") == "ok" and readable and v > 0:
+                logs[k] = math.log(v)
+        out.append(logs)
+    return out
+
+
+def _judge(cmp: Comparison, it: dict[str, Any]) -> tuple[str, str]:
+    """The verdict of one case and metric (see the module docstring) and a note on why."""
+    m, gate = it["metric"], cmp.gate
+    lo, ln = _center(it["old"]), _center(it["new"])
+    if not (math.isfinite(lo) and math.isfinite(ln)):
         return "n/a", ""
-    hi = higher_is_better(m)
-    worse = (o - n) if hi else (n - o)
-    if abs(worse) <= threshold * abs(o):
+    d = ln - lo  # log(new/old)
+    rel = math.expm1(d)  # new/old - 1
+    worse = -rel if higher_is_better(m) else rel
+    if abs(worse) <= gate.threshold:
         return "same", ""
     direction = "regressed" if worse > 0 else "improved"
+    s_old = [x for s in it["s_old"] for x in s]
+    s_new = [x for s in it["s_new"] for x in s]
+    nz = cmp.noise[m]
     if s_old and s_new:
-        # the samples are the times behind the metric: worse means slower for times and rates alike
-        p = mann_whitney_p(s_new, s_old) if worse > 0 else mann_whitney_p(s_old, s_new)
-        if p > alpha:
-            return "noise", f"samples overlap: p={p:.2g} > {alpha:g}"
+        if smallest_p(len(s_new), len(s_old)) > gate.alpha:
+            nz.samples_test = False
+        else:
+            # the samples are the times behind the metric: worse means slower for times and rates alike
+            p = mann_whitney_p(s_new, s_old) if worse > 0 else mann_whitney_p(s_old, s_new)
+            if p > gate.alpha:
+                return "noise", f"samples overlap (p={p:.2g})"
     else:
-        bar = noise(rec, m, "_old") / 2 + noise(rec, m, "_new") / 2
-        if abs(worse) <= bar:
+        old, new = math.exp(lo), math.exp(ln)
+        bar = _median(it["iqr_old"]) / 2 + _median(it["iqr_new"]) / 2
+        if abs(new - old) <= bar:
             return "noise", "inside the IQRs"
-    if math.isfinite(log_bar) and o > 0 and n > 0 and abs(math.log(n / o)) <= log_bar:
-        return "noise", f"inside the run-to-run spread (x{math.exp(log_bar):.2f})"
-    return direction, ""
+    shift = nz.shift if math.isfinite(nz.shift) else 0.0
+    alone = d - shift  # the case against the rest of its run
+    if (alone > nz.case_bar and d > 0) or (alone < -nz.case_bar and d < 0):
+        return direction, f"the case alone x{math.exp(alone):.2f}, past x{math.exp(nz.case_bar):.2f}"
+    if (shift > nz.shift_bar and d > 0) or (shift < -nz.shift_bar and d < 0):
+        return direction, f"whole run x{math.exp(shift):.2f}, past x{math.exp(nz.shift_bar):.2f}"
+    return "noise", "inside the run-to-run noise"
+
+
+def _check_possible(df, name: str, metrics: list[str]) -> None:
+    """Impossible values in ok rows are errors: a :func:`positive` metric <= 0, a sample <= 0."""
+    from .metrics import parse_samples
+
+    ok = df[df["status"] == "ok"] if "status" in df.columns else df
+    for m in metrics:
+        cols = [m] + ([samples_column(m)] if samples_column(m) in df.columns else [])
+        for col in cols:
+            for key, v in zip(ok["_key"], ok[col], strict=True):
+                if col == m:
+                    x, readable = _cell_number(v)
+                    if readable and math.isfinite(x) and positive(m) and x <= 0:
+                        raise ResultsError(f"{name}: {key}: {m} = {v!r} is impossible (must be > 0)")
+                else:
+                    try:
+                        xs = parse_samples(v)
+                    except ValueError:
+                        continue  # unreadable: counted by the comparison
+                    if any(x <= 0 for x in xs):
+                        raise ResultsError(f"{name}: {key}: {col} holds a sample <= 0: {str(v)[:60]!r}")
 
 
 def _has_numbers(col) -> bool:
@@ -392,18 +701,27 @@ def _differing(old, new, keys: list[str]) -> list[str]:
     return out
 
 
-def _row(rec: dict, keys: list[str], metric: str, verdict_: str, note: str = "") -> dict[str, Any]:
-    o, n = _num(rec.get(metric + "_old")), _num(rec.get(metric + "_new"))
+def _row(
+    rec: dict, keys: list[str], metric: str, verdict_: str, note: str = "", item: dict | None = None
+) -> dict[str, Any]:
+    if item is not None:
+        lo, ln = _center(item["old"]), _center(item["new"])
+        o = math.exp(lo) if math.isfinite(lo) else float("nan")
+        n = math.exp(ln) if math.isfinite(ln) else float("nan")
+        runs_old, runs_new = list(item["old"]), list(item["new"])
+    else:
+        o = n = float("nan")
+        runs_old = runs_new = []
     ratio = n / o if (math.isfinite(o) and math.isfinite(n) and o != 0) else float("nan")
-    key = {k: rec.get(k + "_old", rec.get(k)) for k in keys}
+    key = {k: rec.get(k) for k in keys}
     return {
         **key,
         "metric": metric,
         "old": o,
         "new": n,
         "ratio": ratio,
-        "noise_old": noise(rec, metric, "_old"),
-        "noise_new": noise(rec, metric, "_new"),
+        "old_runs": runs_old,
+        "new_runs": runs_new,
         "verdict": verdict_,
         "note": note,
         "badness": (1 / ratio if higher_is_better(metric) else ratio)
@@ -412,73 +730,172 @@ def _row(rec: dict, keys: list[str], metric: str, verdict_: str, note: str = "")
     }
 
 
-def _verdict_cell(r: dict[str, Any], style: str):
-    from rich.text import Text
+# ----------------------------------------------------------------------------------------------- output
 
-    text = r["verdict"] + (f" ({r['note']})" if r["note"] else "")
-    return Text(text, style=style or "")
+
+def _noise_line(cmp: Comparison, m: str) -> str:
+    nz, gate = cmp.noise.get(m), cmp.gate
+    direction = "higher is better" if higher_is_better(m) else "lower is better"
+    if nz is None:
+        return f"{m} ({direction}): no case compared"
+    source = (
+        "measured on the baseline runs"
+        if nz.measured
+        else "ASSUMED (--run-noise): one baseline run cannot measure it; give two or more"
+    )
+    shift = (
+        f"NEW's whole run x{math.exp(nz.shift):.3f}, counts past x{math.exp(nz.shift_bar):.3f}"
+        if math.isfinite(nz.shift)
+        else f"whole-run shift not tested (< {MIN_CASES_FOR_SPREAD} cases)"
+    )
+    samples = "" if nz.samples_test else "; samples test off (too few samples to reach --alpha)"
+    return (
+        f"{m} ({direction}): {nz.runs_old} baseline run(s) vs {nz.runs_new}; threshold {gate.threshold:.1%}; "
+        f"run-to-run noise {source}: a case x{math.exp(nz.sigma):.3f}, a whole run "
+        f"x{math.exp(nz.shift_sd):.3f}; a case alone counts past x{math.exp(nz.case_bar):.2f}; {shift}{samples}"
+    )
+
+
+def _sorted_rows(cmp: Comparison, only_changed: bool) -> list[dict[str, Any]]:
+    changed = ("regressed", "improved", "noise")
+    rows = cmp.rows if not only_changed else [r for r in cmp.rows if r["verdict"] in changed]
+    return sorted(rows, key=lambda r: -r["badness"] if r["badness"] == r["badness"] else 0)
+
+
+def _varying(cmp: Comparison) -> list[str]:
+    """Key columns that vary over the rows (``docs`` and ``density`` are in ``packing``'s label)."""
+    shown = [k for k in cmp.keys if not (k in ("docs", "density") and "packing" in cmp.keys)]
+    return [k for k in shown if len({str(r[k]) for r in cmp.rows}) > 1] or ["cp_size"]
+
+
+def _lists(cmp: Comparison) -> list[tuple[str, str, list[str]]]:
+    """``(title, json key, items)`` of the coverage lists."""
+    return [
+        ("cases only in OLD", "only_old", cmp.only_old),
+        ("cases only in NEW", "only_new", cmp.only_new),
+        ("cases ok in OLD, not in NEW", "no_longer_ok", cmp.no_longer_ok),
+        ("unreadable cells", "unreadable", cmp.unreadable),
+        ("not compared (status not ok in both)", "not_compared", cmp.not_compared),
+        ("columns only in OLD", "columns_only_old", cmp.columns_only_old),
+        ("columns only in NEW", "columns_only_new", cmp.columns_only_new),
+    ]
+
+
+def _summary(cmp: Comparison) -> str:
+    n_cases = len({tuple(str(r[k]) for k in cmp.keys) for r in cmp.rows})
+    n_noise = sum(r["verdict"] == "noise" for r in cmp.rows)
+    return (
+        f"{n_cases} case(s) compared: {len(cmp.regressions)} regression(s), {len(cmp.improvements)} "
+        f"improvement(s), {n_noise} change(s) within the noise"
+    )
+
+
+def _cells(cmp: Comparison, r: dict[str, Any], varying: list[str]) -> list[str]:
+    from .report import _fmt_number
+
+    m = r["metric"]
+    return [
+        *[_fmt_number(k, r[k]) for k in varying],
+        _fmt_number(m, r["old"]),
+        _fmt_number(m, r["new"]),
+        f"{r['ratio']:.3f}" if r["ratio"] == r["ratio"] else "-",
+        r["verdict"] + (f": {r['note']}" if r["note"] else ""),
+    ]
 
 
 def render(
-    cmp: Comparison, *, only_changed: bool = False, threshold: float = 0.05, console=None, failures=()
+    cmp: Comparison, *, only_changed: bool = False, console=None, failures=(), fmt: str = "text"
 ) -> None:
-    from rich.table import Table
+    """Print the comparison: ``fmt`` ``text`` (rich tables), ``markdown`` or ``json``."""
+    if fmt == "json":
+        import json
 
-    from .report import _fmt_number, make_console
+        print(json.dumps(as_json(cmp, failures=failures, only_changed=only_changed), indent=1, default=str))
+        return
+    if fmt == "markdown":
+        print(as_markdown(cmp, failures=failures, only_changed=only_changed))
+        return
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    from .report import NUMERIC_KEYS, make_console
 
     console = console or make_console()
-    changed = ("regressed", "improved", "noise")
-    rows = cmp.rows if not only_changed else [r for r in cmp.rows if r["verdict"] in changed]
-    rows = sorted(rows, key=lambda r: -r["badness"] if r["badness"] == r["badness"] else 0)
-    varying = [k for k in cmp.keys if len({str(r[k]) for r in cmp.rows}) > 1] or ["cp_size"]
+    rows = _sorted_rows(cmp, only_changed)
+    varying = _varying(cmp)
     style = {"regressed": "bold red", "improved": "green", "same": "", "noise": "yellow", "n/a": "dim"}
     for m in cmp.metrics:
-        mrows = [r for r in rows if r["metric"] == m]
-        direction = "higher is better" if higher_is_better(m) else "lower is better"
-        sigma = cmp.spread.get(m, float("nan"))
-        spread = (
-            f"run-to-run spread x{math.exp(sigma):.2f}"
-            if sigma == sigma
-            else f"run-to-run spread not estimated (< {MIN_CASES_FOR_SPREAD} cases)"
+        console.print(_noise_line(cmp, m), highlight=False, markup=False)
+        t = Table(
+            box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True, header_style="bold"
         )
-        t = Table(title=f"{m} ({direction}; threshold {threshold:.1%}; {spread})", title_justify="left")
         for k in varying:
-            t.add_column(k)
-        for c in ("old", "new"):
-            t.add_column(c, justify="right")
-        t.add_column("new/old", justify="right")
-        t.add_column("verdict")
-        for r in mrows:
-            t.add_row(
-                *[str(r[k]) for k in varying],
-                _fmt_number(m, r["old"]),
-                _fmt_number(m, r["new"]),
-                f"{r['ratio']:.3f}" if r["ratio"] == r["ratio"] else "-",
-                _verdict_cell(r, style[r["verdict"]]),
-            )
+            t.add_column(k, no_wrap=True, justify="right" if k in NUMERIC_KEYS else "left")
+        for c in ("old", "new", "new/old"):
+            t.add_column(c, justify="right", no_wrap=True)
+        t.add_column("verdict", overflow="fold")
+        for r in (r for r in rows if r["metric"] == m):
+            cells = _cells(cmp, r, varying)
+            t.add_row(*cells[:-1], Text(cells[-1], style=style[r["verdict"]] or ""))
         console.print(t)
-    for title, items in (
-        ("cases only in OLD", cmp.only_old),
-        ("cases only in NEW", cmp.only_new),
-        ("cases ok in OLD, not in NEW", cmp.no_longer_ok),
-        ("unreadable cells", cmp.unreadable),
-        ("not compared (status not ok in both)", cmp.not_compared),
-        ("columns only in OLD", cmp.columns_only_old),
-        ("columns only in NEW", cmp.columns_only_new),
-    ):
+    for title, _, items in _lists(cmp):
         if items:
-            console.print(f"{title} ({len(items)}):", highlight=False)
+            console.print(f"{title} ({len(items)}):", highlight=False, markup=False)
             for it in items[:20]:
                 console.print(f"  {it}", highlight=False, markup=False)
             if len(items) > 20:
                 console.print(f"  ... {len(items) - 20} more", highlight=False)
-    n_cases = len({tuple(str(r[k]) for k in cmp.keys) for r in cmp.rows})
-    n_noise = sum(r["verdict"] == "noise" for r in cmp.rows)
-    console.print(
-        f"{n_cases} case(s) compared: {len(cmp.regressions)} regression(s), {len(cmp.improvements)} "
-        f"improvement(s), {n_noise} change(s) within the noise",
-        highlight=False,
-    )
+    console.print(_summary(cmp), highlight=False)
     console.print(
         "gate: FAIL: " + "; ".join(failures) if failures else "gate: pass", highlight=False, markup=False
     )
+
+
+def as_markdown(cmp: Comparison, *, failures=(), only_changed: bool = False) -> str:
+    """GitHub-flavoured Markdown: the gate's verdict first, one table per metric, the lists."""
+    from .report import NUMERIC_KEYS, markdown_table
+
+    rows = _sorted_rows(cmp, only_changed)
+    varying = _varying(cmp)
+    out = ["**gate: FAIL**: " + "; ".join(failures) if failures else "**gate: pass**", "", _summary(cmp), ""]
+    for m in cmp.metrics:
+        out += [_noise_line(cmp, m), ""]
+        body = [_cells(cmp, r, varying) for r in rows if r["metric"] == m]
+        right = [k in NUMERIC_KEYS for k in varying] + [True, True, True, False]
+        out += [markdown_table([*varying, "old", "new", "new/old", "verdict"], body, right), ""]
+    for title, _, items in _lists(cmp):
+        if items:
+            out.append(f"{title} ({len(items)}):")
+            out += [f"- `{it}`" for it in items[:50]]
+            out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def as_json(cmp: Comparison, *, failures=(), only_changed: bool = False) -> dict[str, Any]:
+    """Everything a script needs: ``gate`` (``pass``/``fail``), ``exit_code``, the failures, the noise
+    figures per metric, one record per case and metric, and the coverage lists."""
+
+    def clean(v):
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+
+    cases = [{k: clean(v) for k, v in r.items() if k != "badness"} for r in _sorted_rows(cmp, only_changed)]
+    return {
+        "gate": "fail" if failures else "pass",
+        "exit_code": 1 if failures else 0,
+        "failures": list(failures),
+        "baseline": list(cmp.names[0]),
+        "new": list(cmp.names[1]),
+        "settings": {
+            "threshold": cmp.gate.threshold,
+            "alpha": cmp.gate.alpha,
+            "z": cmp.gate.z,
+            "run_noise": cmp.gate.run_noise,
+            "min_shift": cmp.gate.min_shift,
+        },
+        "metrics": {m: nz.as_dict() for m, nz in cmp.noise.items()},
+        "regressions": len(cmp.regressions),
+        "improvements": len(cmp.improvements),
+        "cases": cases,
+        **{key: list(items) for _, key, items in _lists(cmp)},
+    }

@@ -158,6 +158,25 @@ def _teardown() -> None:
             pass
 
 
+def _die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when the launcher that spawned it dies, however it dies
+    (``prctl(PR_SET_PDEATHSIG)``); a launcher already gone ends it now. Elsewhere nothing."""
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    if not sys.platform.startswith("linux") or parent is None:
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent.pid:  # the launcher died before the signal was armed
+        os._exit(1)
+
+
 def _spawned_rank(
     local_rank: int,
     nproc: int,
@@ -170,6 +189,7 @@ def _spawned_rank(
     codes,
 ) -> None:
     """Entry point of a spawned rank (module level: spawn pickles it by name)."""
+    _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle
     hold = rundir.hold_shared(out_dir) if local_rank == 0 else None  # noqa: F841  (held until exit)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -189,9 +209,13 @@ def _spawned_rank(
             codes.put(code)
     except SweepAborted as e:
         print(f"cpbench: error: {e}", file=sys.stderr, flush=True)
+        if local_rank == 0:
+            rundir.mark_ended(out_dir, "aborted", str(e))
         os._exit(1)
-    except Exception:
+    except Exception as e:
         print(f"cpbench: rank {local_rank} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        if local_rank == 0:  # best effort: a full disk may refuse this too
+            rundir.mark_ended(out_dir, "failed", f"rank 0 failed: {type(e).__name__}: {e}")
         os._exit(1)
     _teardown()
 
@@ -349,6 +373,8 @@ def _launch_torchrun(scenario: Scenario, opts: LaunchOptions) -> int:
         return _run_rank(scenario, env, opts.out_dir, opts)
     except SweepAborted as e:
         print(f"cpbench: error: {e}", file=sys.stderr, flush=True)
+        if rank == 0:
+            rundir.mark_ended(opts.out_dir, "aborted", str(e))
         return 1
     finally:
         _teardown()

@@ -1,9 +1,16 @@
 """``cpbench plot RESULTS.csv``: PNG figures of a sweep (matplotlib, Agg backend).
 
-* ``regions-<group>.png``: time per region vs seq_len, one panel per cp_size, stacked bars of the
-  layer's regions up to the layer's median (a black tick): ``other`` is the layer time not covered
-  by any region; where the regions' separate medians add up to more, they are scaled to it
-  (:func:`stack_heights`). One figure per combination of the other axes (path, pass, packing...);
+* ``regions-<group>.png``: time per region vs seq_len, one panel per cp_size. The left bar of each
+  length stacks the layer's stages, which run one after the other (``layout``, ``conv1d``, ``ssm``,
+  ``norm_proj``, their ``_bwd``, and the collectives ``a2a_*`` / ``state_xchg`` where they block:
+  ``overlap_chunks`` 1; with head chunks the collectives run beside compute, so ``exposed_comm``
+  is stacked instead), each at its own median, never rescaled, with ``other`` the rest of the
+  layer's median (a black tick; the medians of the parts need not add up to the median of the
+  whole). Quantities that overlap the stages (``comm``, ``comm_xfer``, ``comm_wait``,
+  ``layer_nocomm``, and ``exposed_comm`` where not stacked) are the hatched bars beside it, each
+  from zero (:func:`stack_heights`, :data:`APART`; the per-collective ``*_xfer`` times are in the
+  CSV). Every stage has its own colour (a ``_bwd`` stage the light shade of its forward's). One
+  figure per combination of the other axes (path, pass, packing...);
 * ``busbw.png``: the layer's all-to-all busbw vs message size, against the microbenchmark at the
   same sizes on the same groups (measured rows only);
 * ``scaling-<group>.png``: layer time vs cp_size, one line per seq_len, with the ideal ``1/cp``
@@ -24,7 +31,30 @@ from pathlib import Path
 from .scenario import CASE_KEY
 
 MAX_GROUPS = 24
-NOT_REGIONS = {"layer", "comm", "layer_fwd", "layer_bwd"}
+#: The layer's stages (cp_core.regions), in stacking order; a ``_bwd`` stage follows its forward.
+STAGES = ("layout", "a2a_pre", "state_xchg", "conv1d", "ssm", "a2a_post", "norm_proj")
+#: Stages that are collectives: stacked only where they block (``overlap_chunks`` 1).
+COMM_STAGES = ("a2a_pre", "a2a_post", "state_xchg")
+#: Quantities that overlap the stages: drawn apart, each from zero.
+APART = ("comm", "comm_xfer", "comm_wait", "layer_nocomm", "exposed_comm")
+#: tab20 index pairs (dark, light) per stage: the forward dark, the backward light.
+_STAGE_COLOUR = {
+    "ssm": 0,
+    "conv1d": 2,
+    "a2a_pre": 4,
+    "a2a_post": 6,
+    "layout": 8,
+    "norm_proj": 10,
+    "state_xchg": 12,
+    "exposed_comm": 14,
+}
+_APART_COLOUR = {
+    "comm": "#1b9e77",
+    "comm_xfer": "#d95f02",
+    "comm_wait": "#7570b3",
+    "layer_nocomm": "#e7298a",
+    "exposed_comm": "#66a61e",
+}
 
 
 def _plt():
@@ -49,17 +79,31 @@ def _slug(parts: dict) -> str:
     return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", s)[:150]
 
 
+def _stage(name: str) -> str | None:
+    base = name[: -len("_bwd")] if name.endswith("_bwd") else name
+    return base if base in STAGES else None
+
+
 def region_columns(df) -> list[str]:
-    """Region names with a time column holding at least one number (layer totals excluded)."""
-    out = []
-    for c in df.columns:
-        if not c.endswith("_ms") or c.endswith(("_min_ms", "_iqr_ms")):
-            continue
-        name = c[:-3]
-        if name in NOT_REGIONS or df[c].isna().all():
-            continue
-        out.append(name)
-    return out
+    """The layer's stages with a time column holding at least one number, in stacking order (forward
+    stages, then backward ones); derived quantities (``comm_xfer``, ``exposed_comm``...) excluded."""
+    have = [
+        c[:-3] for c in df.columns if c.endswith("_ms") and _stage(c[:-3]) is not None and df[c].notna().any()
+    ]
+    order = {n: i for i, n in enumerate([*STAGES, *(f"{s}_bwd" for s in STAGES)])}
+    return sorted(have, key=lambda n: order[n])
+
+
+def stage_colour(name: str):
+    """One colour per stage: tab20's dark shade for the forward, its light one for ``_bwd``."""
+    import matplotlib
+
+    tab = matplotlib.colormaps["tab20"].colors
+    base = name[: -len("_bwd")] if name.endswith("_bwd") else name
+    i = _STAGE_COLOUR.get(base)
+    if i is None:
+        return matplotlib.colormaps["tab20b"].colors[hash(base) % 20]
+    return tab[i + (1 if name.endswith("_bwd") else 0)]
 
 
 def _group_cols(df, exclude: set[str]) -> list[str]:
@@ -78,24 +122,38 @@ def _groups(df, cols):
         yield dict(zip(cols, k, strict=True)), g
 
 
-def stack_heights(sub, regions: list[str]) -> tuple[dict[str, list[float]], list[float]]:
-    """Bar segments per region and ``other`` for each row, stacking to the row's ``layer_ms``.
+def _values(sub, col: str) -> list[float]:
+    if col not in sub.columns:
+        return [0.0] * len(sub)
+    return [0.0 if v != v else float(v) for v in sub[col]]
 
-    Each region's median is taken on its own (and on the slowest rank), so the medians of the
-    regions of one iteration can add up to more than the layer's median. Where they do, every
-    region is scaled by ``layer_ms / sum`` (their shares kept) so the bar is the layer's median;
-    where they do not, ``other`` is the remainder."""
-    layer = [float(t) if t == t else 0.0 for t in sub["layer_ms"]]
-    raw = {}
-    for r in regions:
-        vals = [0.0 if (v != v) else float(v) for v in sub[f"{r}_ms"]]
+
+def stack_heights(sub, regions: list[str], overlapped: bool = False):
+    """``(segments, other, apart)`` for each row: the stacked segments per stage (their medians as
+    measured, never rescaled), ``other`` (the layer's median not covered by them, 0 where their
+    medians add up to more) and the overlapping quantities drawn beside the stack.
+
+    ``overlapped``: the collectives run beside compute (``overlap_chunks`` > 1), so the collective
+    stages leave the stack and ``exposed_comm`` (what they added to the layer) enters it."""
+    layer = _values(sub, "layer_ms")
+    segments: dict[str, list[float]] = {}
+    stacked = [r for r in regions if not (overlapped and _stage(r) in COMM_STAGES)]
+    if overlapped and "exposed_comm_ms" in sub.columns:
+        stacked.append("exposed_comm")
+    for r in stacked:
+        vals = [max(0.0, v) for v in _values(sub, f"{r}_ms")]
         if any(vals):
-            raw[r] = vals
-    totals = [sum(vals[i] for vals in raw.values()) for i in range(len(layer))]
-    scale = [min(1.0, t / s) if s > 0 else 1.0 for t, s in zip(layer, totals, strict=True)]
-    heights = {r: [v * k for v, k in zip(vals, scale, strict=True)] for r, vals in raw.items()}
-    other = [max(0.0, t - s * k) for t, s, k in zip(layer, totals, scale, strict=True)]
-    return heights, other
+            segments[r] = vals
+    totals = [sum(v[i] for v in segments.values()) for i in range(len(layer))]
+    other = [max(0.0, t - s) for t, s in zip(layer, totals, strict=True)]
+    apart = {}
+    for q in APART:
+        if q in segments or f"{q}_ms" not in sub.columns:
+            continue
+        vals = _values(sub, f"{q}_ms")
+        if any(vals):
+            apart[q] = vals
+    return segments, other, apart
 
 
 def plot_regions(df, out: Path) -> list[Path]:
@@ -104,29 +162,57 @@ def plot_regions(df, out: Path) -> list[Path]:
     files = []
     for gkey, g in _groups(df, _group_cols(df, {"cp_size", "seq_len"})):
         cps = sorted(g["cp_size"].unique())
-        cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"] + list(plt.get_cmap("tab20").colors)
-        color = {r: cycle[i % len(cycle)] for i, r in enumerate(regions)}
+        k = int(g["overlap_chunks"].max()) if "overlap_chunks" in g.columns else 1
         legend: dict[str, object] = {}
-        fig, axes = plt.subplots(1, len(cps), figsize=(4.5 * len(cps), 4), squeeze=False, sharey=True)
+        width_in = 5.5 * len(cps) + 2.6  # the legend's column on the right
+        fig, axes = plt.subplots(1, len(cps), figsize=(width_in, 4.8), squeeze=False, sharey=True)
         for ax, cp in zip(axes[0], cps, strict=True):
             sub = g[g["cp_size"] == cp].sort_values("seq_len")
             xs = list(range(len(sub)))
-            heights, other = stack_heights(sub, regions)
+            segments, other, apart = stack_heights(sub, regions, overlapped=k > 1)
+            width = 0.42
+            left = [x - width / 2 - 0.02 for x in xs]
             bottom = [0.0] * len(sub)
-            for r, vals in heights.items():
-                legend[r] = ax.bar(xs, vals, bottom=bottom, label=r, color=color[r])
+            for r, vals in segments.items():
+                colour = stage_colour(r) if r != "exposed_comm" else stage_colour("exposed_comm")
+                legend[r] = ax.bar(left, vals, width, bottom=bottom, label=r, color=colour)
                 bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
-            legend["other"] = ax.bar(xs, other, bottom=bottom, label="other", color="lightgray")
-            layer = [float(t) if t == t else 0.0 for t in sub["layer_ms"]]
-            legend["layer median"] = ax.scatter(xs, layer, marker="_", s=300, color="k", zorder=3)
+            legend["other"] = ax.bar(left, other, width, bottom=bottom, label="other", color="0.85")
+            layer = _values(sub, "layer_ms")
+            legend["layer median"] = ax.scatter(left, layer, marker="_", s=500, color="k", zorder=3)
+            if apart:
+                w = width / len(apart)
+                for j, (q, vals) in enumerate(apart.items()):
+                    pos = [x + 0.02 + w * (j + 0.5) for x in xs]
+                    legend[f"{q} (apart)"] = ax.bar(
+                        pos,
+                        vals,
+                        w,
+                        label=q,
+                        facecolor="none",
+                        edgecolor=_APART_COLOUR[q],
+                        hatch="////",
+                        lw=1.2,
+                    )
             ax.set_xticks(xs, [str(int(s)) for s in sub["seq_len"]], rotation=45)
             ax.set_title(f"cp_size {cp}")
             ax.set_xlabel("seq_len (tokens)")
-        axes[0][0].set_ylabel("time per iteration (ms)")
-        fig.legend(list(legend.values()), list(legend), loc="center right", fontsize="small")
-        fig.subplots_adjust(right=0.8)
-        fig.suptitle("regions " + (", ".join(f"{k}={v}" for k, v in gkey.items()) or ""), fontsize="medium")
-        files.append(_save(fig, out / f"regions-{_slug(gkey)}.png", rect=(0, 0, 0.82, 1)))
+            ax.grid(axis="y", alpha=0.3)
+            ax.margins(y=0.08)
+        axes[0][0].set_ylabel("ms per iteration (median over iterations)")
+        order = [r for r in [*regions, "exposed_comm", "other", "layer median"] if r in legend]
+        order += [q for q in legend if q not in order]  # the hatched ones, in APART order
+        fig.legend([legend[q] for q in order], order, loc="center right", fontsize="small")
+        what = (
+            "stacked: the layer's stages"
+            + (" + exposed comm" if k > 1 else "")
+            + "; hatched: overlapping, from 0"
+        )
+        fig.suptitle(
+            "regions " + (", ".join(f"{k}={v}" for k, v in gkey.items()) or "") + f"\n{what}",
+            fontsize="medium",
+        )
+        files.append(_save(fig, out / f"regions-{_slug(gkey)}.png", rect=(0, 0, 1 - 2.6 / width_in, 1)))
     return files
 
 

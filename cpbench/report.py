@@ -5,15 +5,25 @@ One unit per kind of column, whatever the column: times in ms (``*_ms``), bandwi
 millions of real tokens per second (``tokens_per_s`` shown as ``Mtok/s``).
 
 The key columns that are the same on every row go into the title; those that vary are the first
-columns. Rows whose communication was modeled (``comm_model`` other than ``measured``, the fake
-backend) get a ``*`` on every cell that depends on the model, and a footnote says what the model
-was. Skipped cases and errors are listed under the table with their reasons.
+columns (in every table: the results, the scaling, the overlap and the peers). Default metrics with
+no value in any row (peak memory on the CPU) are left out and named in a footnote. A table wider
+than the console (``COLUMNS``; 240 when the output is not a terminal) is cut into several, each
+repeating the key columns: no number is truncated. Rows whose communication was modeled
+(``comm_model`` other than ``measured``, the fake backend) get a ``*`` on every cell that depends on
+the model, and a footnote says what the model was. ``overlap_pct`` is blank for CPU rows (gloo's
+collectives block the one stream; nothing overlaps), with the reason in a footnote. Skipped cases
+and errors are listed under the table with their reasons.
+
+``--format markdown`` prints the same tables as GitHub-flavoured Markdown (for a CI job to post);
+``--format json`` the ok rows' key and metric values (numbers, ``null`` where empty), the notes, the
+skipped and failed cases and the derived tables, for a script.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -98,10 +108,13 @@ def split_list(values: Sequence[str] | None) -> list[str]:
 
 
 def _describe(row) -> str:
+    k = row.get("overlap_chunks", 1)
     return (
         f"case {int(row['case']) if 'case' in row and _present(row['case']) else '?'} "
         f"cp={row['cp_size']} L={row['seq_len']} B={row['batch']} heads={row['n_heads']}/{row['n_groups']} "
         f"{row['packing']} {row['layout']} {row['path']} {row['pass']} {row['strategy']}"
+        + (f" k={_fmt_number('k', k)}" if _present(k) and k != 1 else "")
+        + f" impl={row.get('impl', 'cp_core')}"
     )
 
 
@@ -109,20 +122,168 @@ def _present(v) -> bool:
     return not (v is None or (isinstance(v, float) and math.isnan(v)) or v == "")
 
 
-def tables(df, group_by: Sequence[str] = (), metrics: Sequence[str] | None = None, title: str | None = None):
-    """``(heading, tables, notes)``: the constant keys, rich Tables of the ok rows (one per group), footnotes."""
-    from rich.table import Table
+NUMERIC_KEYS = ("cp_size", "seq_len", "batch", "n_heads", "n_groups", "world_size", "overlap_chunks")
+#: Gap between two columns of a rendered table (box.SIMPLE_HEAD, collapsed padding, no edge).
+GAP = 2
+CPU_OVERLAP_NOTE = (
+    "overlap %: blank on CPU: gloo's collectives block the one stream the layer runs on, so nothing "
+    "overlaps; there, layer - layer with collectives suppressed is the communication plus noise and can "
+    "exceed it (a negative 'overlap')"
+)
 
+
+@dataclass
+class Grid:
+    """A table as text cells, rendered to a console (rich), Markdown or split to fit a width."""
+
+    title: str | None
+    columns: list[str]
+    right: list[bool]
+    rows: list[list[str]] = field(default_factory=list)
+    keys: int = 0  # the leading key columns, repeated in every part when the grid is split
+
+    wrap: bool = True  # headers wrapped at words to the cells' width (False: on one line)
+
+    def widths(self) -> list[int]:
+        out = []
+        for i, c in enumerate(self.columns):
+            cells = [len(r[i]) for r in self.rows]
+            if not self.wrap:
+                out.append(max([*cells, len(c)]))
+                continue
+            words = [len(w) for w in c.split()] or [0]
+            # a header wraps at words; one of many short words on lines of 7 ("vs cp 1 / cp" in two)
+            out.append(max([*cells, max(words), min(len(c), 7) if len(words) > 3 else 0]))
+        return out
+
+    def width(self) -> int:
+        return sum(self.widths()) + GAP * (len(self.columns) - 1)
+
+    def split(self, width: int) -> list[Grid]:
+        """Parts no wider than ``width``: the headers on one line where that fits, else wrapped at
+        words, else as few parts as possible (metric columns in order, the key columns repeated)."""
+        flat = Grid(self.title, self.columns, self.right, self.rows, self.keys, wrap=False)
+        if flat.width() <= width:
+            return [flat]
+        w = self.widths()
+        key_w = sum(w[: self.keys]) + GAP * self.keys
+        parts, cur, used = [], [], key_w
+        for i in range(self.keys, len(self.columns)):
+            if cur and used + w[i] > width:
+                parts.append(cur)
+                cur, used = [], key_w
+            cur.append(i)
+            used += w[i] + GAP
+        if cur or not parts:
+            parts.append(cur)
+        if len(parts) == 1:
+            return [self]
+        out = []
+        for n, idx in enumerate(parts):
+            cols = list(range(self.keys)) + idx
+            title = f"{self.title or 'results'} ({n + 1}/{len(parts)})"
+            out.append(
+                Grid(
+                    title,
+                    [self.columns[i] for i in cols],
+                    [self.right[i] for i in cols],
+                    [[r[i] for i in cols] for r in self.rows],
+                    self.keys,
+                )
+            )
+        return out
+
+    def rich(self):
+        from rich import box
+        from rich.table import Table
+
+        t = Table(
+            title=self.title,
+            title_justify="left",
+            header_style="bold",
+            box=box.SIMPLE_HEAD,
+            show_edge=False,
+            pad_edge=False,
+            collapse_padding=True,
+        )
+        for c, r, w in zip(self.columns, self.right, self.widths(), strict=True):
+            head = _wrap_header(c, w) if self.wrap else c
+            t.add_column(head, justify="right" if r else "left", no_wrap=True, min_width=w)
+        for row in self.rows:
+            t.add_row(*row)
+        return t
+
+    def markdown(self) -> str:
+        head = f"**{self.title}**\n\n" if self.title else ""
+        return head + markdown_table(self.columns, self.rows, self.right)
+
+
+def _wrap_header(text: str, width: int) -> str:
+    """Header words on lines no longer than ``width`` (a word is never cut)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and len(lines[-1]) + 1 + len(word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return "\n".join(lines)
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> str:
+    """A GitHub-flavoured Markdown table (``|`` in cells escaped)."""
+
+    def cell(v) -> str:
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    out = ["| " + " | ".join(cell(c) for c in columns) + " |"]
+    out.append("|" + "|".join("---:" if r else "---" for r in right) + "|")
+    out += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def _cpu_row(row) -> bool:
+    return str(row.get("device", "")) == "cpu"
+
+
+def _metric_cell(row, m: str, modeled: bool) -> str:
+    if m in ("overlap_pct", "trace_overlap_pct") and _cpu_row(row):
+        return ""
+    s = _fmt_number(m, row[m])
+    if modeled and is_modeled_column(m) and s != "-":
+        s += "*"
+    return s
+
+
+def _layout(df, group_by: Sequence[str] = (), metrics: Sequence[str] | None = None):
+    """``(ok rows, varying keys, constant keys, metrics, dropped default metrics)``."""
     group_by = list(group_by)
-    metrics = list(metrics) if metrics else [m for m in DEFAULT_METRICS if m in df.columns]
     _check_columns(df, group_by, "--group-by")
-    _check_columns(df, metrics, "--metrics")
     ok = df[df["status"] == "ok"] if "status" in df.columns else df
     if "case" in ok.columns:
         ok = ok.sort_values("case", kind="stable")
+    dropped: list[str] = []
+    if metrics:
+        metrics = list(metrics)
+        _check_columns(df, metrics, "--metrics")
+    else:
+        metrics = []
+        for m in DEFAULT_METRICS:
+            if m not in df.columns:
+                continue
+            if len(ok) and ok[m].isna().all():
+                dropped.append(m)
+            else:
+                metrics.append(m)
     keys = [c for c in CASE_KEY if c in df.columns and c not in ("docs", "density")]
     varying = [c for c in keys if ok[c].nunique(dropna=False) > 1 and c not in group_by]
-    constant = [c for c in keys if c not in varying and c not in group_by and len(ok) and c in ok.columns]
+    constant = [c for c in keys if c not in varying and c not in group_by and len(ok)]
+    return ok, varying, constant, metrics, dropped
+
+
+def grids(df, group_by: Sequence[str] = (), metrics: Sequence[str] | None = None, title: str | None = None):
+    """``(heading, grids, notes)``: the constant keys, one Grid of the ok rows per group, footnotes."""
+    group_by = list(group_by)
+    ok, varying, constant, metrics, dropped = _layout(df, group_by, metrics)
     if title:
         base_title = title
     elif len(ok):
@@ -138,26 +299,18 @@ def tables(df, group_by: Sequence[str] = (), metrics: Sequence[str] | None = Non
     for gkey, gdf in groups:
         gkey = gkey if isinstance(gkey, tuple) else (gkey,)
         t = ", ".join(f"{c}={v}" for c, v in zip(group_by, gkey, strict=True)) if group_by else None
-        table = Table(title=t, title_justify="left", header_style="bold")
-        for c in varying:
-            table.add_column(
-                c,
-                justify="right"
-                if c in ("cp_size", "seq_len", "batch", "n_heads", "n_groups", "world_size")
-                else "left",
-            )
-        for m in metrics:
-            table.add_column(header(m), justify="right")
+        grid = Grid(
+            t,
+            [*varying, *[header(m) for m in metrics]],
+            [c in NUMERIC_KEYS for c in varying] + [True] * len(metrics),
+            keys=len(varying),
+        )
         for _, row in gdf.iterrows():
-            modeled = modeled_label and row.get("comm_model", "measured") not in ("measured", "")
-            cells = [_fmt_number(c, row[c]) for c in varying]
-            for m in metrics:
-                s = _fmt_number(m, row[m])
-                if modeled and is_modeled_column(m) and s != "-":
-                    s += "*"
-                cells.append(s)
-            table.add_row(*cells)
-        out.append(table)
+            modeled = bool(modeled_label) and row.get("comm_model", "measured") not in ("measured", "")
+            grid.rows.append(
+                [_fmt_number(c, row[c]) for c in varying] + [_metric_cell(row, m, modeled) for m in metrics]
+            )
+        out.append(grid)
     notes = []
     if "busbw_pct" in metrics and "busbw_pct" in ok.columns and (ok["busbw_pct"] > 100).any():
         notes.append(
@@ -172,12 +325,28 @@ def tables(df, group_by: Sequence[str] = (), metrics: Sequence[str] | None = Non
             "as nccl-tests times ranks that start together; comm wait = comm - that: the slowest rank's "
             "time inside collectives waiting for the others (load imbalance)"
         )
+    if (
+        any(m in ("overlap_pct", "trace_overlap_pct") for m in metrics)
+        and "device" in ok
+        and (ok["device"] == "cpu").any()
+    ):
+        notes.append(CPU_OVERLAP_NOTE)
+    if dropped:
+        notes.append(
+            f"not measured in these results (no value in any row): {', '.join(header(m) for m in dropped)}"
+        )
     if modeled_label:
         notes.append(
             f"* modeled, not measured ({modeled_label}): communication time = bytes / algbw with "
             f"algbw = busbw * cp/(cp-1); layer time = measured compute + modeled communication"
         )
     return base_title, out, notes
+
+
+def tables(df, group_by: Sequence[str] = (), metrics: Sequence[str] | None = None, title: str | None = None):
+    """``(heading, rich Tables, notes)`` (:func:`grids` rendered for a console)."""
+    head, gs, notes = grids(df, group_by, metrics, title)
+    return head, [g.rich() for g in gs], notes
 
 
 def footer_lines(df) -> list[str]:
@@ -210,6 +379,36 @@ def make_console():
 
 #: Key columns that do not identify the work: a peer's row matches ours on every other key column.
 _IMPL_COLS = ("impl", "overlap_chunks", "path", "strategy")
+#: Key columns of the derived tables, in display order (``overlap_chunks`` shown as ``k``).
+_FRAME_KEYS = (
+    "cp_size",
+    "seq_len",
+    "batch",
+    "n_heads",
+    "n_groups",
+    "packing",
+    "layout",
+    "path",
+    "pass",
+    "strategy",
+    "impl",
+    "k",
+    "dtype",
+    "device",
+    "world_size",
+    "backend",
+    "scenario",
+)
+
+
+def _key_frame(m, exclude=()) -> dict:
+    """The case key columns of a merged frame, for a derived table (``overlap_chunks`` as ``k``)."""
+    out = {}
+    for c in _FRAME_KEYS:
+        src = "overlap_chunks" if c == "k" else c
+        if src in m.columns and c not in exclude:
+            out[c] = m[src]
+    return out
 
 
 def peer_ratios(df, peer: str):
@@ -239,13 +438,7 @@ def peer_ratios(df, peer: str):
         return None
     out = pd.DataFrame(
         {
-            "cp_size": m["cp_size"],
-            "seq_len": m["seq_len"],
-            "packing": m["packing"],
-            "impl": m["impl"],
-            "k": m.get("overlap_chunks", 1),
-            "strategy": m["strategy"],
-            "path": m["path"],
+            **_key_frame(m),
             "ms": m["layer_ms"],
             f"{peer} ms": m[f"{peer}_ms"],
             "time ratio": m["layer_ms"] / m[f"{peer}_ms"],
@@ -254,12 +447,16 @@ def peer_ratios(df, peer: str):
             "memory ratio": m["peak_mem_GiB"] / m[f"{peer}_GiB"],
         }
     )
+    if "k" not in out:
+        out["k"] = 1
     return out.sort_values(["cp_size", "packing", "seq_len", "impl", "k"]).reset_index(drop=True)
 
 
 def overlap_table(df):
     """Exposed communication of the hidden strategy against the unchunked layer of the same case
     (``overlap_chunks`` 1), when the results hold chunked runs; else ``None``."""
+    import pandas as pd
+
     need = {"overlap_chunks", "exposed_comm_ms", "comm_ms", "layer_ms"}
     if not need <= set(df.columns) or "status" not in df.columns:
         return None
@@ -271,31 +468,23 @@ def overlap_table(df):
     base = ok[ok["overlap_chunks"] == 1][[*keys, "layer_ms", "exposed_comm_ms"]].rename(
         columns={"layer_ms": "k1_ms", "exposed_comm_ms": "k1_exposed_ms"}
     )
-    m = ok.merge(base, on=keys, how="left")
-    rows = []
-    for r in m.itertuples(index=False):
-        rows.append(
-            {
-                "cp_size": r.cp_size,
-                "seq_len": r.seq_len,
-                "packing": r.packing,
-                "k": r.overlap_chunks,
-                "layer ms": r.layer_ms,
-                "vs k=1": r.layer_ms / r.k1_ms,
-                "comm ms": r.comm_ms,
-                "exposed ms": r.exposed_comm_ms,
-                "exposed vs k=1": r.exposed_comm_ms / r.k1_exposed_ms,
-                "overlap %": getattr(r, "overlap_pct", math.nan),
-            }
-        )
-        if math.isfinite(
-            getattr(r, "trace_overlap_pct", math.nan)
-        ):  # --profile torch: HTA's, and the idle time
-            rows[-1]["overlap % (trace)"] = r.trace_overlap_pct
-            rows[-1]["idle ms (trace)"] = r.trace_idle_ms
-    import pandas as pd
-
-    return pd.DataFrame(rows).sort_values(["cp_size", "packing", "seq_len", "k"]).reset_index(drop=True)
+    m = ok.merge(base, on=keys, how="left").reset_index(drop=True)
+    nan = pd.Series([math.nan] * len(m))
+    out = pd.DataFrame(
+        {
+            **_key_frame(m),
+            "layer ms": m["layer_ms"],
+            "vs k=1": m["layer_ms"] / m["k1_ms"],
+            "comm ms": m["comm_ms"],
+            "exposed ms": m["exposed_comm_ms"],
+            "exposed vs k=1": m["exposed_comm_ms"] / m["k1_exposed_ms"],
+            "overlap %": m["overlap_pct"] if "overlap_pct" in m else nan,
+        }
+    )
+    if "trace_overlap_pct" in m and m["trace_overlap_pct"].notna().any():  # --profile torch: HTA's
+        out["overlap % (trace)"] = m["trace_overlap_pct"]
+        out["idle ms (trace)"] = m["trace_idle_ms"]
+    return out.sort_values(["cp_size", "packing", "seq_len", "k"]).reset_index(drop=True)
 
 
 #: Key columns that do not change a cp 1 run (no context parallelism there) or name the launch.
@@ -303,9 +492,10 @@ _SCALING_FREE = ("cp_size", "overlap_chunks", "layout", "strategy", "world_size"
 
 
 def scaling_table(df):
-    """Every ok cp > 1 case against the same case (same implementation) at cp 1: the layer time over
-    cp 1's time / cp, 1.000 being perfect scaling (the cp 1 time shared out with nothing added); ``None``
-    when the results hold no such pair."""
+    """Every ok cp > 1 case against the same case (same implementation, path, pass...) at cp 1: the
+    layer time over cp 1's time / cp, 1.000 being perfect scaling (the cp 1 time shared out with nothing
+    added); ``None`` when the results hold no such pair. Every key column is kept (the rendered table
+    shows those that vary)."""
     import pandas as pd
 
     need = {"cp_size", "layer_ms", "status"}
@@ -323,81 +513,163 @@ def scaling_table(df):
     ideal = m["cp1_ms"] / m["cp_size"]
     out = pd.DataFrame(
         {
-            "cp_size": m["cp_size"],
-            "seq_len": m["seq_len"],
-            "packing": m["packing"],
-            "impl": m.get("impl", "cp_core"),
-            "strategy": m["strategy"],
-            "k": m.get("overlap_chunks", 1),
+            **_key_frame(m),
             "layer ms": m["layer_ms"],
             "cp 1 ms": m["cp1_ms"],
             "cp 1 / cp ms": ideal,
             "vs cp 1 / cp": m["layer_ms"] / ideal,
         }
     )
-    return out.sort_values(["impl", "strategy", "packing", "seq_len", "cp_size", "k"]).reset_index(drop=True)
+    for c, v in (("impl", "cp_core"), ("k", 1)):
+        if c not in out:
+            out[c] = v
+    order = [
+        c for c in ("impl", "strategy", "path", "pass", "packing", "seq_len", "cp_size", "k") if c in out
+    ]
+    return out.sort_values(order).reset_index(drop=True)
 
 
-def _frame_table(frame, title: str):
-    from rich.table import Table
-
-    t = Table(title=title)
-    for col in frame.columns:
-        t.add_column(str(col), justify="right")
-    for row in frame.itertuples(index=False):
-        cells = []
-        for v in row:
-            if isinstance(v, float):
-                cells.append("-" if math.isnan(v) else (f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"))
+def _frame_grid(frame, title: str, heading_constant=()) -> tuple[Grid, list[str]]:
+    """A derived table as a Grid: its key columns that vary, its values; the keys constant here but not
+    in the whole results go into the title. Returns the grid and its footnotes."""
+    keys = [c for c in frame.columns if c in _FRAME_KEYS]
+    varying = [c for c in keys if frame[c].nunique(dropna=False) > 1]
+    constant = [c for c in keys if c not in varying and c not in heading_constant]
+    if constant and len(frame):
+        title += " · " + " · ".join(f"{c} {_fmt_number(c, frame[c].iloc[0])}" for c in constant)
+    values = [c for c in frame.columns if c not in keys]
+    cpu = frame["device"].astype(str).eq("cpu") if "device" in frame else None
+    grid = Grid(title, [*varying, *values], [True] * (len(varying) + len(values)), keys=len(varying))
+    grid.right = [c in NUMERIC_KEYS or c in ("k",) for c in varying] + [True] * len(values)
+    notes = []
+    for i, row in enumerate(frame.itertuples(index=False)):
+        rec = dict(zip(frame.columns, row, strict=True))
+        cells = [_fmt_number(c, rec[c]) for c in varying]
+        for c in values:
+            v = rec[c]
+            if c.startswith("overlap %") and cpu is not None and bool(cpu.iloc[i]):
+                cells.append("")
+                if CPU_OVERLAP_NOTE not in notes:
+                    notes.append(CPU_OVERLAP_NOTE)
+            elif isinstance(v, float):
+                cells.append("-" if math.isnan(v) else (f"{v:.3f}" if abs(v) < 1000 else f"{v:.1f}"))
             else:
                 cells.append(str(v))
-        t.add_row(*cells)
-    return t
+        grid.rows.append(cells)
+    return grid, notes
 
 
-def render(df, *, group_by=(), metrics=None, console=None, title: str | None = None, vs=()) -> None:
-    console = console or make_console()
-    head, tbls, notes = tables(df, group_by=group_by, metrics=metrics, title=title)
-    n_ok = int((df["status"] == "ok").sum()) if "status" in df.columns else len(df)
+def _json_value(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if hasattr(v, "item"):  # numpy scalars
+        v = v.item()
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+    return v
+
+
+def _records(frame) -> list[dict]:
+    return [{k: _json_value(v) for k, v in rec.items()} for rec in frame.to_dict("records")]
+
+
+def sections(df, *, group_by=(), metrics=None, title: str | None = None, vs=(), status: str | None = None):
+    """What a report shows, in order: ``("line", text)``, ``("grid", Grid)`` and ``("note", text)``
+    items, and a dict of the same content for ``--format json``."""
+    out: list[tuple[str, Any]] = []
+    if status:
+        out.append(("line", status))
+    head, gs, notes = grids(df, group_by=group_by, metrics=metrics, title=title)
+    ok, varying, constant, used, _ = _layout(df, group_by, metrics)
+    n_ok = len(ok)
+    data: dict[str, Any] = {"status": status, "title": head, "notes": [], "tables": {}}
+    data["rows"] = _records(ok[[c for c in [*varying, *constant, *used] if c in ok.columns]]) if n_ok else []
     if n_ok:
         if head:
-            console.print(head, highlight=False, markup=False)
-        for t in tbls:
-            console.print(t)
+            out.append(("line", head))
+        out += [("grid", g) for g in gs]
     else:
-        console.print("no case ran (see below)")
-    for n in notes:
-        console.print(n, highlight=False)
+        out.append(("line", "no case ran (see below)"))
+    out += [("note", n) for n in notes]
+    data["notes"] += notes
     for line in footer_lines(df):
-        console.print(line, highlight=False, markup=False)
+        out.append(("line", line))
+    for what in ("skipped", "error"):
+        sub = df[df["status"] == what] if "status" in df.columns else df.iloc[:0]
+        data["skipped" if what == "skipped" else "errors"] = [
+            {"case": _describe(r), "reason": str(r.get("error", ""))} for _, r in sub.iterrows()
+        ]
+    derived = []
     for peer in vs:
         ratios = peer_ratios(df, peer)
         if ratios is None:
-            console.print(f"no case of impl {peer!r} in these results: no ratios to it", highlight=False)
+            out.append(("line", f"no case of impl {peer!r} in these results: no ratios to it"))
         else:
-            console.print(_frame_table(ratios, f"time and peak memory as a ratio to {peer} (same case)"))
+            derived.append((f"vs_{peer}", ratios, f"time and peak memory as a ratio to {peer} (same case)"))
     ov = overlap_table(df)
     if ov is not None:
-        console.print(
-            _frame_table(
-                ov, "overlap: exposed communication (layer - layer with collectives suppressed) vs k"
-            )
+        derived.append(
+            ("overlap", ov, "overlap: exposed communication (layer - layer with collectives suppressed) vs k")
         )
     sc = scaling_table(df)
     if sc is not None:
-        console.print(
-            _frame_table(sc, "scaling: layer time against the same case's cp 1 time / cp (1.000: perfect)")
+        derived.append(
+            ("scaling", sc, "scaling: layer time against the same case's cp 1 time / cp (1.000: perfect)")
         )
     cross = strategy_crossover(df)
     if cross is not None:
-        from rich.table import Table
+        g = Grid(
+            "bytes per layer forward, per rank (collective sizes): hidden vs state passing",
+            list(cross.columns),
+            [True] * len(cross.columns),
+        )
+        g.rows = [
+            [_crossover_cell(c, v) for c, v in zip(cross.columns, r, strict=True)]
+            for r in cross.itertuples(index=False)
+        ]
+        derived.append(("crossover", cross, g))
+    for name, frame, t in derived:
+        if isinstance(t, Grid):
+            grid, gnotes = t, []
+        else:
+            grid, gnotes = _frame_grid(frame, t, heading_constant=constant)
+        out.append(("grid", grid))
+        out += [("note", n) for n in gnotes]
+        data["notes"] += [n for n in gnotes if n not in data["notes"]]
+        data["tables"][name] = _records(frame)
+    return out, data
 
-        t = Table(title="bytes per layer forward, per rank (collective sizes): hidden vs state passing")
-        for col in cross.columns:
-            t.add_column(col, justify="right")
-        for row in cross.itertuples(index=False):
-            t.add_row(*[_crossover_cell(c, v) for c, v in zip(cross.columns, row, strict=True)])
-        console.print(t)
+
+def render(
+    df,
+    *,
+    group_by=(),
+    metrics=None,
+    console=None,
+    title: str | None = None,
+    vs=(),
+    fmt: str = "text",
+    status: str | None = None,
+) -> None:
+    """Print the report: ``fmt`` ``text`` (rich tables fitted to the console), ``markdown`` or ``json``."""
+    items, data = sections(df, group_by=group_by, metrics=metrics, title=title, vs=vs, status=status)
+    if fmt == "json":
+        import json
+
+        print(json.dumps(data, indent=1, default=str, ensure_ascii=False))
+        return
+    if fmt == "markdown":
+        parts = []
+        for kind, v in items:
+            parts.append(v.markdown() if kind == "grid" else (f"_{v}_" if kind == "note" else v))
+        print("\n\n".join(parts))
+        return
+    console = console or make_console()
+    for kind, v in items:
+        if kind == "grid":
+            for part in v.split(console.width):
+                console.print(part.rich())
+        else:
+            console.print(v, highlight=False, markup=False)
 
 
 def _crossover_cell(col: str, v) -> str:

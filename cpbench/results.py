@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 import platform
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ResultsError
-from .rundir import default_out_dir  # noqa: F401  (re-exported: it lived here)
+from .rundir import default_out_dir, write_meta  # noqa: F401  (re-exported: they lived here)
 from .scenario import CASE_KEY, KEY_DEFAULTS
 
 STATUS_COLUMNS = ("status", "error")
@@ -87,6 +86,22 @@ KNOWN_REGIONS = (
 SAMPLE_COLUMNS = ("layer_ms_samples", "comm_ms_samples")
 #: The columns a file needs to be read as cpbench results.
 REQUIRED_COLUMNS = (*CASE_KEY, "status")
+#: Text columns (read as strings, empty cells as ""); every other column holds numbers.
+TEXT_COLUMNS = (
+    "error",
+    "ssd_backend",
+    "conv_backend",
+    "conv_ssd_backend",
+    "norm_backend",
+    "comm_model",
+    "packing",
+    "impl",
+    *SAMPLE_COLUMNS,
+)
+#: Key and status columns that hold words.
+WORD_COLUMNS = ("scenario", "layout", "path", "pass", "strategy", "dtype", "device", "backend", "status")
+#: Key columns that are numbers on every row (a case is not identified without them).
+NUMERIC_KEYS = ("cp_size", "seq_len", "batch", "n_heads", "n_groups", "overlap_chunks", "world_size")
 
 
 def base_columns() -> list[str]:
@@ -138,13 +153,20 @@ class ResultsWriter:
 
     def _write_all(self) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            f.write(self._line({c: c for c in self.columns}))
-            for r in self.rows:
-                f.write(self._line(r))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "w", newline="") as f:
+                f.write(self._line({c: c for c in self.columns}))
+                for r in self.rows:
+                    f.write(self._line(r))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:  # a full disk or a read-only folder: no half-written tmp left behind
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            raise
         _fsync_dir(self.path.parent)
 
     def append(self, row: Mapping[str, Any]) -> None:
@@ -206,12 +228,60 @@ def read_results(path: str | Path):
         if len(rec) != len(header):
             raise ResultsError(f"{path}: line {i} has {len(rec)} fields, the header has {len(header)}")
     df = pd.read_csv(io.StringIO("\n".join(lines) + "\n"), keep_default_na=True)
-    for c in added:
-        df[c] = KEY_DEFAULTS[c]
-    for c in ("error", "ssd_backend", "conv_backend", "comm_model", "packing", "impl", *SAMPLE_COLUMNS):
-        if c in df.columns:
-            df[c] = df[c].astype("object").fillna("").astype(str)
-    return df
+    # replaced and added columns in one step (column by column fragments a wide frame)
+    text_cols = [c for c in TEXT_COLUMNS if c in df.columns]
+    fixed = {c: df[c].astype("object").fillna("").astype(str) for c in text_cols}
+    fixed.update({c: [KEY_DEFAULTS[c]] * len(df) for c in added})
+    df = df.assign(**fixed) if fixed else df
+    _check_cells(path, df, records)
+    return df.copy()
+
+
+def _check_cells(path: Path, df, records: list[list[str]]) -> None:
+    """Key columns must be numbers on every row; no cell may hold ``nan`` or ``inf`` (the writer
+    leaves such values empty): :class:`ResultsError` naming the line, the column and the cell."""
+    import pandas as pd
+
+    header = records[0]
+    for c in NUMERIC_KEYS:
+        if c not in df.columns:
+            continue
+        bad = pd.to_numeric(df[c], errors="coerce").isna()
+        if bad.any():
+            i = int(bad.to_numpy().nonzero()[0][0])
+            raw = records[i + 1][header.index(c)] if c in header else ""
+            what = f"{raw!r} is not a number" if raw.strip() else "is empty"
+            raise ResultsError(f"{path}: line {i + 2}: {c} {what} (a key column: every row needs a number)")
+    for j, name in enumerate(header):
+        if name in TEXT_COLUMNS or name in WORD_COLUMNS:
+            continue
+        for i, rec in enumerate(records[1:], start=2):
+            cell = rec[j].strip().lower()
+            if cell in ("nan", "-nan", "inf", "-inf", "+inf", "infinity", "-infinity"):
+                raise ResultsError(
+                    f"{path}: line {i}: {name} {rec[j]!r}: not a measurement (a results CSV leaves "
+                    f"a value it does not have empty)"
+                )
+
+
+def numeric_columns(df, path: str | Path, columns=None) -> None:
+    """Raise :class:`ResultsError` (one line) when one of ``columns`` (default: every column that is
+    not text) holds text in an ok row: what ``report`` and ``plot`` compute with must be numbers."""
+    import pandas as pd
+
+    ok = df[df["status"] == "ok"] if "status" in df.columns else df
+    for c in df.columns if columns is None else columns:
+        if c not in ok.columns or c in TEXT_COLUMNS or c in WORD_COLUMNS:
+            continue
+        col = ok[c]
+        if pd.api.types.is_numeric_dtype(col):
+            continue
+        num = pd.to_numeric(col, errors="coerce")
+        bad = num.isna() & col.notna() & (col.astype(str).str.strip() != "")
+        if bad.any():
+            i = bad.to_numpy().nonzero()[0][0]
+            case = ok["case"].iloc[i] if "case" in ok.columns else "?"
+            raise ResultsError(f"{path}: case {case}: {c} {col.iloc[i]!r} is not a number")
 
 
 # ----------------------------------------------------------------------------------------------- meta.json
@@ -272,17 +342,7 @@ def environment() -> dict[str, Any]:
     env["settings"] = {
         k: v
         for k, v in sorted(os.environ.items())
-        if k.startswith(("CP_CORE_", "NCCL_", "TORCH_SYMM_MEM_")) or k in ("MAMBA_DETERMINISTIC",)
+        if k.startswith(("CP_CORE_", "NCCL_", "TORCH_SYMM_MEM_"))
+        or k in ("MAMBA_DETERMINISTIC", "CPBENCH_SLOWDOWN", "CPBENCH_FAULT")
     }
     return env
-
-
-def write_meta(path: str | Path, meta: Mapping[str, Any]) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=2, sort_keys=False, default=str)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

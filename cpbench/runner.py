@@ -17,10 +17,17 @@ The work is split so the sweep can make every rank agree before anything can div
 Profilers: ``nsys`` wraps the measured iterations in ``torch.cuda.profiler.start()/stop()``
 (cudaProfilerStart/Stop, for ``nsys profile -c cudaProfilerApi``) inside an NVTX range naming the
 case; ``torch`` runs them under ``torch.profiler.profile`` and writes one Chrome/Perfetto trace per
-case and rank, the regions appearing as ``record_function`` ranges of the same names.
+case and rank, the regions appearing as ``record_function`` ranges of the same names (kineto's own
+console lines are silenced with ``KINETO_LOG_LEVEL=6`` unless the variable is set).
 
 Fault injection for tests of the harness: ``CPBENCH_FAULT=RANK:CASE:WHAT`` makes global rank RANK,
 at case index CASE, ``raise`` in setup, ``exit`` (the process dies) or ``hang`` (sleeps).
+
+Slow-down hook for tests of ``cpbench compare``: ``CPBENCH_SLOWDOWN=F`` (a number >= 1) makes every
+rank spin, inside ``layer_fwd`` and ``layer_bwd``, for ``F - 1`` times the time the layer's work in
+that region took, so the layer's measured time is ``F`` times what it was (a busy wait on the CPU,
+like extra compute; on a GPU after a synchronize). Read here only, never by ``cp_core``; a run made
+with it records the value in ``meta.json`` (``env.settings``).
 """
 
 from __future__ import annotations
@@ -208,14 +215,49 @@ def _group_sync(ctx: RankContext) -> None:
         synchronize(ctx.device)
 
 
-def _step(p: Prepared, timer: RegionTimer) -> None:
+SLOWDOWN_ENV = "CPBENCH_SLOWDOWN"
+
+
+def slowdown_factor() -> float:
+    """``CPBENCH_SLOWDOWN`` as a number >= 1 (1: unset); a malformed value is a ``ValueError``."""
+    text = os.environ.get(SLOWDOWN_ENV, "").strip()
+    if not text:
+        return 1.0
+    try:
+        f = float(text)
+    except ValueError:
+        f = float("nan")
+    if not (f >= 1.0 and f < float("inf")):
+        raise ValueError(
+            f"{SLOWDOWN_ENV}={text!r}: expected a number >= 1 (the factor the layer is slowed by)"
+        )
+    return f
+
+
+@contextlib.contextmanager
+def _slowed(device: torch.device, factor: float):
+    """Inside a timed region: after the work, spin for ``factor - 1`` times its duration."""
+    if factor == 1.0:
+        yield
+        return
+    synchronize(device)
+    t0 = time.perf_counter()
+    yield
+    synchronize(device)
+    until = time.perf_counter() + (factor - 1.0) * (time.perf_counter() - t0)
+    while time.perf_counter() < until:
+        pass
+
+
+def _step(p: Prepared, timer: RegionTimer, slow: float = 1.0) -> None:
+    dev = p.x.device
     if p.case.backward:
-        with timer("layer_fwd"):
+        with timer("layer_fwd"), _slowed(dev, slow):
             out = p.mixer(p.x, p.cu_seqlens) if p.cu_seqlens is not None else p.mixer(p.x)
-        with timer("layer_bwd"):
+        with timer("layer_bwd"), _slowed(dev, slow):
             out.backward(p.grad)
     else:
-        with torch.no_grad(), timer("layer_fwd"):
+        with torch.no_grad(), timer("layer_fwd"), _slowed(dev, slow):
             out = p.mixer(p.x, p.cu_seqlens) if p.cu_seqlens is not None else p.mixer(p.x)
     del out
 
@@ -233,6 +275,7 @@ def run_iterations(p: Prepared, scenario: Scenario, ctx: RankContext) -> dict[st
     from .timing import installed
 
     run = scenario.run
+    slow = slowdown_factor()
     timer = ctx.timer or RegionTimer(
         ctx.device, nvtx=nvtx_wanted(ctx.profile, ctx.device), record_function=ctx.profile == "torch"
     )
@@ -250,7 +293,7 @@ def run_iterations(p: Prepared, scenario: Scenario, ctx: RankContext) -> dict[st
         for _ in range(run.warmup):
             _group_sync(ctx)
             timer.start_iteration(measure=False)
-            _step(p, timer)
+            _step(p, timer, slow)
             synchronize(ctx.device)
             timer.stop_iteration()
             _clear_grads(p)
@@ -267,6 +310,9 @@ def run_iterations(p: Prepared, scenario: Scenario, ctx: RankContext) -> dict[st
             stack.enter_context(timer.mark(f"case {p.case.index}: {p.case.describe()}"))
             prof = None
             if ctx.profile == "torch":
+                # kineto prints a "USDT: ... profiler_start/stop" line per case and rank at its level 5;
+                # 6 keeps the console quiet (a user's own KINETO_LOG_LEVEL wins)
+                os.environ.setdefault("KINETO_LOG_LEVEL", "6")
                 acts = [torch.profiler.ProfilerActivity.CPU]
                 if cuda:
                     acts.append(torch.profiler.ProfilerActivity.CUDA)
@@ -283,7 +329,7 @@ def run_iterations(p: Prepared, scenario: Scenario, ctx: RankContext) -> dict[st
                     if prof is not None
                     else contextlib.nullcontext()
                 ):
-                    _step(p, timer)
+                    _step(p, timer, slow)
                 synchronize(ctx.device)
                 times = timer.stop_iteration()
                 n_coll = sum(COUNTS.values())
@@ -331,7 +377,7 @@ def _layer_without_comm(
         for it in range(scenario.run.iters + 1):
             _group_sync(ctx)
             timer.start_iteration(measure=it > 0)
-            _step(p, timer)
+            _step(p, timer, slowdown_factor())
             synchronize(ctx.device)
             times = timer.stop_iteration()
             _clear_grads(p)

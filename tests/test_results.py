@@ -34,6 +34,7 @@ def row(i: int, **extra) -> dict:
     r.update(
         cp_size=2, seq_len=64 * (i + 1), batch=1, n_heads=4, n_groups=2, docs=0, density=1.0, world_size=2
     )
+    r.update(overlap_chunks=1)
     r.update(status="ok", error="", case=i, layer_ms=1.5 + i, layer_iqr_ms=0.1)
     r.update(extra)
     return r
@@ -97,7 +98,8 @@ WRITER = textwrap.dedent(
     i = 0
     while True:
         r = {k: "x" for k in CASE_KEY}
-        r.update(status="ok", case=i, layer_ms=float(i), error="")
+        r.update(cp_size=1, seq_len=64, batch=1, n_heads=4, n_groups=2, overlap_chunks=1, world_size=1)
+        r.update(docs=0, density=1.0, status="ok", case=i, layer_ms=float(i), error="")
         w.append(r)
         print(i, flush=True)
         i += 1
@@ -205,3 +207,31 @@ def test_meta_and_out_dir(tmp_path):
         default_out_dir("smoke", tmp_path, datetime(2024, 1, 2, 3, 4, 5))
         == tmp_path / "smoke-20240102-030405"
     )
+
+
+def test_cpbench_modules_import_each_other_without_a_circle():
+    """Every relative import, at module level or inside a function (results.py and rundir.py once
+    imported each other)."""
+    import ast
+
+    pkg = REPO / "cpbench"
+    graph = {}
+    for f in pkg.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                deps |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+        graph[f.stem] = deps & {p.stem for p in pkg.glob("*.py")}
+
+    def circle(start, node, path):
+        for nxt in graph[node]:
+            if nxt == start:
+                return [*path, nxt]
+            if nxt not in path:
+                found = circle(start, nxt, [*path, nxt])
+                if found:
+                    return found
+        return None
+
+    for m in graph:
+        assert circle(m, m, [m]) is None, " -> ".join(circle(m, m, [m]))

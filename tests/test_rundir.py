@@ -16,6 +16,10 @@ from cpbench.errors import ResultsError, UserError
 from cpbench.results import ResultsWriter, write_meta
 
 REPO = Path(__file__).resolve().parent.parent
+#: A complete case key (the CSV's key columns are numbers or words on every row).
+KEY = dict(scenario="t", cp_size=1, batch=1, n_heads=4, n_groups=2, packing="none", docs=0, density=1.0)
+KEY.update(layout="head_tail", path="fused", strategy="hidden", impl="cp_core", overlap_chunks=1)
+KEY.update({"pass": "fwd", "dtype": "float32", "device": "cpu", "world_size": 1, "backend": "gloo"})
 
 
 def test_a_new_folder_is_locked_and_a_second_sweep_refused(tmp_path):
@@ -56,7 +60,7 @@ def _run_folder(folder: Path, rows: int, status: str = "running") -> None:
     folder.mkdir(parents=True)
     w = ResultsWriter(folder / "results.csv")
     for i in range(rows):
-        w.append({"scenario": "t", "cp_size": 1, "seq_len": 64 * (i + 1), "status": "ok", "layer_ms": 1.0})
+        w.append(dict(KEY, seq_len=64 * (i + 1), status="ok", layer_ms=1.0))
     write_meta(folder / "meta.json", {"status": status, "n_cases": 4, "start_time": "2026-01-01T00:00:00"})
 
 
