@@ -526,3 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cpbench: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (`cpbench report ... | head`): no traceback
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's flush at exit would raise again
+        return 0

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build a wheelhouse for an offline GPU host: the project, mamba-ssm (Triton SSD kernels, built
-# without its CUDA extensions) and the python nvtx package, for the host's Python version.
+# without its CUDA extensions), for the host's Python version.
 #
 #   scripts/build_wheelhouse.sh [--python 3.12] [--out wheelhouse] [--causal-conv1d]
 #
@@ -10,7 +10,7 @@
 # part on a build box like the GPU host. Then, on the GPU host (torch, triton, pandas, rich and
 # matplotlib already there), the one install command:
 #
-#   pip install --no-index --no-deps --find-links wheelhouse cpbench mamba-ssm nvtx [causal-conv1d]
+#   pip install --no-index --no-deps --find-links wheelhouse cpbench mamba-ssm [causal-conv1d]
 set -euo pipefail
 py=3.12
 out=wheelhouse
@@ -27,9 +27,6 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 tag=${py/./}
-python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$py" --implementation cp \
-  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-  -d "$out" "nvtx>=0.2"
 MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE python3 -m pip wheel -q --no-deps --no-build-isolation -w "$out" "mamba-ssm==2.3.2.post1"
 if [ "$conv" = 1 ]; then
   CAUSAL_CONV1D_FORCE_BUILD=TRUE python3 -m pip wheel -q --no-deps --no-build-isolation -w "$out" "causal-conv1d>=1.4"
