@@ -43,7 +43,7 @@ from .layout import PER_DOCUMENT, check_layout, check_seq_len
 from .mamba_cp import MambaContextParallel
 from .pipeline import CoreSpec, layer_core, slot_in_proj, slot_rows, split_in_proj
 from .plan import get_plan
-from .regions import NORM_PROJ, region
+from .regions import NORM_PROJ, SSM, region
 from .state_passing import state_passing_layer
 
 #: From this many elements of ``zxbcdt`` on, cp 1 computes ``z`` and ``[x|B|C|dt]`` as two tensors: the
@@ -618,15 +618,16 @@ class Mamba2Mixer(nn.Module):
             h_loc, g_loc = c.n_heads // self.cp_size, local_groups(c.n_groups, self.cp_size)
             cw, b, dtb, A, D = self._local_params(w)
             spec = self._conv_spec(xh, h_loc, g_loc, cw)
-            y = conv_ssd(
-                spec,
-                xh.view(batch, length, xh.shape[-1]),
-                cw,
-                b,
-                dtb,
-                A,
-                D,
-                None if plan is None else plan.seq_idx,
-            )
+            with region(SSM):  # conv1d + SSD, as the fused path's region counts them
+                y = conv_ssd(
+                    spec,
+                    xh.view(batch, length, xh.shape[-1]),
+                    cw,
+                    b,
+                    dtb,
+                    A,
+                    D,
+                    None if plan is None else plan.seq_idx,
+                )
             y = cp.post_conv_ssm(y.view(*xh.shape[:-1], y.shape[-1]), cu_seqlens)
         return self._norm_out(y, z, w)
