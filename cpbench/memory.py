@@ -429,161 +429,195 @@ def _seed(m: Timeline, s: Layer, w: Work) -> None:
     m.add("d in_proj", e * dp * D)
 
 
-def sp_rows(w: Work, s: Layer) -> tuple[int, int, bool, int]:
-    """State passing's SSD rows: ``(rows, tokens per row, uniform, pieces)`` as
-    :class:`cp_core.state_passing._Pieces` lays them out."""
-    cp, k = w.cp, s.d_conv
-    nseg = 2 * cp if w.layout == "head_tail" else cp
-    nps = nseg // cp
+def sp_pieces(w: Work, s: Layer) -> tuple[list[int], int]:
+    """State passing's pieces on a rank, as :class:`cp_core.state_passing._Plan` lays them out: the length
+    of every piece (this rank's segments of every document, end to end in its token stream, unpadded) and
+    the segments per document on a rank (2 head-tail, 1 contiguous)."""
+    nps = 2 if w.layout == "head_tail" else 1
+    nseg = nps * w.cp
     doc_lens = list(w.doc_lens) if w.doc_lens else [w.length] * w.rows
-    seg = [d // nseg for d in doc_lens]
-    pieces = len(doc_lens) * nps
-    t_loc = sum(doc_lens) // cp
-    lmax = max(seg + [0])
-    if pieces * lmax <= 2 * t_loc:
-        lrow = lmax
-    else:
-        q = s.chunk_size
-        lrow = -(-max(-(-t_loc // max(pieces, 1)), 1) // q) * q
-    lrow = max(lrow, k - 1, 1)
-    per_piece = [max(1, -(-seg[p // nps] // lrow)) for p in range(pieces)]
-    if max(per_piece + [1]) == 1:
-        lrow = max(lmax, 1)
-    rows = sum(per_piece)
-    uniform = rows == pieces and all(v == lrow for v in seg) and rows * lrow == t_loc
-    return rows, lrow, uniform, pieces
+    return [d // nseg for d in doc_lens for _ in range(nps)], nps
+
+
+def _sp_decay(m: Timeline, n: int, H: int, rows: bool, grad: bool) -> None:
+    """:func:`cp_core.state_passing._dtp_a` and ``_decay``: leaves ``dtp``, ``a``, ``s_corr`` (``exp(acum)``)
+    and, for one row of documents, ``s_f`` (``exp(ld - acum) dt'``; with ``grad`` also the exponential
+    autograd saves for its product)."""
+    f = 4 * n * H  # one fp32 [H, T]
+    m.transient("dt float", 2 * f)  # dt.float() + dt_bias, its softplus, then the transposed copy
+    m.add("dtp", f)
+    m.add("a", f)
+    # rows: a float64 cumsum per row; one row: segmented_cumsum's float64 prefix sums and their differences
+    m.transient("cumsum work", (4 if rows else 10) * f)
+    m.add("acum", f)
+    m.add("s_corr", f)
+    if not rows:
+        m.transient("s_f work", 2 * f)
+        if grad:
+            m.add("s_f exp", f)
+        m.add("s_f", f)
+    m.drop("acum")
+
+
+def _sp_outer(m: Timeline, name: str, lengths: list[int], hpn: int, out: bool) -> None:
+    """:func:`cp_core.kernels.correction_triton.outer`: with a piece longer than one superblock, every
+    superblock's partial state first (``dest``), then added round by round. ``out``: a new ``[P, H, p, n]``
+    result named ``name`` (else the caller's buffer)."""
+    from cp_core.kernels.correction_triton import SUPERBLOCK
+
+    if out:
+        m.add(name, len(lengths) * hpn)
+    per = [-(-n // SUPERBLOCK) for n in lengths if n > 0]
+    if per and max(per) > 1:
+        m.add(name + " superblocks", sum(per) * hpn)
+        m.transient(name + " round", sum(1 for v in per if v > 1) * hpn)
+        m.drop(name + " superblocks")
+
+
+def _sp_exchange(m: Timeline, name: str, w: Work, P: int, nps: int, hpn: int, h0: bool) -> None:
+    """:mod:`cp_core.state_exchange`, leaving ``name`` (``[P, H, p*n]`` fp32): forward ``h0``; backward ``dF``
+    (and ``dld``'s product ``dF * h0``, formed while the gathered gradients are still referenced)."""
+    chain = w.strategy == "state_passing_chain"
+    if chain:  # per document: the received state and the one passed on, per piece, then stacked
+        m.transient(name + " chain", (2 * nps + 1) * (P // max(nps, 1)) * hpn)
+        m.add(name, P * hpn)
+    else:  # every rank's payload gathered, summed into this rank's pieces
+        m.add(name + " gathered", w.cp * P * hpn)
+        m.add(name, P * hpn)
+    if not h0:
+        m.transient("dF * h0", P * hpn)
+    if not chain:
+        m.drop(name + " gathered")
+
+
+def _ssd_phases_bwd(m: Timeline, w: Work, s: Layer, rows: int, length: int, extra) -> None:
+    """:func:`cp_core.kernels.ssd_phases.ssd_backward` (mamba-ssm's kernels, ``dx``, ``ddt``, ``dB``, ``dC``
+    written into the caller's buffers), in its order: what needs no final-state gradient first, then
+    ``_state_passing_bwd``, the rest, ``extra()`` (the caller's terms), the decay's gradients folded in."""
+    q, e, p, n, h, g = s.chunk_size, s.elem, s.head_dim, s.d_state, s.n_heads, s.n_groups
+    chunks, states, lh = _ssd_dims(s, rows, length, h)
+    tok = rows * length
+    det = w.deterministic
+    m.add("bwd dt_in", e * tok * h)
+    m.add("bwd dA_cumsum", lh)
+    m.add("bwd dt_out", lh)
+    m.add("bwd CB", 4 * chunks * g * q * q)
+    m.add("bwd states fp32", 4 * states)
+    m.add("bwd passed fp32", 4 * states)
+    m.transient("bwd final", 4 * rows * h * p * n)
+    m.drop("bwd states fp32")
+    m.add("bwd dstates fp32", 4 * states)
+    per_prog = max(min(-(-chunks * h // SM_COUNT), h // g), 1)
+    splits = -(-(h // g) // per_prog)
+    m.add("bwd dCB splits", 4 * chunks * splits * g * q * q)
+    m.add("bwd dCB", 4 * chunks * g * q * q)
+    m.drop("bwd dCB splits")
+    m.add("bwd ddA stable", lh * -(-q // 32))
+    m.add("bwd ddA", lh)
+    m.drop("bwd ddA stable")
+    m.add("bwd dstates", e * states)  # _state_passing_bwd: both in the input dtype
+    m.add("bwd states", e * states)
+    m.drop("bwd passed fp32", "bwd dstates fp32")
+    tiles_p = -(-p // MIN_BLOCK_N) if det else 1
+    tiles_n = -(-n // MIN_BLOCK_N) if det else 1
+    m.add("bwd ddt fp32", lh * tiles_p)
+    if tiles_p > 1:
+        m.add("bwd ddt sum", lh)
+        m.drop("bwd ddt fp32")
+    for name in ("dB", "dC"):  # _chunk_state_bwd_db, _chunk_scan_bwd_dC: fp32 per split, then summed
+        m.add(f"bwd {name} fp32 splits", 4 * tok * splits * g * n)
+        m.add(f"bwd {name} ddA tiles", lh * tiles_n)
+        m.add(f"bwd {name} fp32", 4 * tok * g * n)
+        m.drop(f"bwd {name} fp32 splits")
+        if tiles_n > 1:
+            m.add(f"bwd {name} ddA", lh)
+            m.drop(f"bwd {name} ddA tiles")
+        else:
+            m.live[f"bwd {name} ddA"] = m.live.pop(f"bwd {name} ddA tiles")
+    extra()
+    m.transient("bwd ddA sums", 3 * lh)  # ddA_prev flipped, its cumsum, flipped back
+    m.transient("bwd decay grads", 2 * lh)  # the caller's d_a and d_dtp in the chunk layout
+    m.drop_prefix("bwd ")
 
 
 def _state_passing(m: Timeline, s: Layer, w: Work) -> None:
-    """State passing (:func:`cp_core.state_passing.state_passing_conv_ssd`, autograd through every step).
-    The function's locals (the padded rows, the exchanged and scanned states) live until it returns."""
-    e, cp, n = s.elem, w.cp, w.local
+    """State passing (:func:`cp_core.state_passing.state_passing_layer`): ``in_proj``, then the layer core
+    ``_SPCore`` (one autograd function, hand-written backward) on the rank's token stream: ``[pieces,
+    length]`` rows when every piece has one length (``[B, L]`` input), else one row with ``seq_idx``. Forward
+    keeps ``zxbcdt``, ``y``, the norm statistics and ``h0``; backward recomputes the conv output and the
+    normalised activations. The exchanges allocate on the host in call order (a communication stream runs
+    them, but the caching allocator counts a tensor from its allocation)."""
+    e, n = s.elem, w.local
     D, di, dp, H, C = s.d_model, s.d_inner, s.d_in_proj, s.n_heads, s.conv_dim
-    gn = s.n_groups * s.d_state
-    R, lrow, uniform, P = sp_rows(w, s)
-    nseg = 2 * cp if w.layout == "head_tail" else cp
-    docs = P // (nseg // cp)
-    segs = docs * nseg
-    lc = lrow + s.d_conv - 1
-    rt = R * lrow  # row slots (tokens plus left padding)
+    lengths, nps = sp_pieces(w, s)
+    P = len(lengths)
+    rows = P > 0 and min(lengths) == max(lengths) > 0
+    R, lrow = (P, lengths[0]) if rows else (1, n)
     hpn = 4 * H * s.head_dim * s.d_state  # one fp32 state
-    chain = w.strategy == "state_passing_chain"
-    m.add("zxbcdt", e * n * dp)  # kept: z, a view of it, is saved by the norm
-    m.transient("tails pad", e * (n + 1) * C)
-    if uniform:
-        m.add("conv in", e * R * lc * C)
-    else:
-        m.add("local rows in", e * rt * C)
-        m.add("conv cat", e * (n + R * (s.d_conv - 1)) * C)
-        m.add("conv in", e * R * lc * C)
-        m.drop("conv cat")
-    m.add("conv out", e * R * lc * C)
-    m.add("B rows", e * rt * gn)  # padding selected to zero (BSHD: a contiguous copy for the SSD)
-    m.add("dt rows", e * rt * H)
-    m.add("x contiguous", e * rt * di)
-    m.add("C contiguous", e * rt * gn)
-    _ssd_fwd(m, "ssd ", s, R, lrow, H, s.n_groups, keep_dA=True)
-    m.live["y0"] = m.live.pop("ssd y")
-    m.add("local final states", R * hpn)
-    m.add("decay", 3 * 4 * rt * H)  # the float dt + dt_bias, its softplus (saved), the cumulative sum
-    m.transient("decay steps", 2 * 4 * rt * H)
-    if R > P:  # the rows of a piece chained: every step's state saved, the states before each row
-        m.add("compose saved", R * hpn)
-        m.add("compose h_pre", R * hpn)
-        m.add("local piece states", P * hpn)
-    if chain:
-        m.transient("chain states", 4 * docs * hpn)
-        m.add("h0", P * hpn)
-    else:
-        m.add("local payload", P * hpn)
-        m.add("local gathered", cp * P * hpn)
-        m.add("local segments", segs * hpn)
-        m.add("finite mask", segs * hpn // 4)
-        m.add("segments finite", segs * hpn)
-        m.add("scan operand", segs * hpn)  # einsum's batched product takes a permuted copy (saved)
-        m.drop("segments finite")
-        m.add("scan", segs * hpn)
-        m.add("scan cat", segs * hpn)
-        m.drop("scan")
-        m.add("local h0 all", segs * hpn)
-        m.drop("scan cat")
-        m.add("h0", P * hpn)
-    if R > P:
-        m.add("row h0 gathered", R * hpn)  # saved by the product with exp(d_pre)
-        m.add("row h0", R * hpn)
-    m.add("y", e * rt * di)
-    if not uniform:
-        m.add("y stream", e * n * di)
-        m.drop("y")
-        m.live["y"] = m.live.pop("y stream")
-    m.drop_prefix("local ")
+    halo = e * P * (s.d_conv - 1) * C
+    split = n * dp >= SPLIT_IN_PROJ_ELEMENTS
+    # forward
+    m.add("zxbcdt", e * n * dp)  # z [| x B C dt]: two tensors of the same total when split
+    m.transient("halo gathered", w.cp * halo)
+    m.add("halo", halo)
+    _conv_fwd(m, "conv out", s, n, C, dp)
+    _sp_decay(m, n, H, rows, grad=False)
+    m.add("payload", P * (hpn + 4 * H))  # (F, ld) side by side: what the all-gather sends
+    chunks, states, lh = _ssd_dims(s, R, lrow, H)
+    m.add("ssd dA_cumsum", lh)  # SSDForward.states(): kept for outputs()
+    m.add("ssd dt_out", lh)
+    m.add("ssd states fp32", 4 * states)
+    m.add("ssd passed states", e * states)
+    m.transient("ssd final states", 4 * R * H * s.head_dim * s.d_state)
+    m.drop("ssd states fp32")
+    if not rows:  # the final states from the per-piece product, straight into the payload
+        _sp_outer(m, "F", lengths, hpn, out=False)
+        m.drop("s_f")
+    m.drop("dtp", "a")
+    _sp_exchange(m, "h0", w, P, nps, hpn, h0=True)
+    m.add("ssd CB", 4 * chunks * s.n_groups * s.chunk_size**2)  # SSDForward.outputs()
+    m.add("y", e * n * di)
+    m.drop("ssd CB", "ssd dA_cumsum", "ssd dt_out", "ssd passed states")
+    m.drop("s_corr", "conv out")  # the correction applied in place
     m.add("rstd", 4 * n * s.n_groups)
     m.add("normed", e * n * di)
     m.add("out", e * n * D)
-    m.drop("normed")
+    m.drop("normed", "payload")
     if not w.backward:
         return
+    # backward
+    m.add("dzxbcdt", e * n * dp)
     m.add("dnormed", e * n * di)
     m.add("dy", e * n * di)
-    m.add("dz", e * n * di)
-    m.add("normed", e * n * di)
+    m.add("normed", e * n * di)  # recomputed by the norm's backward
+    m.drop("dnormed", "y", "rstd")
     m.add("d out_proj", e * D * di)
-    m.drop("normed", "dnormed", "y", "rstd", "zxbcdt")
-    if not uniform:
-        m.add("dy rows", e * rt * di)
-        m.drop("dy")
-        m.live["dy"] = m.live.pop("dy rows")
-    m.add("dC correction", e * rt * gn)
-    m.add("dacum", 4 * rt * H)
-    m.add("dh0 rows", (R if R > P else P) * hpn)
-    m.drop("conv out", "decay")  # C's view, saved by the correction, goes with it
-    if R > P:
-        m.drop("row h0")
-        m.add("dh0", P * hpn)
-        m.drop("row h0 gathered")
-    else:
-        m.live["dh0"] = m.live.pop("dh0 rows")
-    if chain:
-        m.transient("chain grads", 4 * docs * hpn)
-        m.drop("h0", "dh0")
-        m.add("d final", P * hpn)
-    else:
-        m.add("d h0 all", segs * hpn)
-        m.drop("dh0", "h0")
-        m.add("d scan", segs * hpn)
-        m.drop("d h0 all")
-        m.add("d scan operand", segs * hpn)
-        m.drop("d scan", "scan operand")
-        m.add("d segments", segs * hpn)
-        m.drop("d scan operand", "finite mask")
-        m.add("d gathered", cp * P * hpn)
-        m.drop("d segments")
-        m.add("d final", P * hpn)
-        m.drop("d gathered")
-    if R > P:  # back through the chained rows
-        m.add("d rows final", R * hpn)
-        m.drop("compose saved", "compose h_pre", "dh0 rows")
-    _ssd_bwd(m, "bwd ", w, s, R, lrow, H, s.n_groups, given=False)
-    m.drop("y0", "x contiguous", "dt rows", "B rows", "C contiguous", "ssd dA_cumsum", "dy", "d final")
-    if R > P:
-        m.drop("d rows final")
-    m.add("dC sum", e * rt * gn)
-    m.drop("bwd grad dC", "dC correction")
-    m.add("dxbc rows", e * rt * C)
-    m.drop("bwd grad dx", "bwd grad dB", "dC sum")
-    m.add("dconv out", e * R * lc * C)
-    m.drop("dxbc rows")
-    m.add("dconv in", e * R * lc * C)
-    m.drop("dconv out", "conv in")
-    if not uniform:
-        m.add("dxbc stream", e * n * C)
-    m.add("dxbcdt", e * n * (C + H))
-    m.drop("dconv in", "bwd grad ddt", "dacum")
-    if not uniform:
-        m.drop("dxbc stream")
-    m.add("dzxbcdt", e * n * dp)
-    m.drop("dz", "dxbcdt")
+    m.drop("normed")
+    _conv_fwd(m, "conv out", s, n, C, dp)  # recomputed
+    m.add("dconv out", e * n * C)
+    _sp_decay(m, n, H, rows, grad=True)
+    _sp_outer(m, "dh0", lengths, hpn, out=True)
+    _sp_exchange(m, "dF", w, P, nps, hpn, h0=False)
+
+    def extra():  # the correction's and (one row) the final states' terms, then the decay's gradients
+        m.add("g_corr", 4 * n * H)
+        if not rows:
+            m.add("g_f", 4 * n * H)
+        m.transient("decay autograd", 2 * 4 * n * H)
+        m.add("d_dtp", 4 * n * H)
+        m.add("d_a", 4 * n * H)
+
+    _ssd_phases_bwd(m, w, s, R, lrow, extra)
+    for t in ("dtp", "a", "s_corr", "s_f", "s_f exp", "dh0", "dF", "g_corr", "g_f", "d_dtp", "d_a"):
+        if t in m.live:
+            m.drop(t)
+    m.drop("dy", "conv out")
+    m.transient("halo grads", (w.cp + 2) * halo)  # conv1d's window backward, the halo's all-reduce
+    m.drop("dconv out", "halo", "h0", "zxbcdt")
+    # in_proj's backward
     m.add("dx", e * n * D)
+    if split:  # dz @ W_z + d[x|B|C|dt] @ W_x: one product beside the other
+        m.transient("dx part", e * n * D)
     m.add("d in_proj", e * dp * D)
 
 
@@ -747,9 +781,8 @@ def layer_refuses(s: Layer, w: Work) -> bool:
     pass 2^31 elements (``cp_core.kernels.check_int32_extent`` in the layer core and state passing)."""
     if w.impl != "cp_core":
         return False
-    if w.strategy != "hidden" and w.cp > 1:
-        R, lrow, _, _ = sp_rows(w, s)
-        return R * (lrow + s.d_conv - 1) * s.conv_dim >= 2**31
+    if w.strategy != "hidden" and w.cp > 1:  # state_passing_layer's check_int32_extent
+        return w.local * max(s.conv_dim + s.n_heads, s.d_inner) >= 2**31
     if w.path == "seed" and w.cp > 1:
         return False
     hk = s.n_heads // w.cp // w.chunks

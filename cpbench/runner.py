@@ -307,6 +307,11 @@ def run_iterations(p: Prepared, scenario: Scenario, ctx: RankContext) -> dict[st
         n_coll = 0
         traced = None
         with contextlib.ExitStack() as stack:
+            if ctx.profile == "nsys" and cuda:
+                # the capture starts first: nsys records no NVTX range opened before it (the case's range
+                # was missing from the H200 session's reports of 2026-12-02)
+                torch.cuda.profiler.start()
+                stack.callback(torch.cuda.profiler.stop)
             stack.enter_context(timer.mark(f"case {p.case.index}: {p.case.describe()}"))
             prof = None
             if ctx.profile == "torch":
@@ -317,9 +322,6 @@ def run_iterations(p: Prepared, scenario: Scenario, ctx: RankContext) -> dict[st
                 if cuda:
                     acts.append(torch.profiler.ProfilerActivity.CUDA)
                 prof = stack.enter_context(torch.profiler.profile(activities=acts))
-            if ctx.profile == "nsys" and cuda:
-                torch.cuda.profiler.start()
-                stack.callback(torch.cuda.profiler.stop)
             for it in range(run.iters):
                 _group_sync(ctx)
                 COUNTS.clear()

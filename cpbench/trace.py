@@ -48,27 +48,62 @@ def kind(name: str) -> str:
 ITERATION = "cpbench_iteration"
 
 
+#: the CPU-side API calls that launch GPU work (their ``args.correlation`` names the kernel or copy they launch)
+_LAUNCH_CATS = ("cuda_runtime", "cuda_driver")
+
+
 def read(path: str | Path, window: str | None = ITERATION) -> tuple[list[Kernel], list[tuple[float, float]]]:
     """One pass over a chrome trace: its GPU events (kernels, copies, memsets) by start time and the GPU
-    ranges (us) of the ``window`` annotations (``record_function`` ranges as the GPU ran them: one per
-    measured iteration). When there are such ranges, only the events inside them are kept."""
+    ranges (us) of the ``window`` annotations, one per measured iteration. When there are such ranges,
+    only the events inside them are kept.
+
+    A ``window`` range is found as the GPU ran it (``gpu_user_annotation``) where the trace has one. Kineto
+    gives a ``record_function`` range a GPU span only for kernels launched while it was the innermost
+    annotation of its thread, and ``--profile torch`` opens the regions (``layer_fwd``, ``layer_bwd``, ...)
+    inside the iteration, so there is usually none: then the CPU range (``user_annotation``) is used, every
+    GPU event joining the iteration during which the call that launched it ran (``args.correlation``, on
+    any thread: autograd launches the backward from its own), and the iteration's GPU range spans its
+    events."""
     with open(path) as f:
         events = json.load(f)
     events = events.get("traceEvents", []) if isinstance(events, dict) else events
-    out = []
-    ranges = []
+    gpu: list[tuple[Kernel, object]] = []
+    ranges, cpu_ranges, launch_ts = [], [], {}
     for e in events:
         if e.get("ph") != "X":
             continue
         t0 = float(e["ts"])
         t1 = t0 + float(e.get("dur", 0.0))
-        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
-            stream = (e.get("args") or {}).get("stream", e.get("tid"))
-            out.append(Kernel(t0, t1, stream, str(e.get("name", ""))))
-        elif window and e.get("cat") == "gpu_user_annotation" and e.get("name") == window:
+        cat = e.get("cat")
+        args = e.get("args") or {}
+        if cat in ("kernel", "gpu_memcpy", "gpu_memset"):
+            stream = args.get("stream", e.get("tid"))
+            gpu.append((Kernel(t0, t1, stream, str(e.get("name", ""))), args.get("correlation")))
+        elif not window:
+            continue
+        elif cat == "gpu_user_annotation" and e.get("name") == window:
             ranges.append((t0, t1))
+        elif cat == "user_annotation" and e.get("name") == window:
+            cpu_ranges.append((t0, t1))
+        elif cat in _LAUNCH_CATS and args.get("correlation") is not None:
+            launch_ts[args["correlation"]] = t0
+    out = [k for k, _ in gpu]
     if ranges:
         out = [k for k in out if any(a <= k.start_us and k.end_us <= b for a, b in ranges)]
+    elif cpu_ranges:
+        cpu_ranges.sort()
+        per: list[list[Kernel]] = [[] for _ in cpu_ranges]
+        for k, corr in gpu:
+            t = launch_ts.get(corr)
+            if t is None:
+                continue
+            for i, (a, b) in enumerate(cpu_ranges):
+                if a <= t <= b:
+                    per[i].append(k)
+                    break
+        if any(per):  # else no launch is known (a trace without correlations): every event, no ranges
+            ranges = [(min(k.start_us for k in ks), max(k.end_us for k in ks)) for ks in per if ks]
+            out = [k for ks in per for k in ks]
     return sorted(out, key=lambda k: (k.start_us, k.end_us)), sorted(ranges)
 
 

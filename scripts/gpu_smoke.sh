@@ -10,9 +10,10 @@
 #   bash scripts/gpu_smoke.sh --list    the commands, LABEL|COMMAND per line (tests/test_gpu_smoke.py
 #                                       parses every one, so the list stays current)
 #
-# One line per command: ok / FAIL / skip, seconds, label; exit 1 when one failed. The whole run stays
-# under BUDGET_S (default 560 s: a 10-minute command); a command that would start past it is skipped and
-# said so. SKIP_TESTS=1 leaves the GPU tests out. Under $OUT: summary.txt and smoke.tgz (logs and results).
+# One line per command: ok / FAIL / skip, seconds, label; the last line counts each; exit 1 when one failed
+# (a skip is no failure). The whole run stays under BUDGET_S (default 560 s: a 10-minute command); a command
+# that would start past it is skipped and said so. SKIP_TESTS=1 leaves the GPU tests out; SMOKE_LIST=FILE
+# runs the LABEL|COMMAND lines of FILE instead of the list below. Under $OUT: summary.txt and smoke.tgz (logs and results).
 # Needs mamba-ssm, causal-conv1d and nvtx: the wheels in .whl on an offline host (scripts/gpu_setup.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +30,7 @@ SMALL="--set 'sweep.seq_len=[8192]' --set run.warmup=1 --set run.iters=3 --no-pr
 M64="--set 'sweep.seq_len=[65536]' --set run.warmup=1 --set run.iters=2 --no-progress"
 
 commands() {
+  if [ -n "${SMOKE_LIST:-}" ]; then cat "$SMOKE_LIST"; return; fi
   cat <<'LIST'
 cp 1 sweep, one process|python3 -m cpbench sweep long_context --set 'sweep.cp_size=[1]' $SMALL --out $D/cp1
 cp 1 sweep, torchrun 1 rank|torchrun --nproc-per-node 1 -m cpbench sweep long_context --set 'sweep.cp_size=[1]' $SMALL --out $D/cp1-torchrun
@@ -75,6 +77,9 @@ SUMMARY="$D/summary.txt"
 BUDGET_S=${BUDGET_S:-560}
 T0=$SECONDS
 fails=0
+oks=0
+skips=0
+listed=0
 i=0
 say() { printf '%s\n' "$*" | tee -a "$SUMMARY"; }
 if [ "$MODE" = run ]; then
@@ -88,14 +93,14 @@ while IFS='|' read -r label cmd; do
     case "$line" in
       *"-m cpbench sweep"*|*"cpbench.kernel_bench"*|*"cpbench.layout_bench"*)
         case "$line" in *--dry-run*) ;; *) line="$line --dry-run" ;; esac ;;
-      *) say "$(printf '%-5s %6s  %s' list - "$label: $line")"; continue ;;
+      *) say "$(printf '%-5s %6s  %s' list - "$label: $line")"; listed=$((listed + 1)); continue ;;
     esac
   elif [ "$label" = "GPU tests" ] && [ "${SKIP_TESTS:-0}" = 1 ]; then
-    say "$(printf '%-5s %6s  %s' skip - "$label (SKIP_TESTS=1)")"; continue
+    say "$(printf '%-5s %6s  %s' skip - "$label (SKIP_TESTS=1)")"; skips=$((skips + 1)); continue
   fi
   left=$((BUDGET_S - (SECONDS - T0)))
   if [ "$left" -lt 20 ]; then
-    say "$(printf '%-5s %6s  %s' skip - "$label (no time left in ${BUDGET_S} s)")"; fails=$((fails + 1)); continue
+    say "$(printf '%-5s %6s  %s' skip - "$label (no time left in ${BUDGET_S} s)")"; skips=$((skips + 1)); continue
   fi
   limit=$((left < 300 ? left : 300))
   t=$SECONDS
@@ -103,12 +108,12 @@ while IFS='|' read -r label cmd; do
   timeout "$limit" bash -c "$line" >>"$log" 2>&1
   rc=$?
   status=ok
-  if [ "$rc" -ne 0 ]; then status=FAIL; fails=$((fails + 1)); fi
+  if [ "$rc" -ne 0 ]; then status=FAIL; fails=$((fails + 1)); else oks=$((oks + 1)); fi
   [ "$rc" -eq 124 ] && label="$label (timed out after $limit s)"
   say "$(printf '%-5s %5ds  %s' "$status" $((SECONDS - t)) "$label")"
   [ "$status" = FAIL ] && tail -5 "$log" | sed 's/^/        /' | tee -a "$SUMMARY"
 done < <(commands)
-say "$((i)) command(s), $fails failed, $((SECONDS - T0)) s; logs: $D/logs"
+say "$i command(s): $oks ok, $fails failed, $skips skipped$([ "$listed" -gt 0 ] && echo ", $listed listed"), $((SECONDS - T0)) s; logs: $D/logs"
 if [ "$MODE" = run ] && [ -n "${OUT:-}" ]; then
   find "$D" -name .cpbench.lock -delete
   tar czf "$OUT/smoke.tgz" --exclude='*/traces/*' -C "$(dirname "$D")" "$(basename "$D")" && cp "$SUMMARY" "$OUT/summary.txt"

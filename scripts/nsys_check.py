@@ -107,15 +107,21 @@ def main(argv=None) -> int:
                 nk[nsys.short_kernel(name)] += n
             tc = torch_k[torch_k["case"] == row["case"]]
             titers = int(tc["iterations"].iloc[0]) if len(tc) else 0
+            if titers < 1:  # a trace without iteration ranges: its counts are no per-iteration figure
+                print(
+                    "kernels per iteration: torch.profiler's counts name no iterations (0): not compared  DIFF"
+                )
+                bad += 1
+                continue
             tkc = Counter()
             for _, r in tc.iterrows():
                 tkc[nsys.short_kernel(str(r["name"]))] += int(r["count"])
-            n_ns, n_t = sum(nk.values()) / iters, sum(tkc.values()) / max(titers, 1)
+            n_ns, n_t = sum(nk.values()) / iters, sum(tkc.values()) / titers
             verdict = "ok" if abs(n_ns - n_t) < 0.5 else "DIFF"
             print(f"kernels per iteration: nsys {n_ns:g}, torch.profiler {n_t:g}  {verdict}")
             bad += verdict == "DIFF"
             for name in sorted(set(nk) | set(tkc)):
-                a_, b_ = nk[name] / iters, tkc[name] / max(titers, 1)
+                a_, b_ = nk[name] / iters, tkc[name] / titers
                 if abs(a_ - b_) >= 0.5:
                     print(f"  {name[:70]:70s} nsys {a_:6g}  torch {b_:6g}")
     print(f"\n{bad} disagreement(s)")

@@ -74,3 +74,31 @@ def test_the_readmes_one_gpu_commands_are_in_the_smoke(tmp_path):
     ):
         assert tool in text
     assert "torchrun --nproc-per-node 1 -m cpbench sweep" in text and "-m pytest -q -m gpu" in text
+
+
+def _run_smoke(tmp: Path, lines: str, budget: int) -> tuple[int, list[str]]:
+    """The script's run mode over ``lines`` (SMOKE_LIST), from a copy outside the repository (no .whl
+    there, so no GPU setup is sourced)."""
+    (tmp / "scripts").mkdir(parents=True)
+    (tmp / "scripts" / "gpu_smoke.sh").write_text(SCRIPT.read_text())
+    (tmp / "list").write_text(lines)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "SMOKE_LIST": str(tmp / "list"),
+        "BUDGET_S": str(budget),
+        "HOME": str(tmp),
+    }
+    res = subprocess.run(
+        ["bash", str(tmp / "scripts" / "gpu_smoke.sh"), str(tmp / "out")],
+        capture_output=True, text=True, env=env, cwd=tmp,
+    )  # fmt: skip
+    return res.returncode, res.stdout.splitlines()
+
+
+def test_the_summary_counts_ok_failed_and_skipped_apart(tmp_path):
+    rc, out = _run_smoke(tmp_path / "a", "one|true\ntwo|false\nthree|true\n", 560)
+    assert rc == 1 and out[-1].startswith("3 command(s): 2 ok, 1 failed, 0 skipped,"), out
+    # a command skipped for time is said so, and is no failure
+    rc, out = _run_smoke(tmp_path / "b", "one|true\ntwo|false\n", 0)
+    assert rc == 0 and out[-1].startswith("2 command(s): 0 ok, 0 failed, 2 skipped,"), out
+    assert sum("(no time left in 0 s)" in line for line in out) == 2

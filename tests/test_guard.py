@@ -123,7 +123,13 @@ STALE = {
     "h100x2-strategies64-20261125": (
         "packed state passing",
         "state passing before its rows were split (4798310): 8 documents at L 64K 11.8 GiB there, 8.8 GiB "
-        "in the re-run of the same day (h100x2-strategies64-20261125/rows)",
+        "in the re-run of the same day (h100x2-strategies64-20261125/rows); before the layer core (8ae45a7): "
+        "64 documents at L 64K 17.5 GiB in that re-run, 9.19 GiB since (h200-memory-20261202/strategies)",
+    ),
+    "h100x2-strategies128-20261125": (
+        "packed state passing",
+        "state passing before its layer core (8ae45a7: padded [rows, Lmax] documents, autograd through every "
+        "step): 64 documents at L 128K 25.6 GiB there, 16.3 GiB since (h200-strategies-20261202/sweep)",
     ),
 }
 

@@ -19,7 +19,6 @@ from cpbench.errors import UserError
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "tests" / "data" / "nsys"
 PROJ, KERN = DATA / "nvtx_gpu_proj_sum.csv", DATA / "cuda_gpu_kern_sum.csv"
-PLACEHOLDER = PROJ.read_text().startswith("# PLACEHOLDER")
 
 
 def _check_module():
@@ -40,15 +39,13 @@ def test_an_nvtx_gpu_proj_sum_export_becomes_region_columns():
     )
     kernels = nsys.parse_kern_sum(KERN.read_text())
     assert kernels and all(n > 0 for n in kernels.values())
-    if PLACEHOLDER:  # the synthetic numbers of tests/data/nsys/README.md
-        assert (
-            iters == 3
-            and cols["layer_fwd_ms"] == pytest.approx(2.2)
-            and cols["layer_bwd_ms"] == pytest.approx(3.58)
-        )
-        assert cols["norm_proj_ms"] == pytest.approx(1.36) and cols["norm_proj_count"] == 2
-        assert cols["ssm_bwd_ms"] == pytest.approx(1.24) and cols["a2a_pre_ms"] == pytest.approx(0.12)
-        assert kernels["elementwise_copy"] == 12 and sum(kernels.values()) == 66
+    # the real export of tests/data/nsys/README.md (one H200, the first part of one iteration)
+    assert iters == 1 and cols["layer_fwd_ms"] == pytest.approx(6.788143)
+    assert cols["norm_proj_ms"] == pytest.approx(5.007924) and cols["norm_proj_count"] == 2
+    assert cols["ssm_ms"] == pytest.approx(1.448381) and cols["a2a_pre_ms"] == pytest.approx(0.168032)
+    assert "layer_bwd_ms" not in cols  # autograd's thread launched the backward: no projection
+    assert sum(kernels.values()) == 18 and kernels["_chunk_scan_fwd_kernel"] == 1
+    assert kernels["nvjet_sm90_tst_192x192_64x4_1x2_h_bz_coopB_TNN"] == 2
 
 
 def test_a_report_is_read_through_the_nsys_of_cpbench_nsys(tmp_path, monkeypatch):
@@ -97,11 +94,18 @@ def test_the_session_check_agrees_and_can_fail(tmp_path, capsys):
     # region times 20% apart: every judged region disagrees
     assert check.main([str(_session(tmp_path / "b", scale=1.2))]) == 1
     out = capsys.readouterr().out
-    assert "DIFF" in out and "ssm_bwd" in out
+    assert "DIFF" in out and "4 disagreement(s)" in out and "norm_proj" in out
     # nsys recorded fewer kernels than torch.profiler saw (what an nsys that drops launches shows)
     assert check.main([str(_session(tmp_path / "c", kernels_off=6))]) == 1
     out = capsys.readouterr().out
-    assert "kernels per iteration: nsys 22, torch.profiler 24  DIFF" in out if PLACEHOLDER else "DIFF" in out
+    assert "kernels per iteration: nsys 18, torch.profiler 24  DIFF" in out
+    # torch.profiler's counts without iteration ranges (what the trace reader gave before 2026-12-02)
+    run = _session(tmp_path / "d")
+    tk = pd.read_csv(run / "torch_kernels.csv")
+    tk["iterations"] = 0
+    tk.to_csv(run / "torch_kernels.csv", index=False)
+    assert check.main([str(run)]) == 1
+    assert "name no iterations (0): not compared  DIFF" in capsys.readouterr().out
 
 
 def test_committed_sessions_reproduce_their_agreement_table(capsys):

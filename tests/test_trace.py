@@ -107,3 +107,40 @@ def test_cli(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text("not json")
     assert main(["trace", str(bad)]) == 2
+
+
+def test_iterations_from_the_cpu_ranges_when_the_gpu_has_none(tmp_path):
+    """Kineto's trace of ``--profile torch``: the iteration's ``record_function`` holds the regions', so
+    no kernel was launched while it was innermost and it has no GPU span (what the H200 session of
+    2026-12-02 found: 0 iterations); its CPU range and the launches' correlations place every kernel."""
+    ev = []
+    for i, (a, b) in enumerate([(1000, 2000), (5000, 6000)]):
+        ev.append({"ph": "X", "cat": "user_annotation", "name": trace.ITERATION, "ts": a, "dur": b - a})
+        ev.append({"ph": "X", "cat": "user_annotation", "name": "layer_fwd", "ts": a + 10, "dur": 500})
+        for j, cat in enumerate(
+            ("cuda_runtime", "cuda_driver")
+        ):  # the forward's and (autograd thread) the backward's
+            corr = 10 * i + j
+            ev.append({"ph": "X", "cat": cat, "name": "launch", "ts": a + 100 + 600 * j, "dur": 5, "tid": 1 + j,
+                       "args": {"correlation": corr}})  # fmt: skip
+            ev.append({"ph": "X", "cat": "kernel", "name": f"k{j}", "ts": a + 300 + 600 * j, "dur": 200,
+                       "args": {"stream": 7, "correlation": corr}})  # fmt: skip
+    # the group synchronisation between iterations: launched outside them, left out
+    ev.append(
+        {
+            "ph": "X",
+            "cat": "cuda_runtime",
+            "name": "launch",
+            "ts": 3000,
+            "dur": 5,
+            "args": {"correlation": 99},
+        }
+    )
+    ev.append({"ph": "X", "cat": "kernel", "name": "ncclDevKernel_AllReduce", "ts": 3100, "dur": 800,
+               "args": {"stream": 9, "correlation": 99}})  # fmt: skip
+    path = tmp_path / "cpu_ranges.json"
+    path.write_text(json.dumps({"traceEvents": ev}))
+    kernels, windows = trace.read(path)
+    assert windows == [(1300.0, 2100.0), (5300.0, 6100.0)]
+    assert [k.name for k in kernels] == ["k0", "k1", "k0", "k1"]
+    assert trace.case_stats(path)["comm_ms"] == 0.0  # the all-reduce is no part of an iteration
