@@ -4,7 +4,7 @@
 #   bash scripts/gpu_sets.sh --list   NAME|FOLDER|what, one line per entry
 #   bash scripts/gpu_sets.sh --dry-run NAME|all   print the commands instead (tests/test_gpu_sets.py parses
 #                                     every one, so the entries stay current)
-# Needs mamba-ssm, causal-conv1d, nvtx, nemo-automodel (offline: the wheels in .whl, scripts/gpu_setup.sh).
+# Needs mamba-ssm, causal-conv1d, nemo-automodel (offline: the wheels in .whl, scripts/gpu_setup.sh).
 # Entries that take a version of cp_core beside the tree (`ab`) want it copied in first:
 #   mkdir base && git archive COMMIT cp_core | tar -x -C base      (and mid/ for three versions)
 cd "$(dirname "$0")/.." || exit 2
