@@ -1,9 +1,9 @@
-"""One CSV of the interleaved A/B rounds of ``scripts/gpu_sets.sh`` 17 / 18 / 21 in a results set.
+"""One CSV of the interleaved A/B rounds of ``bash scripts/gpu_sets.sh ab`` in a results set.
 
     python3 scripts/ab_summary.py results/SET > results/SET/ab_summary.csv
 
-SET holds one folder per machine (``pairX``), each with ``rSTAGE-ROUND-CODE/results.csv`` (CODE: base,
-mid or new) and ``r-cp1/results.csv`` (cp 1, the same command). ``vs_cp1_half`` = cp 2 layer time /
+SET holds one folder per machine (``pairX``), each with ``ab-ROUND-CODE/results.csv`` (CODE: base, mid or
+new; ``rSTAGE-ROUND-CODE`` in the sets measured with the numbered stages before) and ``r-cp1/results.csv`` (cp 1, the same command). ``vs_cp1_half`` = cp 2 layer time /
 (cp 1 time / 2) of the same sequence length on the same machine.
 """
 
@@ -24,7 +24,7 @@ COLS = [
     "exposed_comm_ms",
     "peak_mem_GiB",
 ]
-RUN = re.compile(r"^(r\d+-\d+)-(\w+)$")
+RUN = re.compile(r"^((?:r\d+|ab)-\d+)-(\w+)$")
 
 
 def summary(root: Path) -> pd.DataFrame:
