@@ -5,24 +5,16 @@
 #   bash scripts/gpu_sets.sh 3   ours at L 128K (cp 1/2) and 256K (cp 2), NeMo at cp 2 L 128K, the peers at
 #                                cp 1 L 128K (each in its own run: a peer that overflows int32 indexing ends
 #                                its process); projection mode at cp 2 and 8 with 1/2/4 head chunks
-#   bash scripts/gpu_sets.sh 5   GPU tests of the layer, NCCL parity, the exchange into rows against the earlier
-#                                pack + all-to-all + row gather (CP_CORE_EXCHANGE=gather), cp 1/2, L 64K/128K
-#   bash scripts/gpu_sets.sh 6   the same at L 128K: contiguous and head_tail layouts, BSHD and 64 documents
-#   bash scripts/gpu_sets.sh 7   the all-to-all over NCCL against copy engines (CP_CORE_TRANSPORT=ce): alone and
-#                                beside GEMMs (scripts/exchange_micro.py), NCCL parity, the layer at cp 1/2, L 64K/128K
-#   bash scripts/gpu_sets.sh 8   CP_CORE_TRANSPORT=auto against NCCL only, cp 1/2, L 64K/128K, k 1/2/4 (9: 10
-#                                iterations a case, and the communication stream at high priority)
+#   bash scripts/gpu_sets.sh 5-9, 15, 19: measured runtime switches since removed (the pack-pass exchange, the
+#                                copy-engine transport, the communication stream's priority); run them at commit 765733b
 #   bash scripts/gpu_sets.sh 10  GPU tests, NCCL parity, ours beside NeMo AutoModel (cp 2, L 128K, BSHD and 64
 #                                documents) and mamba-ssm's Mamba2 (cp 1, L 128K)
 #   bash scripts/gpu_sets.sh 11  state passing (both exchanges) beside the hidden strategy at cp 2, L 128K, 8/64 docs
 #   bash scripts/gpu_sets.sh 14  a change against the code before it (base/cp_core), cp 2, L 64K/128K, k 2,
 #                                NCCL parity, one profiled iteration and its compute-stream gaps
-#   bash scripts/gpu_sets.sh 15  the communication stream's priority and GEMMs leaving SMs to the transfers (cp 2, k 2;
-#                                CP_CORE_GEMM_CARVEOUT exists at commit 1f63378 only)
 #   bash scripts/gpu_sets.sh 16  the peers only: ours vs NeMo AutoModel (cp 2, L 128K) and mamba-ssm (cp 1, L 64K)
 #   bash scripts/gpu_sets.sh 17  a change against base/cp_core, k 1/2, L 64K/128K, with GPU tests, NCCL parity and cp 1;
 #                                (SKIP_TESTS=1: without them; ROUNDS=N: N rounds); 18: ROUNDS (default 2) more rounds
-#   bash scripts/gpu_sets.sh 19  the peers (as 16) and the exchange into rows against pack + all-to-all + gather
 #   bash scripts/gpu_sets.sh 20  cp 2 with k 1/2/4 measured and in projection mode (the model checked), cp 1
 #   bash scripts/gpu_sets.sh 21  three versions (base/, mid/, the tree) interleaved, cp 2, k 1/2, with GPU tests,
 #                                NCCL parity (also chunks splitting a group) and cp 1
@@ -69,7 +61,6 @@ run_in() {
   local dir=$PWD; [ "$1" = new ] || dir=$PWD/$1
   (cd "$dir" && PYTHONPATH=/tmp/site:$dir:$OLDPWD timeout "$3" bash -c "$(declare -f sweep); $2")
 }
-exchange_ab() { local name=$1; shift; ab "$name" CP_CORE_EXCHANGE "gather direct" "$@"; }
 if [ "$stage" = 1 ]; then
   machine_facts
   MAMBA_DETERMINISTIC=1 timeout 170 python3 -m pytest -q -m gpu -p no:cacheprovider \
@@ -87,36 +78,14 @@ elif [ "$stage" = 4 ]; then
     --set 'sweep.impl=[\"cp_core\", \"nemo\"]' --set run.iters=3" | tail -2
   python3 -m cpbench report "$OUT/peers128" --vs nemo --metrics layer_ms peak_mem_GiB exposed_comm_ms 2>&1 | tail -12
 elif [ "$stage" = 5 ] || [ "$stage" = 6 ]; then
-  if [ "$stage" = 5 ]; then
-    machine_facts
-    MAMBA_DETERMINISTIC=1 timeout 170 python3 -m pytest -q -p no:cacheprovider -p no:warnings \
-      tests/test_mamba_ssm_gpu.py tests/test_mixer_gpu.py 2>&1 | tail -8 | tee "$OUT/gpu_tests.txt"
-    exchange_ab exchange "--set 'sweep.seq_len=[65536, 131072]' --set 'sweep.cp_size=[1, 2]' --set 'sweep.packing=[\"none\"]'"
-  else
-    exchange_ab exchange6 "--set 'sweep.seq_len=[131072]' --set 'sweep.cp_size=[2]' --set 'sweep.layout=[\"contiguous\", \"head_tail\"]'"
-  fi
+  # measured the pack-pass exchange (CP_CORE_EXCHANGE), a runtime switch removed: neutral or slower than the default (results/README.md)
+  echo "stage $stage measured the pack-pass exchange (CP_CORE_EXCHANGE), since removed; run it at commit 765733b" >&2; exit 2
 elif [ "$stage" = 7 ]; then
-  # the all-to-all's transport: NCCL kernels against copy engines (CP_CORE_TRANSPORT=ce), alone and beside
-  # GEMMs, then the layer at cp 1/2, L 64K/128K, BSHD, k 1/2 with each
-  machine_facts
-  timeout 100 torchrun --nproc-per-node 2 scripts/exchange_micro.py --mib 680,1360 2>&1 \
-    | grep -vE "UserWarning|warnings.warn" | tee "$OUT/transport_micro.csv" | tail -14
-  CP_CORE_TRANSPORT=ce MAMBA_DETERMINISTIC=1 timeout 80 torchrun --nproc-per-node 2 tests/nccl_parity.py --cp 2 \
-    --strategies hidden hidden@2 2>&1 | tee "$OUT/nccl_parity_ce.txt" | grep -E "FAIL|passed|Error"
-  ab transport CP_CORE_TRANSPORT "nccl ce" "--set 'sweep.seq_len=[65536, 131072]' --set 'sweep.cp_size=[1, 2]' \
-    --set 'sweep.packing=[\"none\"]'"
+  # measured the copy-engine transport (CP_CORE_TRANSPORT), a runtime switch removed: neutral or slower than the default (results/README.md)
+  echo "stage $stage measured the copy-engine transport (CP_CORE_TRANSPORT), since removed; run it at commit 765733b" >&2; exit 2
 elif [ "$stage" = 8 ] || [ "$stage" = 9 ]; then
-  # CP_CORE_TRANSPORT=auto (copy engines beside compute, NCCL otherwise) against NCCL only, k 1/2/4;
-  # stage 9 adds the communication stream at high priority, 10 iterations per case
-  [ "$stage" = 8 ] && CP_CORE_TRANSPORT=ce MAMBA_DETERMINISTIC=1 timeout 150 torchrun --nproc-per-node 2 \
-    tests/nccl_parity.py --cp 2 --strategies hidden hidden@2 2>&1 | tee "$OUT/nccl_parity_ce.txt" | grep -E "FAIL|passed|Error"
-  sets="--set 'sweep.seq_len=[65536, 131072]' --set 'sweep.cp_size=[1, 2]' --set 'sweep.packing=[\"none\"]' \
-    --set 'sweep.overlap_chunks=[1, 2, 4]'"
-  if [ "$stage" = 8 ]; then ab transport8 CP_CORE_TRANSPORT "nccl auto" "$sets"; else
-    ab transport9 CP_CORE_TRANSPORT "nccl auto" "$sets --set run.iters=10"
-    export CP_CORE_COMM_PRIORITY=-1
-    ab transport9p CP_CORE_TRANSPORT "auto" "$sets --set run.iters=10 --set 'sweep.cp_size=[2]'"
-  fi
+  # measured the copy-engine transport (CP_CORE_TRANSPORT), a runtime switch removed: neutral or slower than the default (results/README.md)
+  echo "stage $stage measured the copy-engine transport (CP_CORE_TRANSPORT), since removed; run it at commit 765733b" >&2; exit 2
 elif [ "$stage" = 10 ]; then
   # the GPU tests, NCCL parity (default transport), ours beside NeMo AutoModel (cp 2) and mamba-ssm (cp 1)
   machine_facts
@@ -169,19 +138,8 @@ elif [ "$stage" = 14 ]; then
   rm -rf "$OUT"/ab-trace/traces
   (cd "$OUT" && rm -f ab-*/.cpbench.lock && tar czf ab.tgz ab-* && rm -rf ab-*/)
 elif [ "$stage" = 15 ]; then
-  # transfers against the GEMMs queued beside them: the communication stream at high priority
-  # (CP_CORE_COMM_PRIORITY=-1) and/or those GEMMs leaving SMs free (CP_CORE_GEMM_CARVEOUT=N), cp 2,
-  # L 64K/128K, k 2, 10 iterations; cp 1 once
-  sets="--set 'sweep.impl=[\"cp_core\"]' --set 'sweep.seq_len=[65536, 131072]' --set 'sweep.packing=[\"none\"]' \
-    --set run.iters=10 --set 'sweep.overlap_chunks=[1]'"
-  timeout 100 bash -c "$(declare -f sweep); sweep scenarios/peers.toml --out $OUT/cv-cp1 $sets --set 'sweep.cp_size=[1]'" | tail -1
-  python3 -m cpbench report "$OUT/cv-cp1" --metrics layer_ms 2>&1 | tail -4
-  for v in ${VARIANTS:-0/0 -1/0 0/16 -1/16 0/32}; do
-    CP_CORE_COMM_PRIORITY=${v%/*} CP_CORE_GEMM_CARVEOUT=${v#*/} timeout 120 bash -c "$(declare -f sweep); sweep \
-      scenarios/peers.toml --out $OUT/cv-${v//\//_} $sets --set 'sweep.cp_size=[2]' --set 'sweep.overlap_chunks=[2]'" | tail -1
-    echo "priority/carveout $v"; python3 -m cpbench report "$OUT/cv-${v//\//_}" --metrics layer_ms exposed_comm_ms 2>&1 | tail -4
-  done
-  (cd "$OUT" && rm -f cv-*/.cpbench.lock && tar czf cv.tgz cv-* && rm -rf cv-*/)
+  # measured the communication stream's priority (CP_CORE_COMM_PRIORITY), a runtime switch removed: neutral or slower than the default (results/README.md)
+  echo "stage $stage measured the communication stream's priority (CP_CORE_COMM_PRIORITY), since removed; run it at commit 765733b" >&2; exit 2
 elif [ "$stage" = 17 ] || [ "$stage" = 18 ]; then
   # a change against the code before it (base/cp_core, as stage 14), both k 1 and 2 on both sides, L 64K/128K,
   # BSHD, 10 iterations, in interleaved rounds (base, new; 17: the GPU tests and NCCL parity unless SKIP_TESTS is
@@ -266,13 +224,8 @@ elif [ "$stage" = 23 ]; then
   done
   (cd "$OUT" && rm -f trace/.cpbench.lock && tar czf trace.tgz trace ssd-h*.csv && rm -rf trace ssd-h*.csv)
 elif [ "$stage" = 19 ]; then
-  # the peers with the code of the tree (as 16), and the exchange into rows against pack + all-to-all + row
-  # gather (CP_CORE_EXCHANGE=gather: NCCL's all-to-all at full size, one more copy), cp 2, L 128K, k 1/2
-  MAMBA_DETERMINISTIC=1 timeout 100 python3 -m pytest -q -p no:cacheprovider -p no:warnings \
-    tests/test_kernels_gpu.py::test_norm_on_slots_triton_bit_identical_to_one_call 2>&1 | tail -2 | tee "$OUT/gpu_norm_test.txt"
-  peers 65536
-  exchange_ab exchange19 "--set 'sweep.seq_len=[131072]' --set 'sweep.cp_size=[2]' --set 'sweep.packing=[\"none\"]' \
-    --set run.iters=10"
+  # measured the pack-pass exchange (CP_CORE_EXCHANGE), a runtime switch removed: neutral or slower than the default (results/README.md)
+  echo "stage $stage measured the pack-pass exchange (CP_CORE_EXCHANGE), since removed; run it at commit 765733b" >&2; exit 2
 elif [ "$stage" = 20 ]; then
   # the tree's code: cp 1, and cp 2 with k 1/2/4 (L 64K/128K, BSHD, 10 iterations) measured over NCCL, then
   # the same cp 2 cases in projection mode (one process, communication modeled at 370 and 325 GB/s busbw)
