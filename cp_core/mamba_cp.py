@@ -270,9 +270,7 @@ class MambaContextParallel:
         }
         self._chan_out = ChannelPlan.single(self.cp_size, self.d_inner_local)
         self.seed_config = SeedConfig(num_heads, head_dim, n_groups, d_state, layout, fused)
-        self._static = static_fields(
-            "mamba_cp", {"cp_size": self.cp_size}, config=self.seed_config, options=options
-        )
+        self._static = static_fields("mamba_cp", {}, config=self.seed_config, options=options)
         #: True when the calling layer has agreed on this call already (the mixer's seed path)
         self._agreed_by_caller = False
 

@@ -221,7 +221,7 @@ class Mamba2Mixer(nn.Module):
         #: the options field by field, and the layer's structural choices
         self._static = agree.static_fields(
             "mixer",
-            {"strategy": strategy, "fused": fused, "cp_size": self.cp_size},  # layout: the plan's
+            {"strategy": strategy, "fused": fused},  # the layout: the plan's, every call
             config=config,
             options=options,
         )

@@ -53,6 +53,8 @@ def disagree_case(group, which):
         _mixer(group, dtype=dtype)(torch.zeros(1, g // cp, 16, dtype=dtype))
     elif which == "strategy":
         _mixer(group, "state_passing:chain" if r == 0 else "state_passing")(torch.zeros(1, g // cp, 16))
+    elif which == "hidden or state passing":
+        _mixer(group, "hidden" if r == 0 else "state_passing")(torch.zeros(1, g // cp, 16))
     elif which == "fused":
         _mixer(group, fused=r == 0)(torch.zeros(1, g // cp, 16))
     elif which == "layout":
@@ -77,6 +79,7 @@ DISAGREE = {
     "batch hidden": "batch: rank(s) [0]: 1, rank(s) [1]: 2",
     "dtype": "dtype: rank(s) [0]: torch.float32, rank(s) [1]: torch.float64",
     "strategy": "options.state_exchange: rank(s) [0]: 'chain', rank(s) [1]: 'allgather'",
+    "hidden or state passing": "strategy: rank(s) [0]: 'hidden', rank(s) [1]: 'state_passing'",
     "fused": "fused: rank(s) [0]: True, rank(s) [1]: False",
     "layout": "layout: rank(s) [0]: 'head_tail', rank(s) [1]: 'contiguous'",
     "invalid cu on one rank": "document 0 has length 5",
@@ -268,6 +271,9 @@ def seed_case(group, which):
         ctx.post_conv_ssm(
             torch.zeros(1, 4, ctx.d_inner_local, dtype=torch.float32 if r == 0 else torch.float64)
         )
+    if which == "op" and r == 1:  # rank 0 calls pre, rank 1 post, with the same local tokens
+        ctx.post_conv_ssm(torch.zeros(1, 4, ctx.d_inner_local))
+        return
     ctx.pre_conv_ssm(torch.zeros(1, 2, ctx.proj_width(with_z), dtype=dtype), with_z=with_z)
 
 
@@ -281,6 +287,7 @@ SEED = {
     "n_groups": "config.n_groups: rank(s) [0]: 2, rank(s) [1]: 1",
     "d_state": "config.d_state: rank(s) [0]: 4, rank(s) [1]: 8",
     "post": "dtype: rank(s) [0]: torch.float32, rank(s) [1]: torch.float64",
+    "op": "op: rank(s) [0]: 'pre_conv_ssm', rank(s) [1]: 'post_conv_ssm'",
 }
 
 
