@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -186,13 +187,24 @@ def _run_tests(tree: Path, tests: tuple[str, ...], timeout: float) -> str:
     env = dict(os.environ, PYTHONPATH=str(tree))
     for t in tests:
         cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *t.split()]
+        # its own session: on a timeout the whole group goes (pytest and the gloo ranks it spawned)
+        p = subprocess.Popen(
+            cmd,
+            cwd=tree,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
-            r = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
+            rc = p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
             return f"killed (timed out: {t})"
-        if r.returncode == 5:
+        if rc == 5:
             return f"no test selected: {t}"
-        if r.returncode != 0:
+        if rc != 0:
             return f"killed by {t}"
     return "survived"
 
