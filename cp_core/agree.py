@@ -1,34 +1,45 @@
-"""Cross-rank agreement on a batch's input, once per batch, before the first collective of its layers.
+"""Cross-rank agreement on a layer call's input, before the first collective of the call.
 
 Every rank validates its own input, but ranks that pass *different* valid inputs (another
-``cu_seqlens`` with the same total, another local length, shape or dtype) would otherwise run the
-layer's collectives on inconsistent data: a silent wrong output, or a transport abort. And a rank that
-rejects its input alone would leave the others waiting in a collective until the group timeout.
+``cu_seqlens`` with the same total, another local length, shape, dtype, configuration or option) would
+otherwise run the layer's collectives on inconsistent data: a silent wrong output, a transport abort or a
+hang. And a rank that rejects its input alone would leave the others waiting in a collective until the
+group timeout.
 
-So when a batch's token plan is first used (:func:`checked_plan`), the group exchanges a fingerprint
-of what every rank is about to run: one ``all_gather`` of a fixed ``[62]`` int64 vector per rank (the
-call, strategy, layout, batch, local tokens, width, dtype, configuration, number of documents and a
-64-bit hash of the ``cu_seqlens`` values, a verdict flag and up to 400 bytes of the local error
-message). Then every rank raises the same kind of ``ValueError`` (naming the fields that differ and
-on which ranks, or the ranks that rejected their input and why), or none does.
+**The fingerprint** of a call is a tuple of ``(name, value)`` pairs:
 
-Cost: one small all-gather and one host read of its result per batch (the plan build already reads
-``cu_seqlens`` on the host once per batch); every later layer of the batch finds the agreement cached
-with the plan (:attr:`~cp_core.plan.TokenPlan.extras`). Packed input: plans are cached per
-``cu_seqlens`` tensor, so this runs once per batch. BSHD input has no per-batch tensor: plans, and
-with them the agreement, are cached per (shape, dtype), so the check runs when a shape is first seen
-(a per-layer check would cost a collective per layer).
+* the layer's static description, built once per layer by :func:`static_fields` from its structural
+  choices (strategy, layout, ``fused``, cp size) and, *field by field* (:func:`dataclasses.fields`), its
+  configuration dataclass (:class:`~cp_core.mixer.Mamba2Config`, or the seed API's
+  :class:`~cp_core.mamba_cp.SeedConfig`) and its :class:`~cp_core.options.CPOptions`: a field added to
+  either is compared without anyone listing it;
+* what the call brings: layout, batch, local tokens, compute dtype, device type, width (``with_z`` of the
+  seed API), number of documents and the ``cu_seqlens`` values (their hash, computed once per plan).
 
-Assumption: every rank builds its plan at the same call, i.e. every rank passes a new ``cu_seqlens``
-tensor for a new batch (or all reuse theirs), and BSHD shapes change on all ranks at once. A rank whose
-input changes while the others' plans are still cached cannot be told apart from a late rank.
+**One exchange per call** (``CPOptions.agree = "call"``, the default): every rank sends 16 bytes, its
+verdict (accepted its input or not) and a 64-bit hash of its fingerprint, in one ``all_gather``, and
+reads the result on the host. Equal hashes and no rejection: the layer runs. Otherwise (every rank sees
+the same gathered vector, so every rank takes the same branch) a second exchange (``all_gather_object``)
+carries every rank's full fingerprint and error message, and every rank raises the same kind of
+``ValueError``: naming each field that differs and the ranks of each value, or the ranks that rejected
+their input and why. A rank that rejects its input on any call, the first of a batch or a later one,
+therefore raises on every rank and none waits. Cost: docs/design.md (agreement) and
+``scripts/agree_cost.py``; on NCCL the host read of the 16-byte result waits for the work queued before it.
+
+``"batch"`` (documented cheaper mode): the agreement is cached with the batch's token plan per fingerprint
+(:attr:`~cp_core.plan.TokenPlan.extras`), so it runs when a plan is first used (packed: a new
+``cu_seqlens``; BSHD: a new shape) and the later calls of the batch exchange nothing. The price: a rank
+whose input is rejected alone on a *later* call raises alone while the others, whose agreement is cached,
+wait in the layer's first collective until the group's timeout.
+
 :class:`~cp_core.comm.LocalGroup` and cp_size 1 exchange nothing (local errors are raised as they are).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
-import zlib
 
 import torch
 import torch.distributed as dist
@@ -36,106 +47,74 @@ import torch.distributed as dist
 from . import comm
 from .plan import TokenPlan, get_plan
 
-__all__ = ["checked_plan", "agree", "FIELDS"]
-
-#: fingerprint fields, in vector order (after the verdict flag)
-FIELDS = (
-    "call",
-    "strategy",
-    "layout",
-    "batch",
-    "local tokens",
-    "width",
-    "dtype",
-    "config",
-    "documents",
-    "cu_seqlens values",
-)
-_STRINGS = ("call", "strategy", "layout", "dtype", "config")
-_MSG_WORDS = 50  # 400 bytes of error message
-_LEN = 1 + len(FIELDS) + 1 + _MSG_WORDS
-_NAMES: dict[int, str] = {}  # crc -> string, for naming another rank's value
+__all__ = ["checked_plan", "agree", "static_fields", "fingerprint_hash"]
 
 
-def _crc(s: str) -> int:
-    v = zlib.crc32(s.encode())
-    _NAMES[v] = s
-    return v
+def static_fields(call: str, fields: dict, **dataclasses_) -> tuple[tuple[str, str], ...]:
+    """A layer's static fingerprint: ``("call", call)``, then ``fields`` (name -> value), then every field
+    of every dataclass instance given (``config=...``, ``options=...``) as ``"config.d_state"`` etc. Values
+    are compared by ``repr``."""
+    items = [("call", call)] + [(k, repr(v)) for k, v in fields.items()]
+    for prefix, obj in dataclasses_.items():
+        if not dataclasses.is_dataclass(obj):
+            raise TypeError(f"static_fields: {prefix} must be a dataclass instance, got {type(obj).__name__}")
+        items += [(f"{prefix}.{f.name}", repr(getattr(obj, f.name))) for f in dataclasses.fields(obj)]
+    return tuple(items)
 
 
-_HIDDEN = [
-    h + g + t
-    for h in ("hidden", "hidden, seed path")
-    for g in ("", ", CP_CORE_EXCHANGE=gather")
-    for t in ("", ", CP_CORE_TRANSPORT=ce", ", CP_CORE_TRANSPORT=auto")
-]
-for _s in ("state_passing", "state_passing_chain", "head_tail", "contiguous", "mixer", "mamba_cp", *_HIDDEN):
-    _crc(_s)
-for _d in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-    _crc(str(_d))
+def _digest(data: str) -> int:
+    return int.from_bytes(hashlib.blake2b(data.encode(), digest_size=8).digest(), "little", signed=True)
 
 
-def _cu_hash(cu: tuple[int, ...] | None) -> int:
-    if cu is None:
-        return 0
-    digest = hashlib.blake2b(repr(cu).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=True)
+@functools.lru_cache(maxsize=256)
+def _static_hash(static: tuple) -> int:
+    return _digest(repr(static))
 
 
-def _encode(fields: dict, cu: tuple[int, ...] | None, error: BaseException | None) -> torch.Tensor:
-    vec = [0] * _LEN
-    vec[0] = 0 if error is not None else 1
-    if error is None:
-        for i, name in enumerate(FIELDS):
-            if name == "documents":
-                v = -1 if cu is None else len(cu) - 1
-            elif name == "cu_seqlens values":
-                v = _cu_hash(cu)
-            else:
-                v = fields.get(name, "" if name in _STRINGS else -1)
-                v = _crc(str(v)) if name in _STRINGS else int(v)
-            vec[1 + i] = v
-    else:
-        msg = f"{type(error).__name__}: {error}".encode()[: 8 * _MSG_WORDS]
-        vec[1 + len(FIELDS)] = len(msg)
-        raw = torch.frombuffer(bytearray(msg.ljust(8 * _MSG_WORDS, b"\0")), dtype=torch.int64)
-        vec[2 + len(FIELDS) :] = raw.tolist()
-    return torch.tensor(vec, dtype=torch.int64)
+def fingerprint_hash(static: tuple, call: tuple) -> int:
+    """The 64-bit hash of a fingerprint (its static part hashed once per layer)."""
+    return _digest(f"{_static_hash(static)}|{call!r}")
 
 
-def _message(row: list[int]) -> str:
-    n = row[1 + len(FIELDS)]
-    words = torch.tensor(row[2 + len(FIELDS) :], dtype=torch.int64)
-    return bytes(words.view(torch.uint8).tolist()[:n]).decode(errors="replace")
-
-
-def _name(field: str, v: int) -> str:
-    if field in _STRINGS:
-        return repr(_NAMES.get(v, f"#{v:08x}"))
-    if field == "cu_seqlens values":
-        return f"hash {v & (2**64 - 1):016x}"
-    return "-" if v == -1 else str(v)
+def _cu_hash(plan: TokenPlan | None) -> str:
+    if plan is None or plan.host_cu is None:
+        return "-"
+    h = plan.extras.get("cu hash")
+    if h is None:
+        h = plan.extras["cu hash"] = f"hash {_digest(repr(plan.host_cu)) & (2**64 - 1):016x}"
+    return h
 
 
 def _real(group) -> bool:
     return not (group is None or isinstance(group, comm.LocalGroup) or comm.group_size(group) == 1)
 
 
-def agree(group, fields: dict, cu: tuple[int, ...] | None = None, error: BaseException | None = None) -> None:
-    """One all-gather of every rank's fingerprint (``fields`` by :data:`FIELDS` name, the host
-    ``cu_seqlens`` values) and verdict (``error``, this rank's rejection of its input, or None).
-    Raises ValueError on every rank when some rank rejected its input or the fingerprints differ."""
+def _device(group):
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+
+
+def agree(group, static: tuple, call: tuple = (), error: BaseException | None = None) -> None:
+    """One 16-byte all-gather of every rank's verdict (``error``: this rank's rejection of its input, or
+    None) and fingerprint hash (``static`` + ``call``: ``(name, value)`` pairs); on a rejection or a
+    difference, a second exchange of the full fingerprints and messages, then ValueError on every rank."""
     if not _real(group):
         if error is not None:
             raise error
         return
     cp, rank = comm.group_size(group), comm.group_rank(group)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
-    mine = _encode(fields, cu, error).to(device)
-    out = mine.new_empty(cp * _LEN)
+    h = 0 if error is not None else fingerprint_hash(static, call)
+    mine = torch.tensor([0 if error is not None else 1, h], dtype=torch.int64).to(_device(group))
+    out = mine.new_empty(2 * cp)
     comm.COUNTS["agree"] += 1
     comm._all_gather_single(out, mine, group=group)
-    rows = out.view(cp, _LEN).tolist()  # the one host read of the check
+    rows = out.view(cp, 2).tolist()  # the one host read of the check
+    if all(r[0] == 1 for r in rows) and len({r[1] for r in rows}) == 1:
+        return
+    # every rank saw the same rows, so every rank is here: the full fingerprints and the messages
+    msg = None if error is None else f"{type(error).__name__}: {error}"
+    detail: list = [None] * cp
+    comm.COUNTS["agree detail"] += 1
+    dist.all_gather_object(detail, (msg, static + tuple(call)), group=group)
     rejected = [r for r in range(cp) if rows[r][0] == 0]
     if rejected:
         if error is not None:
@@ -147,23 +126,25 @@ def agree(group, fields: dict, cu: tuple[int, ...] | None = None, error: BaseExc
         r0 = rejected[0]
         raise ValueError(
             f"rank(s) {rejected} of the CP group of {cp} rejected their input, so no rank runs the layer; "
-            f"rank {r0} says: {_message(rows[r0])}"
+            f"rank {r0} says: {detail[r0][0]}"
         )
+    names: list[str] = []
+    for _, items in detail:
+        names += [n for n, _ in items if n not in names]
     diffs = []
-    for i, name in enumerate(FIELDS):
-        vals = [row[1 + i] for row in rows]
+    for name in names:
+        vals = [dict(items).get(name, "(absent)") for _, items in detail]
         if len(set(vals)) > 1:
-            by_value: dict[int, list[int]] = {}
+            by_value: dict[str, list[int]] = {}
             for r, v in enumerate(vals):
                 by_value.setdefault(v, []).append(r)
-            diffs.append(
-                f"{name}: " + ", ".join(f"rank(s) {rs}: {_name(name, v)}" for v, rs in by_value.items())
-            )
-    if diffs:
-        raise ValueError(
-            f"the ranks of the CP group (size {cp}) passed different inputs to the same layer call; every rank "
-            f"must pass the same global batch description. Differences: " + "; ".join(diffs)
-        )
+            diffs.append(f"{name}: " + ", ".join(f"rank(s) {rs}: {v}" for v, rs in by_value.items()))
+    if not diffs:  # equal fingerprints, different hashes: cannot happen unless the hash itself differs
+        diffs = [f"fingerprint hash: {[r[1] for r in rows]}"]
+    raise ValueError(
+        f"the ranks of the CP group (size {cp}) passed different inputs to the same layer call; every rank "
+        f"must pass the same global batch description. Differences: " + "; ".join(diffs)
+    )
 
 
 def checked_plan(
@@ -173,15 +154,19 @@ def checked_plan(
     length: int,
     device,
     cu_seqlens: torch.Tensor | None,
-    fields: dict | None = None,
+    *,
+    static: tuple = (),
+    call: dict | None = None,
     error: BaseException | None = None,
+    mode: str = "call",
 ) -> TokenPlan | None:
-    """The (cached) token plan of this batch, agreed over ``group``: validate locally, then agree once.
+    """The (cached) token plan of this call, agreed over ``group``: validate locally, then agree.
 
-    ``fields``: what else must match across ranks (strategy, width, dtype, ...); the plan's own
-    parameters (layout, batch, local tokens, ``cu_seqlens``) are always compared. ``error``: a local
-    rejection found by the caller, shared with the group instead of raised alone. Agreements are cached
-    in the plan per ``(group, fields)``; a call without ``fields`` is covered by any earlier one."""
+    ``static``: the layer's :func:`static_fields`; ``call``: what else this call must match on (dtype,
+    device type, width...); the plan's own parameters (layout, batch, local tokens, documents,
+    ``cu_seqlens`` values) are always compared. ``error``: a local rejection found by the caller, shared
+    with the group instead of raised alone. ``mode``: ``"call"`` (agree now) or ``"batch"`` (once per plan
+    and fingerprint; see the module docstring)."""
     cp = comm.group_size(group)
     plan = None
     if error is None:
@@ -189,12 +174,24 @@ def checked_plan(
             plan = get_plan(cp, layout, batch, length, device, cu_seqlens)
         except ValueError as e:
             error = e
-    fields = dict(fields or {})
-    key = (id(group), tuple(sorted(fields.items())))
-    base = (id(group), ())
-    if plan is not None and key in plan.extras.setdefault("agreed", set()):
+    if not _real(group):
+        if error is not None:
+            raise error
         return plan
-    fields.update({"layout": layout, "batch": batch, "local tokens": length // max(cp, 1)})
-    agree(group, fields, None if plan is None else plan.host_cu, error)
-    plan.extras["agreed"].update((key, base))
+    items = (
+        ("layout", repr(layout)),
+        ("batch", str(batch)),
+        ("local tokens", str(length // max(cp, 1))),
+        *((k, repr(v)) for k, v in (call or {}).items()),
+        ("documents", "-" if plan is None or plan.host_cu is None else str(len(plan.host_cu) - 1)),
+        ("cu_seqlens values", _cu_hash(plan)),
+    )
+    key = None
+    if mode == "batch" and plan is not None:
+        key = (id(group), fingerprint_hash(static, items))
+        if key in plan.extras.setdefault("agreed", set()):
+            return plan
+    agree(group, static, items, error)
+    if key is not None:
+        plan.extras["agreed"].add(key)
     return plan

@@ -12,15 +12,11 @@ and ``C`` those heads read. With ``n_groups >= cp`` a rank owns ``n_groups/cp`` 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
 from .kernels import gather_triton
-
-#: ``CP_CORE_PACK=torch`` forces the torch reference for pack/unpack (the benchmark's baseline).
-USE_TRITON = os.environ.get("CP_CORE_PACK", "auto") != "torch"
 
 
 @dataclass(frozen=True)
@@ -190,7 +186,7 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def _fast(t: torch.Tensor) -> bool:
-    return USE_TRITON and gather_triton.available(t)
+    return gather_triton.available(t)
 
 
 def pack_torch(x: torch.Tensor, plan: ChannelPlan) -> torch.Tensor:

@@ -11,14 +11,11 @@ Every collective of ``cp_core`` goes through this module, so that
 from __future__ import annotations
 
 import contextlib
-import os
 from collections import Counter
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
-from . import mailbox
 
 # torch >= 2.13 renames all_gather_into_tensor (same arguments)
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -27,33 +24,6 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 COUNTS: Counter = Counter()
 
 _SUPPRESSED = False
-
-#: How the all-to-alls cross between GPUs: ``"nccl"`` (NCCL's kernels: ``all_to_all_single`` and grouped
-#: send/recv), ``"ce"`` (copy engines through symmetric-memory mailboxes, :mod:`cp_core.mailbox`: no
-#: streaming multiprocessor is taken from the kernels a pipelined transfer runs beside) or ``"auto"``
-#: (copy engines for the transfers that run beside compute, :func:`overlapped`; NCCL for the others, where
-#: its higher bandwidth alone wins). From ``CP_CORE_TRANSPORT`` at import; the ranks must agree.
-TRANSPORT = os.environ.get("CP_CORE_TRANSPORT", "nccl")
-if TRANSPORT not in ("nccl", "ce", "auto"):
-    raise ValueError(f"CP_CORE_TRANSPORT must be 'nccl', 'ce' or 'auto', got {TRANSPORT!r}")
-
-_OVERLAPPED = False
-
-
-@contextlib.contextmanager
-def overlapped():
-    """The collectives issued inside run beside compute (the pipelined layer's communication stream)."""
-    global _OVERLAPPED
-    previous, _OVERLAPPED = _OVERLAPPED, True
-    try:
-        yield
-    finally:
-        _OVERLAPPED = previous
-
-
-def _copy_engines(t: torch.Tensor, group) -> bool:
-    wanted = TRANSPORT == "ce" or (TRANSPORT == "auto" and _OVERLAPPED)
-    return wanted and mailbox.usable(t, group)
 
 
 @contextlib.contextmanager
@@ -161,9 +131,6 @@ def all_to_all_single(output: torch.Tensor, input_: torch.Tensor, group) -> torc
         return input_
     if group is None or isinstance(group, LocalGroup) or group_size(group) == 1:
         output.copy_(input_)
-    elif _copy_engines(input_, group):
-        cp = group_size(group)
-        mailbox.exchange([[c] for c in input_.chunk(cp)], [[c] for c in output.chunk(cp)], group)
     else:
         dist.all_to_all_single(output, input_, group=group)
     return output
@@ -191,10 +158,6 @@ def exchange(sends: list[list[torch.Tensor]], recvs: list[list[torch.Tensor]], g
                 b.copy_(a)
         return
     me = group_rank(group)
-    first = next((t for ts in sends for t in ts), None)
-    if first is not None and _copy_engines(first, group):
-        mailbox.exchange(sends, recvs, group)
-        return
     if sends[me] and sends[me][0].is_cuda and dist.get_backend(group) == "gloo":
         # gloo moves CUDA tensors in collectives but not point to point: stage through the host (a test
         # set-up, e.g. two ranks sharing one GPU; it synchronises, NCCL never takes this branch)

@@ -10,15 +10,13 @@ documents) the row gather disappears: the all-to-all is sent in those pieces (:f
 and every piece is received straight into its global rows (and sent from them on the way back); for the
 contiguous layout of one sequence the slots of a plain all-to-all already are the global order. The
 layer core (:mod:`cp_core.pipeline`) starts from :func:`_to_heads` with the send buffers that ``in_proj``
-wrote (no pack either). ``CP_CORE_EXCHANGE=gather`` keeps pack + all-to-all + gather (the baseline).
+wrote (no pack either). Plans with many pieces (``runs`` None) keep one all-to-all and a row gather.
 
 Each is a ``torch.autograd.Function`` whose backward is the other direction, so a forward and a
 backward move the same bytes through the same three steps.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -27,17 +25,12 @@ from .channels import ChannelPlan, gather_rows, pack, unpack
 from .plan import TokenPlan
 from .regions import A2A_POST, A2A_PRE, LAYOUT, region
 
-#: ``"direct"`` (pieces into their rows, where the plan has few; the mixer's ``in_proj`` writes the send
-#: buffers) or ``"gather"`` (pack, one all-to-all, row gather: the earlier design, kept as the baseline
-#: and for plans with many pieces); from ``CP_CORE_EXCHANGE`` at import.
-EXCHANGE = os.environ.get("CP_CORE_EXCHANGE", "direct")
-
 
 def _mode(tok: TokenPlan) -> str:
     """How this plan's rows move: ``"identity"`` (contiguous layout, one sequence: the all-to-all's slots
     already are the global order), ``"pieces"`` (a few row ranges, :attr:`TokenPlan.runs`) or ``"gather"``
-    (one all-to-all and a row gather)."""
-    if tok.runs is None or EXCHANGE == "gather":
+    (one all-to-all and a row gather: plans with too many pieces, :data:`~cp_core.plan.RUNS_MAX`)."""
+    if tok.runs is None:
         return "gather"
     n = tok.batch * tok.local_length
     return "identity" if all(len(r) == 1 and r[0][1] == s * n for s, r in enumerate(tok.runs)) else "pieces"

@@ -21,17 +21,22 @@ that raises ``ValueError`` on every rank before any collective, and :class:`~cp_
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from . import comm
-from .agree import checked_plan
+from .agree import checked_plan, static_fields
 from .channels import ChannelPlan, check_heads, local_groups, mamba_channel_plan
 from .hidden import heads_to_seq, seq_to_heads
 from .layout import PER_DOCUMENT, check_cu_seqlens, check_layout
+from .options import CPOptions, default_options
+from .plan import get_plan
 from .regions import A2A_POST, A2A_PRE, LAYOUT, region
 
 __all__ = [
     "MambaContextParallel",
+    "SeedConfig",
     "CPConfigError",
     "_AllToAll",
     "_all_to_all",
@@ -197,6 +202,19 @@ def _check_config(num_heads: int, n_groups: int, cp_size: int) -> None:
         raise CPConfigError(str(e)) from None
 
 
+@dataclass(frozen=True)
+class SeedConfig:
+    """What a :class:`MambaContextParallel` is built with that decides its collectives; every field is
+    compared across the ranks on every call (:mod:`cp_core.agree`)."""
+
+    num_heads: int
+    head_dim: int
+    n_groups: int
+    d_state: int
+    layout: str
+    fused: bool
+
+
 class MambaContextParallel:
     """Hidden-parallel CP for one Mamba2 mixer. Owns no parameters: it slices the mixer's
     ``conv1d``, ``dt_bias``, ``A_log`` and ``D`` on the fly, so gradients land in the full parameters.
@@ -218,8 +236,14 @@ class MambaContextParallel:
         *,
         layout: str = "head_tail",
         fused: bool = True,
+        options: CPOptions | None = None,
     ):
         check_layout(layout)
+        if options is None:
+            options = default_options()
+        elif not isinstance(options, CPOptions):
+            raise ValueError(f"options must be a cp_core.options.CPOptions, got {type(options).__name__}")
+        self.options = options
         if not fused and layout not in PER_DOCUMENT:
             raise ValueError(f"the seed path (fused=False) takes a layout in {PER_DOCUMENT}, got {layout!r}")
         cp_group = comm.resolve_group(cp_group)
@@ -245,6 +269,10 @@ class MambaContextParallel:
             for z in (True, False)
         }
         self._chan_out = ChannelPlan.single(self.cp_size, self.d_inner_local)
+        self.seed_config = SeedConfig(num_heads, head_dim, n_groups, d_state, layout, fused)
+        self._static = static_fields("mamba_cp", {}, config=self.seed_config, options=options)
+        #: True when the calling layer has agreed on this call already (the mixer's seed path)
+        self._agreed_by_caller = False
 
     # ------------------------------------------------------------------ validation
 
@@ -260,20 +288,40 @@ class MambaContextParallel:
             raise ValueError(f"cu_seqlens given but {what} is not packed [T, C]: shape {tuple(t.shape)}")
         return (1 if t.dim() == 2 else t.shape[0]), t.shape[-2]
 
-    def _plan(self, batch: int, length: int, device, cu_seqlens, error=None):
-        """The batch's token plan, validated and agreed over the group once per batch
-        (:func:`cp_core.agree.checked_plan`); ``error``: a local rejection to share with the group."""
-        return checked_plan(self.cp_group, self.layout, batch, length, device, cu_seqlens, error=error)
+    def _plan(self, batch: int, length: int, device, cu_seqlens, call: dict, error=None):
+        """The batch's token plan, validated and agreed over the group (:func:`cp_core.agree.checked_plan`,
+        every call or once per batch as ``options.agree`` says); ``call``: this call's fields (op, dtype,
+        width); ``error``: a local rejection to share with the group."""
+        if self._agreed_by_caller:
+            if error is not None:
+                raise error
+            return get_plan(self.cp_size, self.layout, batch, length, device, cu_seqlens)
+        return checked_plan(
+            self.cp_group, self.layout, batch, length, device, cu_seqlens,
+            static=self._static, call=call, error=error, mode=self.options.agree,
+        )  # fmt: skip
 
-    def _checked(self, t, width, cu_seqlens, what) -> tuple[int, int]:
+    def _checked(self, t, width, cu_seqlens, what, call: dict) -> tuple[int, int]:
         """:meth:`_check_input`, with a rejection agreed over the group (so every rank raises) at cp > 1."""
         try:
             return self._check_input(t, width, cu_seqlens, what)
         except ValueError as e:
             if self.cp_size == 1:
                 raise
-            self._plan(0, 0, "cpu", None, error=e)
+            self._plan(0, 0, "cpu", None, call, error=e)
             raise  # not reached: the agreement raises on every rank
+
+    @staticmethod
+    def _call(op: str, t, **more) -> dict:
+        """A call's fields for the agreement: the op, the tensor's dtype, device type and width, ``more``."""
+        ok = isinstance(t, torch.Tensor)
+        return {
+            "op": op,
+            "dtype": t.dtype if ok else type(t).__name__,
+            "device type": t.device.type if ok else "",
+            "width": t.shape[-1] if ok and t.dim() else "",
+            **more,
+        }
 
     def proj_width(self, with_z: bool = True) -> int:
         return self._chan[with_z].in_width
@@ -286,29 +334,27 @@ class MambaContextParallel:
         """``[B, L/cp, z|x|B|C|dt]`` (or packed ``[T/cp, ...]`` + global ``cu_seqlens``) ->
         ``[B, L, z_l|x_l|B_l|C_l|dt_l]`` in global token order. ``with_z=False``: no ``z`` in or out."""
         chan = self._chan[with_z]
-        batch, l_loc = self._checked(projected_states, chan.in_width, cu_seqlens, "projected_states")
+        call = self._call("pre_conv_ssm", projected_states, with_z=with_z)
+        batch, l_loc = self._checked(projected_states, chan.in_width, cu_seqlens, "projected_states", call)
         length = l_loc * self.cp_size
         if self.cp_size == 1:
             if cu_seqlens is not None:
                 check_cu_seqlens(cu_seqlens, length, 1, self.layout)
             return projected_states
+        plan = self._plan(batch, length, projected_states.device, cu_seqlens, call)  # validated and agreed
         if not self.fused:
-            self._plan(
-                batch, length, projected_states.device, cu_seqlens
-            )  # validated and agreed, once per batch
             return self._seed_pre(projected_states, cu_seqlens, with_z)
-        plan = self._plan(batch, length, projected_states.device, cu_seqlens)
         return seq_to_heads(projected_states, chan, plan, self.cp_group)
 
     def post_conv_ssm(self, output: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, L, d_inner/cp]`` (or ``[T, d_inner/cp]``) -> ``[B, L/cp, d_inner]`` (or ``[T/cp, d_inner]``)."""
-        batch, length = self._checked(output, self.d_inner_local, cu_seqlens, "output")
+        call = self._call("post_conv_ssm", output)
+        batch, length = self._checked(output, self.d_inner_local, cu_seqlens, "output", call)
         if self.cp_size == 1:
             return output
+        plan = self._plan(batch, length, output.device, cu_seqlens, call)
         if not self.fused:
-            self._plan(batch, length, output.device, cu_seqlens)
             return self._seed_post(output, cu_seqlens)
-        plan = self._plan(batch, length, output.device, cu_seqlens)
         return heads_to_seq(output, self._chan_out, plan, self.cp_group)
 
     # ------------------------------------------------------------------ seed path

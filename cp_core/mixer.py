@@ -32,8 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import comm, compiled, hidden, kernels
-from .agree import checked_plan
+from . import agree, comm, compiled, kernels
 from .channels import ChannelPlan, check_chunks, chunk_groups, local_groups, mamba_channel_plan
 from .kernels import conv_cuda, ssd_mamba
 from .kernels.conv_ssd import ConvSSDSpec, conv_ssd, fused_available
@@ -41,8 +40,9 @@ from .kernels.norm import gated_norm_out_proj, gated_rmsnorm_torch
 from .kernels.norm import resolve as resolve_norm
 from .layout import PER_DOCUMENT, check_layout, check_seq_len
 from .mamba_cp import MambaContextParallel
+from .options import CPOptions, default_options
 from .pipeline import CoreSpec, layer_core, slot_in_proj, slot_rows, split_in_proj
-from .plan import get_plan
+from .plan import build_outside_inference, get_plan
 from .regions import NORM_PROJ, SSM, region
 from .state_passing import state_passing_layer
 
@@ -147,16 +147,6 @@ class GatedRMSNorm(nn.Module):
         return gated_rmsnorm_torch(y, z, self.weight, self.eps, self.group_size)
 
 
-def _check_exchange(n_groups: int, cp_size: int, chunks: int) -> None:
-    """Chunks that split a group's heads sum their B/C gradients on the way back, which the exchange into
-    slots does (``in_proj``'s backward adds the slots' rows) and the pack-pass baseline does not."""
-    if local_groups(n_groups, cp_size) % chunks and hidden.EXCHANGE == "gather":
-        raise ValueError(
-            f"overlap_chunks {chunks} splits the heads of a group of B/C (n_groups {n_groups}, cp_size "
-            f"{cp_size}), which needs the exchange into slots (CP_CORE_EXCHANGE=gather is set)"
-        )
-
-
 class Mamba2Mixer(nn.Module):
     #: under ``torch.compile``, run the layer (cp 1, hidden CP) as one custom op (:mod:`cp_core.compiled`);
     #: False: the compiler meets the autograd functions themselves (graph breaks around them)
@@ -167,41 +157,47 @@ class Mamba2Mixer(nn.Module):
         config: Mamba2Config,
         cp_group=None,
         layout: str = "head_tail",
-        ssd_backend: str = "auto",
-        conv_backend: str = "auto",
+        ssd_backend: str | None = None,
+        conv_backend: str | None = None,
         device=None,
         dtype=None,
         *,
         strategy: str = "hidden",
         fused: bool = True,
-        state_exchange: str = "allgather",
+        state_exchange: str | None = None,
         overlap_chunks: int | None = None,
+        options: CPOptions | None = None,
     ):
+        """``options``: the tuning choices (:class:`~cp_core.options.CPOptions`; default
+        :func:`~cp_core.options.default_options`). ``ssd_backend``, ``conv_backend``, ``state_exchange`` and
+        ``overlap_chunks``, when given (not None), replace those fields of ``options``."""
         super().__init__()
         check_layout(layout)
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-        for kind, name, valid in (
-            ("ssd", ssd_backend, kernels.SSD_BACKENDS),
-            ("conv", conv_backend, kernels.CONV_BACKENDS),
-        ):
-            if name != "auto" and name not in valid:
-                raise ValueError(f"{kind}_backend must be 'auto' or one of {valid}, got {name!r}")
+        if options is None:
+            options = default_options()
+        elif not isinstance(options, CPOptions):
+            raise ValueError(f"options must be a cp_core.options.CPOptions, got {type(options).__name__}")
+        given = dict(
+            ssd_backend=ssd_backend,
+            conv_backend=conv_backend,
+            state_exchange=state_exchange,
+            overlap_chunks=overlap_chunks,
+        )
         if strategy == "state_passing_chain":
-            strategy, state_exchange = "state_passing", "chain"
+            strategy, given["state_exchange"] = "state_passing", "chain"
+        options = options.replace(**{k: v for k, v in given.items() if v is not None})
+        self.options = options
         if layout not in PER_DOCUMENT and (strategy != "hidden" or not fused):
             raise ValueError(
                 f"layout {layout!r} (torch's context_parallel order) runs with strategy='hidden', fused=True; "
                 f"state passing and the seed path need a layout in {PER_DOCUMENT}"
             )
-        if state_exchange not in ("allgather", "chain"):
-            raise ValueError(f"state_exchange must be 'allgather' or 'chain', got {state_exchange!r}")
-        self.state_exchange = state_exchange
         c = self.config = config
         cp_group = comm.resolve_group(cp_group)  # a 1-D DeviceMesh (mesh["cp"]) -> its ProcessGroup
         self.cp_group, self.layout, self.strategy, self.fused = cp_group, layout, strategy, fused
         self.cp_size = comm.group_size(cp_group)
-        self.ssd_backend, self.conv_backend = ssd_backend, conv_backend
         fk = {"device": device, "dtype": dtype}
         self.in_proj = nn.Linear(c.d_model, c.d_in_proj, bias=False, **fk)
         self.conv1d = nn.Conv1d(
@@ -215,21 +211,40 @@ class Mamba2Mixer(nn.Module):
         self.cp = None
         if self.cp_size > 1 and strategy == "hidden":
             self.cp = MambaContextParallel(
-                cp_group, c.n_heads, c.head_dim, c.n_groups, c.d_state, self, layout=layout, fused=fused
-            )
-        if overlap_chunks is not None:
-            if self.cp_size > 1 and strategy == "hidden":
-                check_chunks(c.n_heads, c.n_groups, self.cp_size, overlap_chunks)
-                _check_exchange(c.n_groups, self.cp_size, overlap_chunks)
-            elif (
-                not isinstance(overlap_chunks, int) or isinstance(overlap_chunks, bool) or overlap_chunks < 1
-            ):
-                raise ValueError(f"overlap_chunks must be a positive int, got {overlap_chunks!r}")
-        self.overlap_chunks = overlap_chunks
+                cp_group, c.n_heads, c.head_dim, c.n_groups, c.d_state, self, layout=layout, fused=fused,
+                options=options,
+            )  # fmt: skip
+            self.cp._agreed_by_caller = True  # this layer agrees on every call before it calls the seed API
+        if options.overlap_chunks is not None and self.cp_size > 1 and strategy == "hidden":
+            check_chunks(c.n_heads, c.n_groups, self.cp_size, options.overlap_chunks)
+        #: what the ranks compare on every call besides the input (:mod:`cp_core.agree`): the configuration and
+        #: the options field by field, and the layer's structural choices
+        self._static = agree.static_fields(
+            "mixer",
+            {"strategy": strategy, "fused": fused},  # the layout: the plan's, every call
+            config=config,
+            options=options,
+        )
         self.backends: dict[str, str] = {}
         self._specs: dict = {}
         self._uid = compiled.register(self)  # how the compiled op finds this layer
         self.reset_parameters()
+
+    @property
+    def ssd_backend(self) -> str:
+        return self.options.ssd_backend
+
+    @property
+    def conv_backend(self) -> str:
+        return self.options.conv_backend
+
+    @property
+    def state_exchange(self) -> str:
+        return self.options.state_exchange
+
+    @property
+    def overlap_chunks(self) -> int | None:
+        return self.options.overlap_chunks
 
     def __setstate__(self, state):  # a copy (deepcopy, pickle) is a layer of its own for the compiled op
         super().__setstate__(state)
@@ -346,7 +361,7 @@ class Mamba2Mixer(nn.Module):
         if not (cp == 1 or (self.strategy == "hidden" and self.fused)):
             return None
         if cp > 1:
-            return "split" if hidden.EXCHANGE == "gather" else "slot"
+            return "slot"
         # past 2^31 elements of zxbcdt the Triton kernels' int32 offsets of a strided view overflow
         return "split" if x.numel() // c.d_model * c.d_in_proj >= SPLIT_IN_PROJ_ELEMENTS else "whole"
 
@@ -392,7 +407,6 @@ class Mamba2Mixer(nn.Module):
     def _core_spec(self, x: torch.Tensor, plan, batch: int, length: int, conv_w=None) -> CoreSpec:
         """The layer core's static description for ``x``'s dtype (the compute dtype) and device; ``conv_w``:
         the conv weight the forward uses (``[conv_dim, 1, k]``, in the compute dtype), for the backend choice."""
-        c, cp = self.config, self.cp_size
         conv_w = self.conv1d.weight if conv_w is None else conv_w
         k = self._chunks(x)
         key = (
@@ -404,12 +418,20 @@ class Mamba2Mixer(nn.Module):
             x.dtype,
             self.ssd_backend,
             self.conv_backend,
-            hidden.EXCHANGE,
         )
         hit = self._specs.get(key)
         if hit is not None and hit[0] is plan:
             self.backends = dict(hit[2])
             return hit[1]
+        with build_outside_inference():  # cached: its tensors must serve a later training step too
+            spec = self._build_core_spec(x, plan, batch, length, conv_w, k)
+        if len(self._specs) >= 8:
+            self._specs.pop(next(iter(self._specs)))
+        self._specs[key] = (plan, spec, dict(self.backends))
+        return spec
+
+    def _build_core_spec(self, x: torch.Tensor, plan, batch: int, length: int, conv_w, k: int) -> CoreSpec:
+        c, cp = self.config, self.cp_size
         h_loc, g_loc = c.n_heads // cp, local_groups(c.n_groups, cp)
         conv = self._conv_spec(x, h_loc // k, chunk_groups(g_loc, k, 0)[1], conv_w.squeeze(1))
         if x.is_cuda:  # the same shapes on every rank: all raise before the first collective
@@ -432,7 +454,6 @@ class Mamba2Mixer(nn.Module):
                 bc = ar(g0 * ds, (g0 + gn) * ds)
                 rows.append(torch.cat([ar(j * dc, (j + 1) * dc), dl + bc, dl + gl + bc]))
             rows = tuple(rows)
-            _check_exchange(c.n_groups, cp, k)
         chans = (
             tuple(
                 mamba_channel_plan(
@@ -443,7 +464,7 @@ class Mamba2Mixer(nn.Module):
             if cp > 1
             else ()
         )
-        slots = cp > 1 and hidden.EXCHANGE != "gather"  # "gather": the pack-pass design (the baseline)
+        slots = cp > 1  # in_proj writes the all-to-all's send slots
         srows, unique = slot_rows(chans, c.d_inner) if slots else (None, True)
         # the returned y slots go to the norm as they are where every norm group lies in one slot
         w_slot, norm_group = c.d_inner // (cp * k), c.d_inner // c.n_groups
@@ -452,7 +473,7 @@ class Mamba2Mixer(nn.Module):
             if slots and w_slot % norm_group == 0
             else ()
         )
-        spec = CoreSpec(
+        return CoreSpec(
             dtype=x.dtype,
             d_inner=c.d_inner,
             norm_group=norm_group,
@@ -475,10 +496,6 @@ class Mamba2Mixer(nn.Module):
             slot_unique=unique,
             y_cols=y_cols,
         )
-        if len(self._specs) >= 8:
-            self._specs.pop(next(iter(self._specs)))
-        self._specs[key] = (plan, spec, dict(self.backends))
-        return spec
 
     def _norm_out(self, y: torch.Tensor, z: torch.Tensor, w: Weights) -> torch.Tensor:
         c = self.config
@@ -491,8 +508,9 @@ class Mamba2Mixer(nn.Module):
 
     def _check_input(self, hidden_states, cu_seqlens) -> None:
         """Validate this rank's input (ValueError naming the value) and, at cp_size > 1, agree on it with
-        the group once per batch (:func:`cp_core.agree.checked_plan`): a rank that rejects its input, or
-        inputs that differ across ranks, raise ValueError on every rank before any collective."""
+        the group (:func:`cp_core.agree.checked_plan`; every call, or once per batch with
+        ``CPOptions.agree="batch"``): a rank that rejects its input, or inputs, configurations or options that
+        differ across ranks, raise ValueError on every rank before any collective."""
         c, x = self.config, hidden_states
         packed = cu_seqlens is not None
         error, batch, length = None, 0, 0
@@ -537,22 +555,15 @@ class Mamba2Mixer(nn.Module):
             if error is not None:
                 raise error
             return
-        strategy = "state_passing_chain" if self.state_exchange == "chain" else self.strategy
-        fields = {
-            "call": "mixer",
-            "strategy": strategy if self.strategy == "state_passing" else self._hidden_mode(),
-            "width": c.d_model,
-            "dtype": str(autocast_dtype(x) or getattr(x, "dtype", "")),  # the compute dtype
-            "config": repr(c),
+        call = {
+            "dtype": autocast_dtype(x) or getattr(x, "dtype", ""),  # the compute dtype
+            "device type": x.device.type if isinstance(x, torch.Tensor) else "",
         }
         device = x.device if isinstance(x, torch.Tensor) else "cpu"
-        checked_plan(self.cp_group, self.layout, batch, length, device, cu_seqlens, fields, error)
-
-    def _hidden_mode(self) -> str:
-        """The hidden strategy's variant, as the ranks must agree on it (their collectives differ)."""
-        mode = "hidden" if self.fused else "hidden, seed path"
-        mode += ", CP_CORE_EXCHANGE=gather" if hidden.EXCHANGE == "gather" else ""
-        return mode + (f", CP_CORE_TRANSPORT={comm.TRANSPORT}" if comm.TRANSPORT != "nccl" else "")
+        agree.checked_plan(
+            self.cp_group, self.layout, batch, length, device, cu_seqlens,
+            static=self._static, call=call, error=error, mode=self.options.agree,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ forward
 

@@ -36,13 +36,11 @@ that split a group sum its B/C gradients).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from . import comm
 from .channels import ChannelPlan
 from .hidden import _heads_to_seq, _seq_to_heads, _to_heads, _to_seq
 from .kernels.conv_ssd import ConvSSDSpec, conv_ssd_bwd, conv_ssd_fwd
@@ -91,9 +89,6 @@ class CoreSpec:
 
 
 _STREAMS: dict[int, torch.cuda.Stream] = {}
-#: CUDA priority of the communication stream (``CP_CORE_COMM_PRIORITY``; lower is more urgent, e.g. -1: its
-#: small kernels, the mailbox barrier or NCCL's, are scheduled ahead of the compute stream's blocks)
-COMM_PRIORITY = int(os.environ.get("CP_CORE_COMM_PRIORITY", "0"))
 
 
 def comm_stream(device: torch.device) -> torch.cuda.Stream:
@@ -101,7 +96,7 @@ def comm_stream(device: torch.device) -> torch.cuda.Stream:
     idx = torch.device(device).index
     idx = torch.cuda.current_device() if idx is None else idx
     if idx not in _STREAMS:
-        _STREAMS[idx] = torch.cuda.Stream(device=idx, priority=COMM_PRIORITY)
+        _STREAMS[idx] = torch.cuda.Stream(device=idx)
     return _STREAMS[idx]
 
 
@@ -132,7 +127,7 @@ def _run_chunks(
     for t in outs:
         t.record_stream(side)
     staged = []
-    with torch.cuda.stream(side), comm.overlapped():
+    with torch.cuda.stream(side):
         for j in range(k):
             if ready is not None:
                 side.wait_event(ready[j])
@@ -144,7 +139,7 @@ def _run_chunks(
         a.record_stream(main)
         b = compute(j, a)
         side.wait_event(main.record_event())
-        with torch.cuda.stream(side), comm.overlapped():
+        with torch.cuda.stream(side):
             b.record_stream(side)
             post(j, b)
     if join:

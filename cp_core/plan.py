@@ -12,10 +12,27 @@ conv1d and the SSD kernel is ``[B, L]``. :class:`TokenPlan` holds
 all built with tensor ops on the data's device (no host sync) and cached per
 ``(cu_seqlens, cp_size, layout, batch, length, device)``, so every layer of a batch reuses them.
 Validating a ``cu_seqlens`` reads it once on the host, when its plan is first built.
+
+**When a cached plan is reused.** A plan is looked up by the ``cu_seqlens`` tensor object (weak reference)
+and its autograd version counter (torch's in-place ops bump it). Writes that bypass the counter (a NumPy
+view's ``cu.numpy()[:] = ...``, ``cu.data.copy_(...)``, a reused ``torch.from_numpy`` buffer refilled by a
+data loader, DLPack) are caught as follows:
+
+* CPU ``cu_seqlens``: the plan keeps a copy of the values it was built from and compares them on every
+  lookup (:func:`torch.equal` on the host, no device involved): changed values build a new plan.
+* CUDA ``cu_seqlens``: comparing the values would need a device-to-host copy, a host synchronisation per
+  layer, so it is not done: **a new batch must come in a new tensor, or be written with a torch in-place op
+  on the tensor itself** (``cu.copy_(new)``, which bumps ``cu._version``). Refilling a CUDA ``cu_seqlens``
+  through ``.data``, DLPack or a raw pointer while keeping the same tensor reuses the old plan.
+
+**Inference mode.** Cached tensors outlive the call that built them, so they are always built outside
+``torch.inference_mode()`` (:func:`build_outside_inference`): a plan first built in an eval pass under
+inference mode serves a later training step (an inference tensor cannot be saved for backward).
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -23,6 +40,14 @@ from dataclasses import dataclass, field
 import torch
 
 from .layout import check_cu_seqlens, check_layout, check_seq_len, positions
+
+
+def build_outside_inference():
+    """Context for building a cached tensor: ``torch.inference_mode(False)`` (normal tensors, usable by a
+    later training step) when inference mode is on, else nothing (no cost)."""
+    if torch.is_inference_mode_enabled():
+        return torch.inference_mode(False)
+    return contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -70,7 +95,8 @@ def build_plan(
             raise ValueError(f"packed input has batch 1, got {batch}")
         if validate:
             host_cu = check_cu_seqlens(cu_seqlens, length, cp_size, layout)
-        cu_seqlens = cu_seqlens.to(device=device, non_blocking=True)
+        # a copy of its own: the caller's tensor may be refilled (next batch) while this plan is still in use
+        cu_seqlens = cu_seqlens.to(device=device, non_blocking=True, copy=True)
     device = torch.device(device)
     pos = positions(cp_size, layout, length=length, cu_seqlens=cu_seqlens, device=device)  # [cp, Ll]
     local = length // cp_size
@@ -130,22 +156,37 @@ def get_plan(
     cu_seqlens: torch.Tensor | None = None,
 ) -> TokenPlan:
     """Cached :func:`build_plan`. Packed plans are keyed on the ``cu_seqlens`` tensor object itself
-    (held by weak reference, and its in-place version counter), so a new batch's tensor never
-    reuses a stale plan, while every layer of one batch shares one."""
+    (held by weak reference, and its in-place version counter; a CPU tensor's values are compared too,
+    see the module docstring), so a new batch never reuses a stale plan, while every layer of one batch
+    shares one. Built outside inference mode."""
     device = torch.device(device)
     key = (cp_size, layout, batch, length, str(device), None if cu_seqlens is None else id(cu_seqlens))
     hit = _CACHE.get(key)
     if hit is not None:
-        ref, version, plan = hit
-        if ref is None or (ref() is cu_seqlens and cu_seqlens._version == version):
+        ref, version, values, plan = hit
+        if ref is None or (
+            ref() is cu_seqlens
+            and cu_seqlens._version == version
+            and (values is None or torch.equal(cu_seqlens, values))
+        ):
             _CACHE.move_to_end(key)
             return plan
-    plan = build_plan(cp_size, layout, batch, length, device, cu_seqlens)
-    ref = None if cu_seqlens is None else weakref.ref(cu_seqlens)
-    _CACHE[key] = (ref, None if cu_seqlens is None else cu_seqlens._version, plan)
+    with build_outside_inference():
+        plan = build_plan(cp_size, layout, batch, length, device, cu_seqlens)
+        ref = values = None
+        if cu_seqlens is not None:
+            ref = weakref.ref(cu_seqlens)
+            if cu_seqlens.device.type == "cpu":  # compared on every lookup: host memory, no sync
+                values = cu_seqlens.clone()
+    _CACHE[key] = (ref, None if cu_seqlens is None else _version(cu_seqlens), values, plan)
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
     return plan
+
+
+def _version(t: torch.Tensor) -> int:
+    """Autograd's in-place version counter (an inference tensor has none: -1, its values are compared)."""
+    return -1 if t.is_inference() else t._version
 
 
 def clear_cache() -> None:

@@ -50,7 +50,7 @@ from .kernels.norm import resolve as resolve_norm
 from .kernels.ssd_phases import SSDForward, ssd_backward
 from .layout import granule
 from .pipeline import _linear_into, _no_autocast, comm_stream, hooks_active, split_in_proj
-from .plan import TokenPlan, get_plan
+from .plan import TokenPlan, build_outside_inference, get_plan
 from .regions import CONV1D, LAYOUT, NORM_PROJ, SSM, STATE_XCHG, region
 from .state_exchange import EXCHANGES, ExchangePlan, exchange_bwd, exchange_fwd, payload_buffer
 
@@ -127,7 +127,8 @@ class _Plan:
 def _get_plan(plan: TokenPlan, doc_lens, cp, rank, layout, k, device) -> _Plan:
     key = ("state_passing", rank, k)
     if key not in plan.extras:
-        plan.extras[key] = _Plan(doc_lens, cp, rank, layout, k, device)
+        with build_outside_inference():  # cached with the plan: must serve a later training step too
+            plan.extras[key] = _Plan(doc_lens, cp, rank, layout, k, device)
     return plan.extras[key]
 
 

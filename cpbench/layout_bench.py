@@ -16,7 +16,7 @@ copy, permutation and gather each path does around it. Paths:
 ``nemo``        NeMo AutoModel's ``context_parallel/mamba.py`` module, loaded from ``--nemo``, with its
                 ``_all_to_all`` replaced by the identity and a stand-in group object
 
-The fused paths here always take the row gather (``cp_core.hidden.EXCHANGE = "gather"``): with the
+The fused paths here always take the row gather (``cp_core.plan.RUNS_MAX = 0``: no plan is sent in pieces): with the
 collective left out, a received buffer exists only for the one-message exchange. The layer's default
 exchange for BSHD and few documents sends the pieces straight into their rows (no gather; one pass
 each direction is left, the pack or the unpack); the sweep measures that with the collective in.
@@ -43,7 +43,7 @@ import sys
 
 import torch
 
-from cp_core import hidden
+from cp_core import plan as plan_mod
 from cp_core.comm import LocalGroup
 from cp_core.mamba_cp import MambaContextParallel
 
@@ -333,7 +333,8 @@ def main(argv=None):
         flush=True,
     )
     print(",".join(COLUMNS), flush=True)
-    exchange, hidden.EXCHANGE = hidden.EXCHANGE, "gather"  # see the module docstring
+    runs_max, plan_mod.RUNS_MAX = plan_mod.RUNS_MAX, 0  # the row gather: see the module docstring
+    plan_mod.clear_cache()
     try:
         for L, cp, d in cases:
             for r in bench_case(cp, L, d or None, shape, dtype, device, timer, a.warmup, a.iters, nemo, bw):
@@ -343,7 +344,8 @@ def main(argv=None):
                     out.write(line + "\n")
                     out.flush()
     finally:
-        hidden.EXCHANGE = exchange
+        plan_mod.RUNS_MAX = runs_max
+        plan_mod.clear_cache()
         if out is not None:
             out.close()
     if a.out and a.plot:

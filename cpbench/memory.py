@@ -13,7 +13,7 @@ gradients in fp32 and in the input dtype at once, ``12 * chunks * heads * head_d
 the largest transient of the layer at long lengths.
 
 Left out: tensors of ``O(heads)`` or ``O(chunks x heads)`` bytes below the terms kept, the caching
-allocator's rounding, cuBLAS workspaces, and the copy-engine transport's mailboxes (``CP_CORE_TRANSPORT``).
+allocator's rounding and cuBLAS workspaces.
 ``tests/test_guard.py`` holds the walk against every committed measurement.
 """
 
@@ -70,7 +70,7 @@ class Work:
     tokens), and how.
 
     ``exchange``: how hidden CP moves rows, ``"pieces"`` / ``"identity"`` (the all-to-all lands in place) or
-    ``"gather"`` (an all-to-all and a row gather; always with ``CP_CORE_EXCHANGE=gather``). ``doc_lens``:
+    ``"gather"`` (an all-to-all and a row gather: plans with many pieces). ``doc_lens``:
     the packed documents (padding document included), for state passing's rows and the exchange."""
 
     cp: int
@@ -82,7 +82,7 @@ class Work:
     impl: str = "cp_core"
     chunks: int = 1
     exchange: str = "pieces"
-    slots: bool = True  # in_proj writes the send buffers (CP_CORE_EXCHANGE is not "gather")
+    slots: bool = True  # in_proj writes the send buffers (False: the pack-pass design, in git history)
     deterministic: bool = False
     layout: str = "head_tail"
     doc_lens: tuple[int, ...] | None = None
@@ -737,8 +737,6 @@ def work_of(scenario, case, deterministic: bool | None = None) -> Work:
     """The :class:`Work` of a sweep case (its packs drawn as the sweep draws them)."""
     import os
 
-    from cp_core import hidden
-
     from .runner import case_cu_seqlens
 
     if deterministic is None:
@@ -749,13 +747,13 @@ def work_of(scenario, case, deterministic: bool | None = None) -> Work:
     host_cu = None if cu is None else tuple(int(v) for v in cu.tolist())
     rows, length = (1, case.tokens) if host_cu else (case.batch, case.seq_len)
     exchange = "gather"
-    if case.cp_size > 1 and case.strategy == "hidden" and hidden.EXCHANGE != "gather":
+    if case.cp_size > 1 and case.strategy == "hidden":
         exchange = _exchange(case.cp_size, case.layout, rows, length, host_cu)
     docs = None if host_cu is None else tuple(b - a for a, b in zip(host_cu[:-1], host_cu[1:], strict=True))
     return Work(
         cp=case.cp_size, rows=rows, length=length, backward=case.backward, strategy=case.strategy,
         path=case.path, impl=case.impl, chunks=case.overlap_chunks or 1, exchange=exchange,
-        slots=hidden.EXCHANGE != "gather", deterministic=deterministic, layout=case.layout, doc_lens=docs,
+        slots=True, deterministic=deterministic, layout=case.layout, doc_lens=docs,
     )  # fmt: skip
 
 

@@ -42,8 +42,6 @@ from typing import Any
 
 import torch
 
-from cp_core import mailbox
-
 from . import trace
 from .metrics import NAN
 from .packing import batch_cu_seqlens
@@ -302,7 +300,6 @@ def run_iterations(p: Prepared, scenario: Scenario, ctx: RankContext) -> dict[st
             print(f"case {p.case.index}: warm-up took {warmup_s:.1f} s", file=sys.stderr, flush=True)
         if cuda:
             torch.cuda.reset_peak_memory_stats(ctx.device)
-            mailbox.peak_bytes(reset=True)
         regions: dict[str, list[float]] = {}
         n_coll = 0
         traced = None
@@ -343,8 +340,7 @@ def run_iterations(p: Prepared, scenario: Scenario, ctx: RankContext) -> dict[st
             path = ctx.trace_dir / f"case{p.case.index:04d}-rank{ctx.rank}.json"
             prof.export_chrome_trace(str(path))
             traced = trace.case_stats(path)
-        # the copy-engine transport's mailboxes live outside the caching allocator: counted here
-        peak = float(torch.cuda.max_memory_allocated(ctx.device) + mailbox.peak_bytes()) if cuda else NAN
+        peak = float(torch.cuda.max_memory_allocated(ctx.device)) if cuda else NAN
         nocomm, nocomm_fwd = (
             _layer_without_comm(p, scenario, ctx, timer) if _wants_nocomm(p, scenario) else (None, None)
         )

@@ -23,7 +23,7 @@ Schema (every table optional except ``[layer]``; unknown tables or keys are erro
     packing = ["none", {docs = 8, density = 0.9}]   # default ["none"]; "none" = BSHD [B, L, D],
                                   # a table = packed THD [T, D]: `docs` documents (int >= 1) holding
                                   # round(density * seq_len) real tokens (0 < density <= 1), see cpbench.packing
-    layout = ["head_tail"]        # default ["head_tail"]; "head_tail" | "contiguous"
+    layout = ["head_tail"]        # default ["head_tail"]; "head_tail" | "contiguous" | "torch_head_tail"
     path = ["fused"]              # default ["fused"]; "fused" | "seed" (the in-project baseline)
     pass = ["fwd+bwd"]            # default ["fwd+bwd"]; "fwd" (under no_grad) | "fwd+bwd"
     strategy = ["hidden"]         # default ["hidden"]; "hidden" | "state_passing" | "state_passing_chain"
@@ -74,7 +74,7 @@ except ImportError:  # Python 3.10
     import tomli as tomllib
 
 DTYPES = ("float32", "bfloat16", "float16")
-LAYOUTS = ("head_tail", "contiguous")
+LAYOUTS = ("head_tail", "contiguous", "torch_head_tail")  # cp_core.layout.LAYOUTS
 PATHS = ("fused", "seed")
 PASSES = ("fwd", "fwd+bwd")
 STRATEGIES = ("hidden", "state_passing", "state_passing_chain")
@@ -507,7 +507,7 @@ class Case:
                 return f"cp_size {cp} > world size {world_size}"
             if world_size % cp:
                 return f"world size {world_size} is not a multiple of cp_size {cp}"
-        granule = 2 * cp if self.layout == "head_tail" else cp
+        granule = cp if self.layout == "contiguous" else 2 * cp
         if self.packing.packed:
             if self.seq_len % self.pack_granule:
                 return (
@@ -515,10 +515,12 @@ class Case:
                     f"(2 * the largest cp_size of the sweep)"
                 )
         elif self.seq_len % granule:
-            what = "2*cp_size" if self.layout == "head_tail" else "cp_size"
+            what = "cp_size" if self.layout == "contiguous" else "2*cp_size"
             return f"seq_len {self.seq_len} is not a multiple of {what} = {granule} (layout {self.layout})"
         if self.strategy == "hidden" and cp > 1 and self.n_heads % cp:
             return f"n_heads {self.n_heads} is not divisible by cp_size {cp} (strategy hidden)"
+        if self.layout == "torch_head_tail" and (self.strategy != "hidden" or self.path != "fused"):
+            return "layout torch_head_tail (torch's context_parallel order) runs with strategy hidden, path fused"
         if self.overlap_chunks > 1 and (cp == 1 or self.strategy != "hidden"):
             return f"overlap_chunks {self.overlap_chunks} applies to the hidden strategy at cp > 1 only"
         from .peers import skip_reason

@@ -1,14 +1,16 @@
-"""Cost of the cross-rank input agreement (cp_core.agree) per batch, against one mixer layer, on gloo/CPU.
+"""Cost of the cross-rank input agreement (cp_core.agree) per layer call, against one mixer layer, on gloo/CPU.
 
     python3 scripts/agree_cost.py [--cp 2] [--iters 200]
 
 Every rank runs the same loop; rank 0 prints medians (after a warm-up) of:
 
-* ``agree``: the one all-gather of the fingerprints and the host read of the result (64 documents);
-* ``checked_plan, new batch``: plan build (reads ``cu_seqlens`` once) + agreement, beside
-  ``get_plan, new batch``: the plan build alone, as before the agreement existed;
-* ``checked_plan, cached``: what every later layer of the batch pays (a dict lookup);
-* ``one mixer layer forward``: hidden strategy, packed, at the shape below.
+* ``agree``: the 16-byte all-gather (verdict + fingerprint hash) and the host read of the result;
+* ``checked_plan, cached plan, agree="call"``: what every layer call pays by default (plan lookup, the
+  CPU ``cu_seqlens`` value check, the fingerprint hash, the all-gather);
+* ``checked_plan, cached plan, agree="batch"``: the same with the agreement cached with the plan;
+* ``get_plan, cached``: the plan lookup alone (including the CPU ``cu_seqlens`` value check);
+* ``get_plan, new batch``: a plan build (reads ``cu_seqlens`` once);
+* ``one mixer layer forward`` at the shape below, ``agree="call"`` and ``"batch"``.
 """
 
 from __future__ import annotations
@@ -45,9 +47,10 @@ def _worker(rank: int, cp: int, port: int, iters: int) -> None:
         world_size=cp,
         timeout=datetime.timedelta(60),
     )
-    from cp_core.agree import agree, checked_plan
+    from cp_core.agree import agree, checked_plan, static_fields
     from cp_core.layout import shard
     from cp_core.mixer import Mamba2Config, Mamba2Mixer
+    from cp_core.options import CPOptions
     from cp_core.plan import get_plan
 
     group = dist.group.WORLD
@@ -55,34 +58,38 @@ def _worker(rank: int, cp: int, port: int, iters: int) -> None:
     lens = [g * (1 + i % 7) for i in range(64)]
     cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
     total = int(cu[-1])
-    fields = {"call": "mixer", "strategy": "hidden", "width": 256, "dtype": "torch.float32", "config": "c"}
-    host = tuple(cu.tolist())
-    res = {"agree (all-gather + host read)": _median_s(lambda: agree(group, fields, host), iters)}
-
-    def new_batch(check: bool):
-        c = cu.clone()  # a new tensor: a plan cache miss, as for a new batch
-        if check:
-            checked_plan(group, "head_tail", 1, total, "cpu", c, fields)
-        else:
-            get_plan(cp, "head_tail", 1, total, "cpu", c)
-
-    res["get_plan, new batch (before)"] = _median_s(lambda: new_batch(False), iters)
-    res["checked_plan, new batch"] = _median_s(lambda: new_batch(True), iters)
-    res["checked_plan, cached (every later layer)"] = _median_s(
-        lambda: checked_plan(group, "head_tail", 1, total, "cpu", cu, fields), iters
-    )
     cfg = Mamba2Config(d_model=256, n_heads=8, head_dim=32, n_groups=2, d_state=64, chunk_size=64)
-    m = Mamba2Mixer(cfg, cp_group=group)
-    m.reset_parameters(torch.Generator().manual_seed(0))
+    static = static_fields("mixer", {"strategy": "hidden"}, config=cfg, options=CPOptions())
+    call = {"dtype": torch.float32, "device type": "cpu"}
+    items = tuple((k, repr(v)) for k, v in call.items())
+    res = {"agree (16-byte all-gather + host read)": _median_s(lambda: agree(group, static, items), iters)}
+    for mode in ("call", "batch"):
+        res[f"checked_plan, cached plan, agree={mode!r}"] = _median_s(
+            lambda mode=mode: checked_plan(
+                group, "head_tail", 1, total, "cpu", cu, static=static, call=call, mode=mode
+            ),
+            iters,
+        )
+    res["get_plan, cached (CPU cu_seqlens value check)"] = _median_s(
+        lambda: get_plan(cp, "head_tail", 1, total, "cpu", cu), iters
+    )
+    res["get_plan, new batch"] = _median_s(
+        lambda: get_plan(cp, "head_tail", 1, total, "cpu", cu.clone()), iters
+    )
     x = shard(torch.randn(total, 256, generator=torch.Generator().manual_seed(1)), rank, cp, "head_tail", cu)
-    with torch.no_grad():
-        res[f"one mixer layer forward ({x.shape[0]} tokens/rank)"] = _median_s(lambda: m(x, cu), 10, warmup=2)
+    for mode in ("call", "batch"):
+        m = Mamba2Mixer(cfg, cp_group=group, options=CPOptions(agree=mode))
+        m.reset_parameters(torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            res[f"one mixer layer forward, agree={mode!r} ({x.shape[0]} tokens/rank)"] = _median_s(
+                lambda m=m: m(x, cu), 20, warmup=3
+            )
     if rank == 0:
         print(
-            f"gloo on CPU, cp {cp}, torch {torch.__version__}, {os.cpu_count()} CPUs; median of {iters} (layer: 10)"
+            f"gloo on CPU, cp {cp}, torch {torch.__version__}, {os.cpu_count()} CPUs; median of {iters} (layer: 20)"
         )
         for k, v in res.items():
-            print(f"  {k:48s} {v * 1e6:10.1f} us")
+            print(f"  {k:62s} {v * 1e6:10.1f} us")
     dist.barrier()
     dist.destroy_process_group()
 

@@ -1,10 +1,10 @@
-"""The all-to-all at the layer's message sizes, alone and beside compute, over both transports.
+"""The all-to-all at the layer's message sizes, alone and beside compute.
 
     torchrun --nproc-per-node 2 scripts/exchange_micro.py [--mib 64,256,680,1360] [--iters 10]
 
 Alone: NCCL's ``all_to_all_single`` (one message per peer), :func:`cp_core.comm.exchange` as grouped
-send/recv with 1 and 2 pieces per peer, and the copy-engine transport (``CP_CORE_TRANSPORT=ce``,
-:mod:`cp_core.mailbox`) as one all-to-all and in 2 pieces. Beside compute: a chain of bf16 GEMMs on the
+send/recv with 1 and 2 pieces per peer (the copy-engine transport this script also measured is in git
+history before the options object; results/README.md has its figures). Beside compute: a chain of bf16 GEMMs on the
 current stream while the all-to-all runs on a second stream (``--gemms`` products of ``--gemm`` cubed):
 ``both`` is the time of the two together, ``exposed`` = both - GEMMs alone (what the compute did not
 hide), ``gemm_slowdown`` = the GEMMs' own time beside the transfer over alone.
@@ -32,17 +32,6 @@ def _pieces(send, recv, k, group):
     comm.exchange(
         [list(send[p].chunk(k)) for p in range(cp)], [list(recv[p].chunk(k)) for p in range(cp)], group
     )
-
-
-def _with(transport, fn):
-    def run():
-        before, comm.TRANSPORT = comm.TRANSPORT, transport
-        try:
-            fn()
-        finally:
-            comm.TRANSPORT = before
-
-    return run
 
 
 def main() -> int:
@@ -76,13 +65,9 @@ def main() -> int:
         send = torch.randn(cp, n, device=dev).to(torch.bfloat16)
         recv = torch.empty_like(send)
         ways = {
-            "nccl_all_to_all_single": _with(
-                "nccl", lambda s=send, r=recv: comm.all_to_all_single(r, s, group)
-            ),
-            "nccl_exchange_1_piece": _with("nccl", lambda s=send, r=recv: _pieces(s, r, 1, group)),
-            "nccl_exchange_2_pieces": _with("nccl", lambda s=send, r=recv: _pieces(s, r, 2, group)),
-            "ce_all_to_all_single": _with("ce", lambda s=send, r=recv: comm.all_to_all_single(r, s, group)),
-            "ce_exchange_2_pieces": _with("ce", lambda s=send, r=recv: _pieces(s, r, 2, group)),
+            "nccl_all_to_all_single": lambda s=send, r=recv: comm.all_to_all_single(r, s, group),
+            "nccl_exchange_1_piece": lambda s=send, r=recv: _pieces(s, r, 1, group),
+            "nccl_exchange_2_pieces": lambda s=send, r=recv: _pieces(s, r, 2, group),
         }
         for way, fn in ways.items():
             ms = median_ms(fn, dev, 3, a.iters)

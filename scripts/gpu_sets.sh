@@ -133,13 +133,21 @@ e_projection() {
     fake "k-projected-$bw" "${s[@]}" --fake-busbw $bw "${CP2[@]}" --set 'sweep.overlap_chunks=[1, 2, 4]'
   done
 }
-e_exchange() {  # CP_CORE_EXCHANGE is in the tree up to 765733b at least
+gone() {  # gone VAR: a switch removed from cp_core (its code and this entry's runs are at 765733b)
+  [ -n "$DRY" ] && return 0
+  git grep -q "$1" -- cp_core && return 0
+  echo "$name: $1 was removed from cp_core; run this entry in a checkout of 765733b" >&2
+  exit 2
+}
+e_exchange() {  # CP_CORE_EXCHANGE is in the tree up to 765733b
+  gone CP_CORE_EXCHANGE
   for v in gather direct; do
     ENV="CP_CORE_EXCHANGE=$v" sw peers.toml "exchange-$v" "${OURS[@]}" --set 'sweep.seq_len=[131072]' "${CP2[@]}" \
       --set 'sweep.overlap_chunks=[1, 2]' --set run.iters=10
   done
 }
-e_transport() {  # CP_CORE_TRANSPORT and CP_CORE_COMM_PRIORITY are in the tree up to 765733b at least
+e_transport() {  # CP_CORE_TRANSPORT and CP_CORE_COMM_PRIORITY are in the tree up to 765733b
+  gone CP_CORE_TRANSPORT
   local s=("${OURS[@]}" "${L64_128[@]}" --set 'sweep.cp_size=[1, 2]') k2=(--set 'sweep.overlap_chunks=[1, 2]')
   local k4=(--set 'sweep.overlap_chunks=[1, 2, 4]')
   facts

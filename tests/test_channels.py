@@ -26,6 +26,8 @@ def reference_cols(cp, nh, ng, r, j, k):
 
 CASES = [  # (cp, n_heads, n_groups, chunks): whole groups per chunk, a group's heads split, replicated groups
     (2, 8, 4, 2),
+    (2, 8, 8, 2),  # several whole groups per chunk (2 of a rank's 4), the CUDA default at n_groups 8, cp 2:
+    (2, 16, 8, 2),  # chunk j's B and C start at group 2j of the rank's (j as the piece index would be wrong)
     (2, 8, 8, 4),
     (2, 8, 2, 2),
     (2, 8, 2, 4),

@@ -6,9 +6,11 @@ from cases import cu_from_lengths, doc_lengths, owned_channels, randn, setting
 from ranks import raises_everywhere, verdict
 from torch.overrides import TorchFunctionMode
 
-from cp_core import comm, hidden
+from cp_core import comm
+from cp_core import plan as plan_mod
 from cp_core.layout import granule, shard
 from cp_core.mamba_cp import MambaContextParallel
+from cp_core.options import CPOptions
 from cp_core.plan import RUNS_MAX, build_plan
 
 
@@ -21,10 +23,17 @@ def _data(cp, layout, batch, n_docs, width, seed):
     return randn((int(cu[-1]), width), seed), cu
 
 
-def _case(group, layout, batch, n_docs, nh, hd, ng, ds, with_z, exchange="direct", transport="nccl"):
-    """Everything the fused path must satisfy, on this rank, against references from the global tensors."""
-    with setting(hidden, "EXCHANGE", exchange), setting(comm, "TRANSPORT", transport):
+def _case(group, layout, batch, n_docs, nh, hd, ng, ds, with_z, exchange="direct"):
+    """Everything the fused path must satisfy, on this rank, against references from the global tensors.
+    ``exchange="gather"``: every plan built with no pieces (``RUNS_MAX`` 0): one all-to-all and a row gather."""
+    if exchange == "direct":
         return _case_in(group, layout, batch, n_docs, nh, hd, ng, ds, with_z)
+    plan_mod.clear_cache()
+    try:
+        with setting(plan_mod, "RUNS_MAX", 0):
+            return _case_in(group, layout, batch, n_docs, nh, hd, ng, ds, with_z)
+    finally:
+        plan_mod.clear_cache()
 
 
 def _case_in(group, layout, batch, n_docs, nh, hd, ng, ds, with_z):
@@ -91,12 +100,12 @@ def _heads(cp, rel):
 FORMATS = {"bshd1": (1, None), "bshd2": (2, None), "thd1": (1, 1), "thd3": (1, 3), "thd17": (1, 17)}
 
 
-def _run(ranks, cp, layout, fmt, rel, with_z=True, exchange="direct", transport="nccl"):
+def _run(ranks, cp, layout, fmt, rel, with_z=True, exchange="direct"):
     if rel == "<" and cp == 1:
         pytest.skip("n_groups < cp_size needs cp_size > 1")
     batch, n_docs = FORMATS[fmt]
     nh, hd, ng, ds = _heads(cp, rel)
-    res = ranks.run(_case, cp, layout, batch, n_docs, nh, hd, ng, ds, with_z, exchange, transport)
+    res = ranks.run(_case, cp, layout, batch, n_docs, nh, hd, ng, ds, with_z, exchange)
     for r, (ok, bad) in enumerate(res):
         assert ok, f"rank {r} failed: {bad}; group verdict False"
 
@@ -128,18 +137,6 @@ def test_gather_exchange_exact(ranks, layout, fmt):
     """The one-message exchange with a row gather (the path of plans with many pieces, and the
     benchmark's baseline) on the formats whose default is the piecewise exchange."""
     _run(ranks, 4, layout, fmt, "==", exchange="gather")
-
-
-@pytest.mark.parametrize("exchange", ["direct", "gather"])
-@pytest.mark.parametrize(
-    "fmt, layout", [("bshd2", "head_tail"), ("thd3", "contiguous"), ("thd17", "head_tail")]
-)
-@pytest.mark.parametrize("cp", [2, 4])
-def test_mailbox_transport_exact(ranks, cp, fmt, layout, exchange):
-    """The copy-engine transport's protocol (stage into the own mailbox, barrier, pull from the peers'),
-    here through shared memory-mapped files between the gloo ranks: the same permutations, bit for bit,
-    for the piecewise exchange, the plain all-to-all and the row-gather baseline."""
-    _run(ranks, cp, layout, fmt, "==", exchange=exchange, transport="ce")
 
 
 def test_runs_are_the_permutation():
@@ -233,17 +230,18 @@ class _HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _no_sync_case(group, packed, fused):
+def _no_sync_case(group, packed, fused, mode="batch"):
     cp, r = comm.group_size(group), comm.group_rank(group)
     nh, hd, ng, ds = 8, 4, 2, 4
     x, cu = _data(cp, "head_tail", 2, 9 if packed else None, 2 * nh * hd + 2 * ng * ds + nh, seed=3)
-    ctx = MambaContextParallel(group, nh, hd, ng, ds, None, fused=fused)
+    ctx = MambaContextParallel(group, nh, hd, ng, ds, None, fused=fused, options=CPOptions(agree=mode))
     local = shard(x, r, cp, "head_tail", cu).requires_grad_()
     ctx.post_conv_ssm(ctx.pre_conv_ssm(local, cu)[..., : nh * hd // cp], cu)  # builds and caches the plan
     with (
         torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof,
         _HostReads() as reads,
     ):
+        comm.COUNTS.clear()
         out = ctx.pre_conv_ssm(local, cu)
         back = ctx.post_conv_ssm(out[..., : nh * hd // cp].contiguous(), cu)
         (out.sum() + back.sum()).backward()
@@ -251,12 +249,26 @@ def _no_sync_case(group, packed, fused):
     syncs = sorted(n for n in names if n in ("aten::_local_scalar_dense", "aten::item")) + sorted(
         set(reads.seen)
     )
+    if mode == "call":  # the agreement's one host read of its 16-byte result per call, nothing else
+        agreed = comm.COUNTS["agree"]
+        return verdict(
+            agreed == 2 and reads.seen == ["tolist"] * agreed and syncs == ["tolist"], group
+        ), syncs
     return verdict(not syncs, group), syncs
 
 
 @pytest.mark.parametrize("packed", [False, True])
 def test_fused_path_has_no_host_syncs(ranks, packed):
+    """With the agreement once per batch (``agree="batch"``) a cached call reads nothing on the host."""
     for ok, syncs in ranks.run(_no_sync_case, 2, packed, True):
+        assert ok, syncs
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_fused_path_reads_only_the_agreement_per_call(ranks, packed):
+    """The default (``agree="call"``): one host read per call, the agreement's result (on NCCL: a wait for the
+    work queued before it); nothing else."""
+    for ok, syncs in ranks.run(_no_sync_case, 2, packed, True, "call"):
         assert ok, syncs
 
 

@@ -11,7 +11,8 @@ import torch.distributed as dist
 from cases import cu_from_lengths, doc_lengths, randn, setting
 from ranks import verdict
 
-from cp_core import comm, hidden
+from cp_core import comm
+from cp_core import plan as plan_mod
 from cp_core.layout import granule, shard
 from cp_core.mixer import Mamba2Config, Mamba2Mixer
 
@@ -153,10 +154,14 @@ def test_hidden_parity_bf16(ranks, fmt):
 
 
 def gather_parity_case(group, *args, **kw):
-    """:func:`parity_case` with the earlier exchange (pack, one all-to-all, row gather; ``in_proj`` not
-    writing the send buffers): the benchmark's baseline and the path of plans with many pieces."""
-    with setting(hidden, "EXCHANGE", "gather"):
-        return parity_case(group, *args, **kw)
+    """:func:`parity_case` with every plan built with no pieces (``RUNS_MAX`` 0): the all-to-all of the send
+    slots and a row gather, the path of plans with many pieces."""
+    plan_mod.clear_cache()
+    try:
+        with setting(plan_mod, "RUNS_MAX", 0):
+            return parity_case(group, *args, **kw)
+    finally:
+        plan_mod.clear_cache()
 
 
 @pytest.mark.parametrize("fmt", ["bshd", "thd"])
@@ -164,19 +169,6 @@ def gather_parity_case(group, *args, **kw):
 def test_hidden_parity_gather_exchange(ranks, cp, ng, fmt):
     batch, n_docs = (2, None) if fmt == "bshd" else (1, 5)
     check(ranks.run(gather_parity_case, cp, small_cfg(8, ng), "head_tail", batch, n_docs, "float32"))
-
-
-def mailbox_parity_case(group, *args, **kw):
-    """:func:`parity_case` with the all-to-alls through the copy-engine transport's mailboxes
-    (:mod:`cp_core.mailbox`; shared files between the gloo ranks here)."""
-    with setting(comm, "TRANSPORT", "ce"):
-        return parity_case(group, *args, **kw)
-
-
-@pytest.mark.parametrize("fmt", ["bshd", "thd"])
-def test_hidden_parity_mailbox_transport(ranks, fmt):
-    batch, n_docs = (2, None) if fmt == "bshd" else (1, 5)
-    check(ranks.run(mailbox_parity_case, 4, small_cfg(8, 2), "head_tail", batch, n_docs, "float32"))
 
 
 def layer_input(cfg, layout, cp, batch, n_docs, units, seed):
@@ -210,10 +202,11 @@ def overlap_case(group, cfg_kw, layout, batch, n_docs, chunks):
 
 
 @pytest.mark.parametrize("fmt", ["bshd", "thd"])
-# whole groups per chunk; (2, 2, 2), (2, 4, 4): chunks split a group's heads; (2, 1, 2), (4, 2, 2): and
+# whole groups per chunk ((2, 8, 2): two groups per chunk, the CUDA default there: the C block's offset within a
+# chunk is its first group's); (2, 2, 2), (2, 4, 4): chunks split a group's heads; (2, 1, 2), (4, 2, 2): and
 # the group is replicated over ranks too
 @pytest.mark.parametrize(
-    "cp, ng, chunks", [(2, 4, 2), (2, 8, 4), (4, 8, 2), (2, 2, 2), (2, 4, 4), (2, 1, 2), (4, 2, 2)]
+    "cp, ng, chunks", [(2, 4, 2), (2, 8, 2), (2, 8, 4), (4, 8, 2), (2, 2, 2), (2, 4, 4), (2, 1, 2), (4, 2, 2)]
 )
 def test_overlap_chunks_bit_identical(ranks, cp, ng, chunks, fmt):
     batch, n_docs = (2, None) if fmt == "bshd" else (1, 5)
@@ -232,15 +225,6 @@ def test_overlap_chunks_must_fit_local_heads_and_groups():
             Mamba2Mixer(Mamba2Config(**small_cfg(8, ng)), cp_group=LocalGroup(0, 2), overlap_chunks=k)
     with pytest.raises(ValueError, match="overlap_chunks"):
         Mamba2Mixer(Mamba2Config(**small_cfg(8, 2)), overlap_chunks=0)
-
-
-def test_chunks_splitting_a_group_need_the_slot_exchange(monkeypatch):
-    from cp_core.comm import LocalGroup
-
-    monkeypatch.setattr(hidden, "EXCHANGE", "gather")
-    Mamba2Mixer(Mamba2Config(**small_cfg(8, 4)), cp_group=LocalGroup(0, 2), overlap_chunks=2)  # whole groups
-    with pytest.raises(ValueError, match="overlap_chunks 2 splits the heads of a group"):
-        Mamba2Mixer(Mamba2Config(**small_cfg(8, 2)), cp_group=LocalGroup(0, 2), overlap_chunks=2)
 
 
 def test_cp1_split_in_proj_matches_one_projection(monkeypatch):

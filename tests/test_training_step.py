@@ -109,8 +109,7 @@ def test_autocast_fp16_on_cpu(ranks):
 
 
 def _ranks_disagree_on_autocast(group):
-    """Rank 0 under autocast, rank 1 not: the agreement sees two compute dtypes and every rank raises. (A shape
-    no earlier test used: BSHD agreements are cached per shape and compute dtype, see cp_core.agree.)"""
+    """Rank 0 under autocast, rank 1 not: the agreement sees two compute dtypes and every rank raises."""
     cp, r = comm.group_size(group), comm.group_rank(group)
     m = layer(group, "hidden")
     x = randn((1, 7 * granule("head_tail", cp), CFG.d_model), 1)
@@ -121,7 +120,7 @@ def _ranks_disagree_on_autocast(group):
 def test_ranks_that_disagree_on_autocast_raise_everywhere(ranks):
     from ranks import raises_everywhere
 
-    raises_everywhere(ranks, _ranks_disagree_on_autocast, 2, "dtype: rank(s) [0]: 'torch.bfloat16'")
+    raises_everywhere(ranks, _ranks_disagree_on_autocast, 2, "dtype: rank(s) [0]: torch.bfloat16")
 
 
 # ----------------------------------------------------------------------------- the output, checkpointing

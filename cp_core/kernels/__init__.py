@@ -15,8 +15,8 @@ ssd phases ``"mamba_ssm"``       :mod:`.ssd_phases`, the SSD as final states the
 =========  ====================  ===============================================================
 
 ``backend="auto"`` picks the fast kernel when the tensors are on CUDA and the package imports, else
-torch; the environment variables ``CP_CORE_SSD_BACKEND`` / ``CP_CORE_CONV_BACKEND`` replace "auto"
-(never an explicit argument). Asking for a backend that cannot run raises ValueError saying why.
+torch. (The environment variables ``CP_CORE_SSD_BACKEND`` / ``CP_CORE_CONV_BACKEND`` set the default of a
+layer's backends in :func:`cp_core.options.default_options`; nothing here reads them.) Asking for a backend that cannot run raises ValueError saying why.
 :mod:`.reference` holds naive per-token references used by the tests.
 
 Document convention: ``seq_idx`` is a ``[b, l]`` int32 document id per token, non-decreasing along
@@ -30,8 +30,6 @@ at 1 and does not.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -76,17 +74,13 @@ def _resolve(op: str, requested, device: torch.device) -> str:
 
 
 def _resolve_ex(op: str, requested, device: torch.device) -> tuple[str, bool]:
-    """``(name, chosen_automatically)``; an environment override counts as an explicit choice."""
+    """``(name, chosen_automatically)``."""
     names, env, fast, available = _OPS[op]
-    source = "argument"
+    source = f"argument; a layer's default comes from {env}"
     if requested is None or requested == "auto":
-        from_env = os.environ.get(env, "").strip()
-        if from_env and from_env != "auto":
-            requested, source = from_env, f"environment variable {env}"
-        else:
-            if device.type == "cuda" and available()[0]:
-                return fast, True
-            return "torch", True
+        if device.type == "cuda" and available()[0]:
+            return fast, True
+        return "torch", True
     if not isinstance(requested, str) or requested not in names:
         raise ValueError(
             f"unknown {op} backend {requested!r} (from {source}); valid names: {', '.join(names)} or 'auto'"
@@ -121,8 +115,8 @@ def check_int32_extent(what: str, elements: int, hint: str) -> None:
 def resolve_backends(device, ssd_backend: str | None = "auto", conv_backend: str | None = "auto"):
     """Backend names ``(ssd_name, conv_name)`` for tensors on ``device``.
 
-    ``"auto"`` (or None) gives the fast kernel on CUDA when its package imports, else ``"torch"``;
-    ``CP_CORE_SSD_BACKEND`` / ``CP_CORE_CONV_BACKEND`` override "auto". An unknown name, or a
+    ``"auto"`` (or None) gives the fast kernel on CUDA when its package imports, else ``"torch"``.
+    An unknown name, or a
     backend that cannot run here (not CUDA, package missing or broken), raises ValueError.
     ``device`` may be a ``torch.device``, a string, or a tensor.
     """

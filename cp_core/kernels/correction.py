@@ -90,9 +90,10 @@ class PieceTable:
                     st.append(s + o)
                     ln.append(min(block, n - o))
                     pc.append(p)
-            self._blocks[key] = tuple(
-                torch.tensor(v, dtype=torch.int32, device=self.device) for v in (st, ln, pc)
-            )
+            with _outside_inference():
+                self._blocks[key] = tuple(
+                    torch.tensor(v, dtype=torch.int32, device=self.device) for v in (st, ln, pc)
+                )
         return self._blocks[key]
 
     def superblocks(self, size: int):
@@ -110,18 +111,26 @@ class PieceTable:
                     st.append(s + o)
                     ln.append(min(size, n - o))
                     pc.append(p)
-            dev = dict(dtype=torch.long, device=self.device)
-            rounds = None
-            if any(len(r) > 1 for r in per):
-                rounds = []
-                for j in range(max(len(r) for r in per)):
-                    ids = [r[j] for r in per if len(r) > j]
-                    rounds.append((torch.tensor(ids, **dev), torch.tensor([pc[i] for i in ids], **dev)))
-            self._blocks[key] = (
-                *(torch.tensor(v, dtype=torch.int32, device=self.device) for v in (st, ln, pc)),
-                rounds,
-            )
+            with _outside_inference():
+                self._blocks[key] = self._superblocks(st, ln, pc, per)
         return self._blocks[key]
+
+    def _superblocks(self, st, ln, pc, per):
+        dev = dict(dtype=torch.long, device=self.device)
+        rounds = None
+        if any(len(r) > 1 for r in per):
+            rounds = []
+            for j in range(max(len(r) for r in per)):
+                ids = [r[j] for r in per if len(r) > j]
+                rounds.append((torch.tensor(ids, **dev), torch.tensor([pc[i] for i in ids], **dev)))
+        return (*(torch.tensor(v, dtype=torch.int32, device=self.device) for v in (st, ln, pc)), rounds)
+
+
+def _outside_inference():
+    """Tensors cached in the table are built outside inference mode (they serve later training steps)."""
+    from ..plan import build_outside_inference
+
+    return build_outside_inference()
 
 
 def _work(*ts) -> torch.dtype:

@@ -79,7 +79,8 @@ def _table(plan, direction: str, device: str) -> tuple[torch.Tensor, int]:
     for ss, sc, ds, dc, w in _runs(plan, direction):
         for c in range(0, w, BW):
             tiles.append((ss, sc + c, ds, dc + c, min(BW, w - c)))
-    table = torch.tensor(tiles, dtype=torch.int32).to(device)
+    with torch.inference_mode(False):  # cached: must serve later training steps too
+        table = torch.tensor(tiles, dtype=torch.int32).to(device)
     align = 8
     for _ss, sc, _ds, dc, w in tiles:
         while align > 1 and (sc % align or dc % align or w % align):
