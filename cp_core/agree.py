@@ -16,7 +16,8 @@ group timeout.
 * what the call brings: layout, batch, local tokens, compute dtype, device type, width (``with_z`` of the
   seed API), number of documents and the ``cu_seqlens`` values (their hash, computed once per plan).
 
-**One exchange per call** (``CPOptions.agree = "call"``, the default): every rank sends 16 bytes, its
+**One exchange per call** (``CPOptions.agree = "call"``; the default ``"auto"`` where the group gathers
+on the host: gloo, or ``backend="cpu:gloo,cuda:nccl"``): every rank sends 16 bytes, its
 verdict (accepted its input or not) and a 64-bit hash of its fingerprint, in one ``all_gather``, and
 reads the result on the host. Equal hashes and no rejection: the layer runs. Otherwise (every rank sees
 the same gathered vector, so every rank takes the same branch) a second exchange (``all_gather_object``)
@@ -24,7 +25,9 @@ carries every rank's full fingerprint and error message, and every rank raises t
 ``ValueError``: naming each field that differs and the ranks of each value, or the ranks that rejected
 their input and why. A rank that rejects its input on any call, the first of a batch or a later one,
 therefore raises on every rank and none waits. Cost: docs/design.md (agreement) and
-``scripts/agree_cost.py``; on NCCL the host read of the 16-byte result waits for the work queued before it.
+``scripts/agree_cost.py``. On an NCCL-only group the host read of the 16-byte result would wait for the
+work queued before it (a device sync per layer), so ``"auto"`` agrees once per batch there: create the CP
+group with a CPU backend beside NCCL to keep the per-call check without a sync.
 
 ``"batch"`` (documented cheaper mode): the agreement is cached with the batch's token plan per fingerprint
 (:attr:`~cp_core.plan.TokenPlan.extras`), so it runs when a plan is first used (packed: a new
@@ -47,7 +50,7 @@ import torch.distributed as dist
 from . import comm
 from .plan import TokenPlan, get_plan
 
-__all__ = ["checked_plan", "agree", "static_fields", "fingerprint_hash"]
+__all__ = ["checked_plan", "agree", "resolve_mode", "static_fields", "fingerprint_hash"]
 
 
 def static_fields(call: str, fields: dict, **dataclasses_) -> tuple[tuple[str, str], ...]:
@@ -89,8 +92,21 @@ def _real(group) -> bool:
     return not (group is None or isinstance(group, comm.LocalGroup) or comm.group_size(group) == 1)
 
 
+def _on_host(group) -> bool:
+    """Whether ``group`` gathers CPU tensors (gloo, or a CPU backend beside NCCL): no wait for the GPU."""
+    return str(dist.get_backend(group)) != "nccl"
+
+
 def _device(group):
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+    return "cpu" if _on_host(group) else torch.device("cuda", torch.cuda.current_device())
+
+
+def resolve_mode(mode: str, group) -> str:
+    """``CPOptions.agree`` for ``group``: ``"auto"`` is ``"call"`` where the 16-byte gather runs on the host,
+    ``"batch"`` on an NCCL-only group (its per-call host read would be a device sync in every layer)."""
+    if mode != "auto":
+        return mode
+    return "call" if not _real(group) or _on_host(group) else "batch"
 
 
 def agree(group, static: tuple, call: tuple = (), error: BaseException | None = None) -> None:
@@ -158,15 +174,15 @@ def checked_plan(
     static: tuple = (),
     call: dict | None = None,
     error: BaseException | None = None,
-    mode: str = "call",
+    mode: str = "auto",
 ) -> TokenPlan | None:
     """The (cached) token plan of this call, agreed over ``group``: validate locally, then agree.
 
     ``static``: the layer's :func:`static_fields`; ``call``: what else this call must match on (dtype,
     device type, width...); the plan's own parameters (layout, batch, local tokens, documents,
     ``cu_seqlens`` values) are always compared. ``error``: a local rejection found by the caller, shared
-    with the group instead of raised alone. ``mode``: ``"call"`` (agree now) or ``"batch"`` (once per plan
-    and fingerprint; see the module docstring)."""
+    with the group instead of raised alone. ``mode``: ``"call"`` (agree now), ``"batch"`` (once per plan
+    and fingerprint) or ``"auto"`` (:func:`resolve_mode`; see the module docstring)."""
     cp = comm.group_size(group)
     plan = None
     if error is None:
@@ -187,7 +203,7 @@ def checked_plan(
         ("cu_seqlens values", _cu_hash(plan)),
     )
     key = None
-    if mode == "batch" and plan is not None:
+    if resolve_mode(mode, group) == "batch" and plan is not None:
         key = (id(group), fingerprint_hash(static, items))
         if key in plan.extras.setdefault("agreed", set()):
             return plan

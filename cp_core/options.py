@@ -24,8 +24,12 @@ __all__ = ["CPOptions", "default_options", "AGREE_MODES", "STATE_EXCHANGES"]
 #: ``"call"``: the ranks agree on every call (one 16-byte all-gather; a rank that rejects its input on any
 #: call raises on every rank). ``"batch"``: once per token plan (a new ``cu_seqlens`` or a new BSHD shape):
 #: no collective on the later calls of a batch, but a rank that rejects its input alone on such a later call
-#: raises alone and the others wait in the layer's first collective until the group's timeout.
-AGREE_MODES = ("call", "batch")
+#: raises alone and the others wait in the layer's first collective until the group's timeout. ``"auto"``
+#: (the default): ``"call"`` where the group gathers on the host (gloo, or a group made with a CPU backend
+#: beside NCCL: ``backend="cpu:gloo,cuda:nccl"``), so the check never waits for the GPU; ``"batch"`` on a
+#: group that is NCCL only, where a per-call check would read a CUDA tensor on the host: a device sync in
+#: every layer (:func:`cp_core.agree.resolve_mode`).
+AGREE_MODES = ("auto", "call", "batch")
 STATE_EXCHANGES = ("allgather", "chain")
 
 
@@ -44,7 +48,7 @@ class CPOptions:
     #: state passing: how the carried states move (``"allgather"``: one step; ``"chain"``: the fewest bytes)
     state_exchange: str = "allgather"
     #: when the ranks agree on their input (:data:`AGREE_MODES`)
-    agree: str = "call"
+    agree: str = "auto"
 
     def __post_init__(self):
         for name, valid in (("ssd_backend", SSD_BACKENDS), ("conv_backend", CONV_BACKENDS)):

@@ -3,6 +3,7 @@
 before any collective of the layer."""
 
 import dataclasses
+from unittest import mock
 
 import pytest
 import torch
@@ -118,11 +119,31 @@ def once_case(group, packed, mode="call"):
     return verdict(True, group), counts
 
 
+@pytest.mark.parametrize("mode", ["call", "auto"])
 @pytest.mark.parametrize("packed", [False, True])
-def test_agreement_runs_on_every_call(ranks, packed):
-    """The default: one all-gather per layer call (forward), none in backward."""
-    for _ok, counts in ranks.run(once_case, 2, packed):
+def test_agreement_runs_on_every_call(ranks, packed, mode):
+    """``"call"``, and the default ``"auto"`` on a group that gathers on the host (gloo): one all-gather per
+    layer call (forward), none in backward."""
+    for _ok, counts in ranks.run(once_case, 2, packed, mode):
         assert counts == [2, 2], counts
+
+
+def mode_case(group):
+    real = agree.resolve_mode("auto", group)
+    with mock.patch.object(agree.dist, "get_backend", lambda g=None: "nccl"):
+        nccl = agree.resolve_mode("auto", group), agree.resolve_mode("call", group)
+    with mock.patch.object(agree.dist, "get_backend", lambda g=None: "cpu:gloo,cuda:nccl"):
+        both = agree.resolve_mode("auto", group)
+    return verdict(True, group), (real, *nccl, both)
+
+
+def test_auto_agrees_per_call_unless_that_would_sync_the_device(ranks):
+    """On an NCCL-only group a per-call check reads a CUDA tensor on the host (a device sync per layer):
+    ``"auto"`` agrees once per batch there; gloo or a CPU backend beside NCCL: every call."""
+    for _ok, modes in ranks.run(mode_case, 2):
+        assert modes == ("call", "batch", "call", "call"), modes
+    assert agree.resolve_mode("auto", comm.LocalGroup(0, 2)) == "call"
+    assert CPOptions().agree == "auto"
 
 
 @pytest.mark.parametrize("packed", [False, True])

@@ -37,7 +37,7 @@ def test_defaults_and_replace():
         "auto",
         None,
         "allgather",
-        "call",
+        "auto",
     )
     assert o.replace(overlap_chunks=2).overlap_chunks == 2
     with pytest.raises(ValueError, match=r"CPOptions.overlap_chunks"):
