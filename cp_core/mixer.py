@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import comm, compiled, hidden, kernels
+from . import comm, compiled, hidden, hierarchical, kernels
 from .agree import checked_plan
 from .channels import ChannelPlan, check_chunks, chunk_groups, local_groups, mamba_channel_plan
 from .kernels import conv_cuda, ssd_mamba
@@ -51,7 +51,7 @@ from .state_passing import state_passing_layer
 SPLIT_IN_PROJ_ELEMENTS = 2**31
 
 #: ``"state_passing_chain"`` is ``strategy="state_passing", state_exchange="chain"`` in one name.
-STRATEGIES = ("hidden", "state_passing", "state_passing_chain")
+STRATEGIES = ("hidden", "state_passing", "state_passing_chain", "hierarchical")
 
 
 class Weights(NamedTuple):
@@ -198,6 +198,9 @@ class Mamba2Mixer(nn.Module):
             raise ValueError(f"state_exchange must be 'allgather' or 'chain', got {state_exchange!r}")
         self.state_exchange = state_exchange
         c = self.config = config
+        if strategy == "hierarchical":  # a 2-D mesh ("node", "gpu") or (node_group, gpu_group)
+            cp_group = hierarchical.resolve_grid(cp_group)
+            hierarchical.check_grid(config, cp_group, overlap_chunks)
         cp_group = comm.resolve_group(cp_group)  # a 1-D DeviceMesh (mesh["cp"]) -> its ProcessGroup
         self.cp_group, self.layout, self.strategy, self.fused = cp_group, layout, strategy, fused
         self.cp_size = comm.group_size(cp_group)
@@ -546,6 +549,9 @@ class Mamba2Mixer(nn.Module):
             "config": repr(c),
         }
         device = x.device if isinstance(x, torch.Tensor) else "cpu"
+        if self.strategy == "hierarchical":  # agreed over the grid's two groups
+            hierarchical.agree_grid(self, batch, length, device, cu_seqlens, fields, error)
+            return
         checked_plan(self.cp_group, self.layout, batch, length, device, cu_seqlens, fields, error)
 
     def _hidden_mode(self) -> str:
@@ -593,6 +599,8 @@ class Mamba2Mixer(nn.Module):
                 f"hidden_states must be {'[T/cp, d_model]' if packed else '[B, L/cp, d_model]'} with d_model "
                 f"{c.d_model}, got shape {tuple(hidden_states.shape)}"
             )
+        if self.strategy == "hierarchical":
+            return hierarchical.hierarchical_layer(self, hidden_states, cu_seqlens, params=w)
         plan, batch, length, spec, mode = self._core_setup(hidden_states, cu_seqlens, w.conv)
         if (
             mode is None and self.strategy == "state_passing"
