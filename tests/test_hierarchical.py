@@ -26,13 +26,15 @@ CFG = dict(d_model=16, n_heads=4, head_dim=4, n_groups=2, d_state=4, d_conv=4, c
 _GROUPS: dict = {}
 
 
-GRIDS = ((2, 2), (2, 4), (4, 2), (1, 4), (4, 1))
+GRIDS = ((2, 2), (2, 4), (4, 2), (1, 4), (4, 1), (1, 2), (2, 1))
 
 
-def make_groups(world_group) -> bool:
-    """Every grid's node and gpu groups, made collectively by all 8 pool ranks (gloo needs every rank of the
-    world at each ``new_group``), once per pool: later tasks in the same processes find them."""
+def make_groups(world_group, world: int = 8) -> bool:
+    """The node and gpu groups of every grid of at most ``world`` ranks, made collectively by every rank of the
+    world (gloo needs them all at each ``new_group``), once per process: later tasks find them."""
     for nodes, gpus in GRIDS:
+        if nodes * gpus > world:
+            continue
         for key in [tuple(n * gpus + g for n in range(nodes)) for g in range(gpus)] + [
             tuple(n * gpus + g for g in range(gpus)) for n in range(nodes)
         ]:
@@ -87,23 +89,24 @@ def _batch(cfg, cp, packed, layout):
     return x, randn(x.shape, 22), cu
 
 
-def grid_case(flat, nodes, gpus, packed, layout="head_tail", exchange="allgather"):
-    """The grid against cp 1 (1e-5) and the float64 oracle (2e-5); group verdict."""
+def grid_case(flat, nodes, gpus, packed, layout="head_tail", exchange="allgather", device="cpu", tol=1e-5):
+    """The grid against cp 1 (``tol``) and the float64 oracle (2e-5, or ``tol`` if larger); group verdict.
+    ``device``: where the layers run (tests/nccl_parity.py: the rank's GPU)."""
     cp, r = nodes * gpus, dist.get_rank(flat)
     grid = grid_of(flat, nodes, gpus)
     assert grid.rank() == r and grid.size() == cp
     cfg = Mamba2Config(**CFG)
-    x, w, cu = _batch(cfg, cp, packed, layout)
-    m = oracle_layer(cfg, grid, layout, f"hierarchical:{exchange}")
+    x, w, cu = (None if t is None else t.to(device) for t in _batch(cfg, cp, packed, layout))
+    m = oracle_layer(cfg, grid, layout, f"hierarchical:{exchange}").to(device)
     got = _run(m, x, w, cu, cp, r, layout, flat)
-    m1 = oracle_layer(cfg, None, layout, "hidden")
+    m1 = oracle_layer(cfg, None, layout, "hidden").to(device)
     errs = {
         f"cp1 {k}": v
         for k, v in _errs(got, _run(m1, x, w, cu, 1, 0, layout, None), cp, r, layout, cu).items()
     }
-    bad = {k: v for k, v in errs.items() if not v <= 1e-5}
+    bad = {k: v for k, v in errs.items() if not v <= tol}
     oracle = _errs(got, oracle_reference(m, x, w, cu), cp, r, layout, cu)
-    bad.update({f"oracle {k}": v for k, v in oracle.items() if not v <= TOL})
+    bad.update({f"oracle {k}": v for k, v in oracle.items() if not v <= max(TOL, tol)})
     return verdict(not bad, flat), bad
 
 
@@ -184,3 +187,32 @@ def test_bad_grids_raise_at_construction():
         Mamba2Mixer(cfg, cp_group=(None, None), strategy="hierarchical", layout="torch_head_tail")
     grid = hierarchical.resolve_grid((LocalGroup(1, 2), LocalGroup(1, 4)))
     assert (grid.size(), grid.rank()) == (8, 5)  # node-major: node 1, gpu 1
+
+
+def mesh_case(flat):
+    """The grid as a 2-D DeviceMesh ("node", "gpu") over the 8 ranks (made once per pool): the output against cp 1."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if "mesh" not in _GROUPS:
+        _GROUPS["mesh"] = init_device_mesh("cpu", (2, 4), mesh_dim_names=("node", "gpu"))
+    mesh, r = _GROUPS["mesh"], dist.get_rank(flat)
+    cfg = Mamba2Config(**CFG)
+    m = Mamba2Mixer(cfg, cp_group=mesh, strategy="hierarchical")
+    m.reset_parameters(torch.Generator().manual_seed(3))
+    ref = Mamba2Mixer(cfg)
+    ref.reset_parameters(torch.Generator().manual_seed(3))
+    x, _, cu = _batch(cfg, 8, True, "head_tail")
+    with torch.no_grad():
+        err = rel_rms(m(shard(x, r, 8, "head_tail", cu), cu), shard(ref(x, cu), r, 8, "head_tail", cu))
+    errors = []
+    try:
+        Mamba2Mixer(cfg, cp_group=mesh["node"], strategy="hierarchical")
+    except ValueError as e:
+        errors.append(str(e))
+    ok = m.cp_group.rank() == r and err <= 1e-5 and len(errors) == 1 and "2-D DeviceMesh" in errors[0]
+    return verdict(ok, flat), (m.cp_group.rank(), err, errors)
+
+
+def test_grid_from_a_2d_device_mesh(grids):
+    for r, (ok, info) in enumerate(grids.run(mesh_case, 8)):
+        assert ok, f"rank {r}: {info}"
