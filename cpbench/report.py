@@ -736,9 +736,9 @@ def strategy_times(df):
                 a, b = prev[fastest_prev] - prev[fastest], r[fastest_prev] - r[fastest]
                 at = _crossing(prev.name, L, a, b) if a < 0 < b else float("nan")
                 where = f"at L ≈ {at:,.0f}" if math.isfinite(at) else f"between L {prev.name} and {L}"
+                ctx = ", ".join(str(rec_key[c]) for c in ("packing", "pass") if c in rec_key)
                 lines.append(
-                    f"crossover, cp {rec_key.get('cp_size')} ({rec_key.get('packing', '')}, {rec_key.get('pass', '')}): "
-                    f"{fastest} overtakes {fastest_prev} {where}"
+                    f"crossover, cp {rec_key.get('cp_size')} ({ctx}): {fastest} overtakes {fastest_prev} {where}"
                 )
             fastest_prev, prev = fastest, r
     if not rows:

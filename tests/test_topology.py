@@ -131,3 +131,23 @@ def test_projection_with_a_topology(tmp_path):
     assert "layer ms per strategy" in res.stdout and "modeled@2x4:370/25GBps: nodes x GPUs" in res.stdout
     bad = cpbench(*args[:4], "--topology", "2by4", "--out", str(tmp_path / "b"))
     assert bad.returncode == 2 and "topology must be NODESxGPUS" in bad.stderr
+
+
+def test_report_names_the_fastest_strategy_and_the_crossover(capsys):
+    from cpbench.report import render, strategy_times
+
+    rows = []
+    for L, t_hid, t_sp, t_hier in ((262144, 100.0, 300.0, 150.0), (524288, 200.0, 300.0, 150.0)):
+        for strat, t in (("hidden", t_hid), ("state_passing", t_sp), ("hierarchical", t_hier)):
+            rows.append(dict(cp_size=64, seq_len=L, strategy=strat, layer_ms=t, status="ok", packing="none"))
+    rows.append(dict(cp_size=1, seq_len=16384, strategy="hidden", layer_ms=50.0, status="ok", packing="none"))
+    df = pd.DataFrame(rows)
+    frame, lines = strategy_times(df)
+    assert list(frame["fastest"]) == ["hidden", "hierarchical"]
+    assert list(frame["hierarchical ms"]) == [150.0, 150.0]
+    # the times cross half way in log L: 262144 * sqrt(2)
+    assert lines == ["crossover, cp 64 (none): hierarchical overtakes hidden at L ≈ 370,728"]
+    render(df, fmt="markdown")
+    out = capsys.readouterr().out
+    assert "layer ms per strategy" in out and "hierarchical overtakes hidden at L ≈ 370,728" in out
+    assert strategy_times(df[df["strategy"] == "hidden"]) is None  # one strategy: nothing to compare
