@@ -30,6 +30,7 @@ documents may cross node boundaries (a document is cut into segments like any ot
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import comm, hidden
@@ -79,9 +80,8 @@ class Grid:
 
 
 def _ranks(group):
-    import torch.distributed as dist
-
-    if isinstance(group, dist.ProcessGroup):
+    """The global ranks of a ProcessGroup (None for anything else: a LocalGroup, a stub, None)."""
+    if dist.is_available() and isinstance(group, dist.ProcessGroup):
         return dist.get_process_group_ranks(group)
     return None
 

@@ -205,11 +205,14 @@ def mesh_case(flat):
     with torch.no_grad():
         err = rel_rms(m(shard(x, r, 8, "head_tail", cu), cu), shard(ref(x, cu), r, 8, "head_tail", cu))
     errors = []
-    try:
-        Mamba2Mixer(cfg, cp_group=mesh["node"], strategy="hierarchical")
-    except ValueError as e:
-        errors.append(str(e))
-    ok = m.cp_group.rank() == r and err <= 1e-5 and len(errors) == 1 and "2-D DeviceMesh" in errors[0]
+    gpu = mesh["gpu"].get_group()
+    for bad in (mesh["node"], (gpu, gpu)):  # a 1-D mesh; a pair that is not a node and a GPU column
+        try:
+            Mamba2Mixer(cfg, cp_group=bad, strategy="hierarchical")
+        except ValueError as e:
+            errors.append(str(e))
+    ok = m.cp_group.rank() == r and err <= 1e-5 and len(errors) == 2
+    ok = ok and "2-D DeviceMesh" in errors[0] and "must share exactly one rank" in errors[1]
     return verdict(ok, flat), (m.cp_group.rank(), err, errors)
 
 
