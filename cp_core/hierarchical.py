@@ -34,7 +34,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import comm, hidden
-from .agree import agree
 from .channels import ChannelPlan, check_heads, local_groups, mamba_channel_plan
 from .kernels.norm import resolve as resolve_norm
 from .mamba_cp import MambaContextParallel
@@ -44,7 +43,7 @@ from .regions import NORM_PROJ, region
 from .state_exchange import EXCHANGES
 from .state_passing import SPSpec, _backends, _Plan, mid_backward, mid_forward
 
-__all__ = ["Grid", "resolve_grid", "check_grid", "agree_grid", "hierarchical_layer"]
+__all__ = ["Grid", "resolve_grid", "check_grid", "agree_grid", "label", "hierarchical_layer"]
 
 #: the dimension names a 2-D DeviceMesh must carry, in this order
 MESH_DIMS = ("node", "gpu")
@@ -129,39 +128,31 @@ def check_grid(config, grid: Grid, overlap_chunks=None) -> None:
         )
 
 
-def _fields(mixer, fields: dict) -> dict:
+def label(mixer) -> str:
+    """The strategy as the ranks must agree on it: the grid's shape and the state exchange."""
     g = mixer.cp_group
-    out = dict(fields)
-    out["strategy"] = f"hierarchical {g.nodes}x{g.gpus}, {mixer.state_exchange}"
-    return out
+    return f"hierarchical {g.nodes}x{g.gpus}, {mixer.state_exchange}"
 
 
-def agree_grid(
-    mixer, batch: int, length: int, device, cu_seqlens, fields: dict, error=None
-) -> TokenPlan | None:
-    """The batch's plan over the whole grid, validated and agreed once per batch with two agreements
-    (:func:`cp_core.agree.agree`), first over the node's GPUs, then over the nodes, the first one's
-    rejection handed to the second: every rank of the grid raises the same kind of ValueError, or none
-    does (equal inside every node and inside every GPU column is equal everywhere)."""
-    grid: Grid = mixer.cp_group
+def agree_grid(grid: Grid, layout: str, batch: int, length: int, device, cu_seqlens, agree_on, error=None):
+    """Validate the batch over the whole grid (its plan at cp ``N*G``), then agree on it with two agreements:
+    ``agree_on(grid.gpu_group, error)`` (the node's GPUs) and ``agree_on(grid.node_group, error)`` (GPU ``g``
+    of every node), the first one's rejection handed to the second. ``agree_on(group, error)`` is the layer's
+    own agreement over one group (:func:`cp_core.agree.checked_plan`: a ValueError on every rank of the
+    group, or none). Every rank of the grid then raises, or none does: equal inside every node and inside
+    every GPU column is equal everywhere, and a node whose ranks all raised hands its error to every column.
+    Returns the plan (None where a rank rejected its input)."""
     plan = None
     if error is None:
         try:
-            plan = get_plan(grid.size(), mixer.layout, batch, length, device, cu_seqlens)
+            plan = get_plan(grid.size(), layout, batch, length, device, cu_seqlens)
         except ValueError as e:
             error = e
-    fields = _fields(mixer, fields)
-    fields.update({"layout": mixer.layout, "batch": batch, "local tokens": length // grid.size()})
-    key = ("hierarchical", id(grid), tuple(sorted(fields.items())))
-    if plan is not None and key in plan.extras.setdefault("agreed", set()):
-        return plan
-    host_cu = None if plan is None else plan.host_cu
     try:
-        agree(grid.gpu_group, fields, host_cu, error)
+        agree_on(grid.gpu_group, error)
     except ValueError as e:
         error = e
-    agree(grid.node_group, fields, host_cu, error)
-    plan.extras["agreed"].add(key)
+    agree_on(grid.node_group, error)
     return plan
 
 

@@ -549,8 +549,15 @@ class Mamba2Mixer(nn.Module):
             "config": repr(c),
         }
         device = x.device if isinstance(x, torch.Tensor) else "cpu"
-        if self.strategy == "hierarchical":  # agreed over the grid's two groups
-            hierarchical.agree_grid(self, batch, length, device, cu_seqlens, fields, error)
+        if self.strategy == "hierarchical":  # two agreements: over the node's GPUs, then across the nodes
+            fields["strategy"] = hierarchical.label(self)
+
+            def agree_on(group, err):
+                checked_plan(group, self.layout, batch, length, device, cu_seqlens, fields, err)
+
+            hierarchical.agree_grid(
+                self.cp_group, self.layout, batch, length, device, cu_seqlens, agree_on, error
+            )
             return
         checked_plan(self.cp_group, self.layout, batch, length, device, cu_seqlens, fields, error)
 

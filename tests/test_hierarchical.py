@@ -155,12 +155,15 @@ def nan_case(flat, nodes, gpus, layout):
 
 def disagree_case(flat, nodes, gpus, how):
     """One rank passes another batch (``how="cu"``: other document lengths, the same total) or rejects its
-    own (``"width"``: a wrong d_model); the layer must raise on every rank before any collective."""
+    own (``"width"``: a wrong d_model), or a whole node passes another batch (``"node"``: each node agrees
+    within, only the agreement across the nodes sees it); the layer must raise on every rank before any
+    collective."""
     cp, r = nodes * gpus, dist.get_rank(flat)
     cfg = Mamba2Config(**CFG)
     m = Mamba2Mixer(cfg, cp_group=grid_of(flat, nodes, gpus), strategy="hierarchical")
     g = 2 * cp
-    cu = cu_from_lengths([2 * g, g] if r == cp - 1 and how == "cu" else [g, 2 * g])
+    other = (how == "cu" and r == cp - 1) or (how == "node" and r >= gpus)  # one rank, or a whole node
+    cu = cu_from_lengths([2 * g, g] if other else [g, 2 * g])
     x = randn((int(cu[-1]), cfg.d_model), 21)
     xl = shard(x, r, cp, "head_tail", cu)
     if how == "width" and r == 1:
@@ -198,7 +201,12 @@ def test_grid_keeps_a_nan_in_its_document(grids):
 
 
 @pytest.mark.parametrize(
-    "how, text", [("cu", "passed different inputs"), ("width", "with d_model 16, got shape")]
+    "how, text",
+    [
+        ("cu", "passed different inputs"),
+        ("node", "passed different inputs"),
+        ("width", "with d_model 16, got shape"),
+    ],
 )
 def test_grid_agreement_raises_on_every_rank(grids, how, text):
     raises_everywhere(grids, disagree_case, 8, text, 2, 4, how)
