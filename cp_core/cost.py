@@ -9,7 +9,9 @@ the forward's, or the chain reversed; the halo's gradients summed back to their 
 
 from __future__ import annotations
 
-from .channels import check_heads
+from types import SimpleNamespace
+
+from .channels import check_heads, local_groups
 
 
 def comm_bytes(
@@ -23,6 +25,7 @@ def comm_bytes(
     layout: str = "head_tail",
     n_docs: int | None = None,
     state_exchange: str = "allgather",
+    grid: tuple[int, int] | None = None,
 ) -> dict[str, int]:
     """Bytes per rank per forward, by region name.
 
@@ -33,11 +36,20 @@ def comm_bytes(
     ``conv_dim`` channels per piece) plus the states: with ``state_exchange="allgather"`` the gathered
     fp32 states ``[H, P, N]`` and log-decays ``[H]`` of every piece; with ``"chain"`` the states the busiest
     rank sends point to point (two per document with head-tail at cp > 2, else one; p2p bytes are
-    wire bytes, no ``(cp-1)/cp`` factor).
+    wire bytes, no ``(cp-1)/cp`` factor); hierarchical (``grid=(N, G)``, ``N*G == cp_size``):
+    :func:`hierarchical_bytes`.
     """
     c = config
     if strategy == "state_passing_chain":
         strategy, state_exchange = "state_passing", "chain"
+    if strategy == "hierarchical":
+        nodes, gpus = grid if grid is not None else (1, cp_size)
+        if nodes * gpus != cp_size:
+            raise ValueError(f"grid {nodes}x{gpus} does not hold cp_size {cp_size} ranks")
+        return hierarchical_bytes(
+            c, nodes, gpus, local_tokens, elem_size, batch, layout=layout, n_docs=n_docs,
+            state_exchange=state_exchange,
+        )  # fmt: skip
     if cp_size <= 1:
         return {"a2a_pre": 0, "a2a_post": 0} if strategy == "hidden" else {"state_xchg": 0}
     n_loc = batch * local_tokens
@@ -58,6 +70,41 @@ def comm_bytes(
             return {"state_xchg": docs * sends * state + halo}
         return {"state_xchg": cp_size * pieces * (state + c.n_heads * 4) + halo}
     raise ValueError(f"unknown strategy {strategy!r}")
+
+
+def hierarchical_bytes(
+    config,
+    nodes: int,
+    gpus: int,
+    local_tokens: int,
+    elem_size: int,
+    batch: int = 1,
+    *,
+    layout: str = "head_tail",
+    n_docs: int | None = None,
+    state_exchange: str = "allgather",
+) -> dict[str, int]:
+    """Bytes per rank per forward of :mod:`cp_core.hierarchical` on ``nodes`` x ``gpus``: ``a2a_pre`` and
+    ``a2a_post`` are the hidden strategy's over the node's ``gpus`` ranks (the rank's ``L/(N*G)`` tokens), on
+    the links inside a node; ``state_xchg`` is state passing's over the ``nodes`` ranks of one GPU index,
+    for this GPU's heads (``n_heads/G`` states, the halo of its ``conv_dim`` slice), across the nodes."""
+    c = config
+    out = {"a2a_pre": 0, "a2a_post": 0, "state_xchg": 0}
+    if gpus > 1:
+        out.update(comm_bytes(c, gpus, local_tokens, elem_size, "hidden", batch))
+    if nodes > 1:
+        check_heads(c.n_heads, c.n_groups, gpus)
+        h, g = c.n_heads // gpus, local_groups(c.n_groups, gpus)
+        head_slice = SimpleNamespace(
+            n_heads=h, head_dim=c.head_dim, d_state=c.d_state, d_conv=c.d_conv,
+            conv_dim=h * c.head_dim + 2 * g * c.d_state,
+        )  # fmt: skip
+        sp = comm_bytes(
+            head_slice, nodes, local_tokens * gpus, elem_size, "state_passing", batch, layout=layout,
+            n_docs=n_docs, state_exchange=state_exchange,
+        )  # fmt: skip
+        out["state_xchg"] = sp["state_xchg"]
+    return out
 
 
 def wire_bytes(

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import agree, comm, compiled, kernels
+from . import agree, comm, compiled, hierarchical, kernels
 from .channels import ChannelPlan, check_chunks, chunk_groups, local_groups, mamba_channel_plan
 from .kernels import conv_cuda, ssd_mamba
 from .kernels.conv_ssd import ConvSSDSpec, conv_ssd, fused_available
@@ -51,7 +51,7 @@ from .state_passing import state_passing_layer
 SPLIT_IN_PROJ_ELEMENTS = 2**31
 
 #: ``"state_passing_chain"`` is ``strategy="state_passing", state_exchange="chain"`` in one name.
-STRATEGIES = ("hidden", "state_passing", "state_passing_chain")
+STRATEGIES = ("hidden", "state_passing", "state_passing_chain", "hierarchical")
 
 
 class Weights(NamedTuple):
@@ -195,6 +195,9 @@ class Mamba2Mixer(nn.Module):
                 f"state passing and the seed path need a layout in {PER_DOCUMENT}"
             )
         c = self.config = config
+        if strategy == "hierarchical":  # a 2-D mesh ("node", "gpu") or (node_group, gpu_group)
+            cp_group = hierarchical.resolve_grid(cp_group)
+            hierarchical.check_grid(config, cp_group, options.overlap_chunks)
         cp_group = comm.resolve_group(cp_group)  # a 1-D DeviceMesh (mesh["cp"]) -> its ProcessGroup
         self.cp_group, self.layout, self.strategy, self.fused = cp_group, layout, strategy, fused
         self.cp_size = comm.group_size(cp_group)
@@ -221,7 +224,8 @@ class Mamba2Mixer(nn.Module):
         #: the options field by field, and the layer's structural choices
         self._static = agree.static_fields(
             "mixer",
-            {"strategy": strategy, "fused": fused},  # the layout: the plan's, every call
+            {"strategy": strategy, "fused": fused}  # the layout: the plan's, every call
+            | ({"grid": hierarchical.label(self)} if strategy == "hierarchical" else {}),
             config=config,
             options=options,
         )
@@ -560,6 +564,18 @@ class Mamba2Mixer(nn.Module):
             "device type": x.device.type if isinstance(x, torch.Tensor) else "",
         }
         device = x.device if isinstance(x, torch.Tensor) else "cpu"
+        if self.strategy == "hierarchical":  # two agreements: over the node's GPUs, then across the nodes
+
+            def agree_on(group, err):
+                agree.checked_plan(
+                    group, self.layout, batch, length, device, cu_seqlens,
+                    static=self._static, call=call, error=err, mode=self.options.agree,
+                )  # fmt: skip
+
+            hierarchical.agree_grid(
+                self.cp_group, self.layout, batch, length, device, cu_seqlens, agree_on, error
+            )
+            return
         agree.checked_plan(
             self.cp_group, self.layout, batch, length, device, cu_seqlens,
             static=self._static, call=call, error=error, mode=self.options.agree,
@@ -604,6 +620,8 @@ class Mamba2Mixer(nn.Module):
                 f"hidden_states must be {'[T/cp, d_model]' if packed else '[B, L/cp, d_model]'} with d_model "
                 f"{c.d_model}, got shape {tuple(hidden_states.shape)}"
             )
+        if self.strategy == "hierarchical":
+            return hierarchical.hierarchical_layer(self, hidden_states, cu_seqlens, params=w)
         plan, batch, length, spec, mode = self._core_setup(hidden_states, cu_seqlens, w.conv)
         if (
             mode is None and self.strategy == "state_passing"

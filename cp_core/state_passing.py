@@ -355,48 +355,79 @@ def _rows(spec: SPSpec, t):
     return t.view(spec.plan.R, spec.plan.m, *t.shape[1:])
 
 
+def mid_forward(spec: SPSpec, xbc, dt, conv_w, conv_b, dt_bias, A, D):
+    """The state-passing middle of the layer on a rank's stream: conv1d + SiLU (with the halo), the SSD,
+    the state exchange over ``spec.group`` (beside the SSD's outputs) and the correction. ``xbc [T, conv_dim]``
+    and ``dt [T, nh]`` (views of ``in_proj``'s output, or of a head slice after an all-to-all) -> ``(y [T,
+    d_inner], kept)``; ``kept`` (the halo, ``h0``, ``ld``, the exchange's saved tensor) goes to
+    :func:`mid_backward`. No autograd: the layer's functions call it (:class:`_SPCore`,
+    :mod:`cp_core.hierarchical`)."""
+    pl, tab = spec.plan, spec.plan.table
+    cb = spec.correction_backend
+    H, Pd, N = spec.nh, spec.hd, spec.ds
+    halo = None
+    if pl.k > 1:
+        with region(LAYOUT):
+            tails = _tails(spec, xbc)
+        halo_job = _launch(spec, lambda: _halo(spec, tails), tails)
+    with region(CONV1D):
+        xc = _conv_fwd(spec, xbc, conv_w, conv_b)
+    if pl.k > 1:
+        halo = halo_job.wait()
+        with region(LAYOUT):
+            _fix(spec, xc, xbc, halo, conv_w, conv_b)
+    x, B, C = _split(spec, xc)
+    with region(SSM):
+        dtp, a = _dtp_a(dt, dt_bias, A)
+        s_corr, ld, s_f = _decay(spec, dtp, a)
+        Fv, ldv = payload_buffer(pl.n_docs, pl.xp.nps, H, Pd * N, xbc.device)
+        ldv.copy_(ld.view(ldv.shape))
+        ssd = SSDForward(
+            spec.ssd_backend, _rows(spec, x), _rows(spec, dt), A, _rows(spec, B), _rows(spec, C), spec.chunk,
+            D=D, dt_bias=dt_bias, seq_idx=pl.seq_idx,
+        )  # fmt: skip
+        if pl.rows:
+            Fv.copy_(ssd.states().view(Fv.shape))
+        else:
+            corr.outer(x, B, s_f, tab, out=Fv.view(pl.pieces, H, Pd, N), backend=cb)
+        del s_f, dtp, a
+    job = _launch(spec, lambda: _exchange_fwd(spec, Fv, ldv), Fv, ldv)
+    with region(SSM):
+        y = ssd.outputs().reshape(pl.tokens, H, Pd).contiguous()  # while the exchange runs
+    h0, saved = job.wait()
+    with region(SSM):
+        corr.apply(y, C, h0.view(pl.pieces, H, Pd, N), s_corr, tab, out=y, backend=cb)
+    del s_corr, xc, x, B, C, ssd
+    return y.view(pl.tokens, spec.d_inner), [halo, h0, ld, saved]
+
+
+def mid_backward(spec: SPSpec, dy_box: list, xbc, dt, dxbc, ddt, conv_w, conv_b, dt_bias, A, D, kept):
+    """Backward of :func:`mid_forward`: ``dy_box[0]`` (``dy [T, d_inner]``, taken out of the list so it is
+    freed once used) -> ``dxbc`` and ``ddt`` written (column slices of the caller's buffer); returns
+    ``(dconv_w, dconv_b, ddt_bias, dA, dD)``. The conv output is recomputed; ``dh0``'s exchange runs beside
+    the SSD's backward and the halo's gradient goes back beside the conv's."""
+    pl = spec.plan
+    halo, h0, ld, saved = kept
+    kept.clear()
+    with region(CONV1D + "_bwd"):
+        xc = _conv_fwd(spec, xbc, conv_w, conv_b)
+        if pl.k > 1:
+            _fix(spec, xc, xbc, halo, conv_w, conv_b)
+    dxc = torch.empty_like(xc)
+    dA, dD, ddt_bias = _ssd_and_correction_backward(
+        spec, dy_box.pop(), xc, dxc, dt, ddt, A, D, dt_bias, h0, ld, saved
+    )
+    del xc, h0, ld, saved
+    dconv_w, dconv_b = _conv_backward(spec, xbc, dxc, dxbc, halo, conv_w, conv_b)
+    return dconv_w, dconv_b, ddt_bias, dA, dD
+
+
 class _SPCore(torch.autograd.Function):
     @staticmethod
     def forward(ctx, zx, xsep, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, spec: SPSpec):
-        pl, tab = spec.plan, spec.plan.table
-        cb = spec.correction_backend
-        H, Pd, N = spec.nh, spec.hd, spec.ds
         z, xbcdt = _views(spec, zx, xsep)
         xbc, dt = xbcdt[:, : spec.conv_dim], xbcdt[:, spec.conv_dim :]
-        halo = None
-        if pl.k > 1:
-            with region(LAYOUT):
-                tails = _tails(spec, xbc)
-            halo_job = _launch(spec, lambda: _halo(spec, tails), tails)
-        with region(CONV1D):
-            xc = _conv_fwd(spec, xbc, conv_w, conv_b)
-        if pl.k > 1:
-            halo = halo_job.wait()
-            with region(LAYOUT):
-                _fix(spec, xc, xbc, halo, conv_w, conv_b)
-        x, B, C = _split(spec, xc)
-        with region(SSM):
-            dtp, a = _dtp_a(dt, dt_bias, A)
-            s_corr, ld, s_f = _decay(spec, dtp, a)
-            Fv, ldv = payload_buffer(pl.n_docs, pl.xp.nps, H, Pd * N, z.device)
-            ldv.copy_(ld.view(ldv.shape))
-            ssd = SSDForward(
-                spec.ssd_backend, _rows(spec, x), _rows(spec, dt), A, _rows(spec, B), _rows(spec, C), spec.chunk,
-                D=D, dt_bias=dt_bias, seq_idx=pl.seq_idx,
-            )  # fmt: skip
-            if pl.rows:
-                Fv.copy_(ssd.states().view(Fv.shape))
-            else:
-                corr.outer(x, B, s_f, tab, out=Fv.view(pl.pieces, H, Pd, N), backend=cb)
-            del s_f, dtp, a
-        job = _launch(spec, lambda: _exchange_fwd(spec, Fv, ldv), Fv, ldv)
-        with region(SSM):
-            y = ssd.outputs().reshape(pl.tokens, H, Pd).contiguous()  # while the exchange runs
-        h0, saved = job.wait()
-        with region(SSM):
-            corr.apply(y, C, h0.view(pl.pieces, H, Pd, N), s_corr, tab, out=y, backend=cb)
-        del s_corr, xc, x, B, C, ssd
-        y = y.view(pl.tokens, spec.d_inner)
+        y, (halo, h0, ld, saved) = mid_forward(spec, xbc, dt, conv_w, conv_b, dt_bias, A, D)
         with region(NORM_PROJ):
             normed, rstd = norm_fwd(y, z, norm_w, spec.eps, spec.norm_group, spec.norm_backend)
             # a tensor of its own in the input's leading shape, not a view (in-place residual adds work)
@@ -456,16 +487,11 @@ class _SPCore(torch.autograd.Function):
             del dnormed, y, rstd
             dout_w = d2.t() @ normed
             del normed
-        with region(CONV1D + "_bwd"):
-            xc = _conv_fwd(spec, xbc, conv_w, conv_b)
-            if pl.k > 1:
-                _fix(spec, xc, xbc, halo, conv_w, conv_b)
-        dxc = torch.empty_like(xc)
-        dA, dD, ddt_bias = _ssd_and_correction_backward(
-            spec, dy, xc, dxc, dt, ddt, A, D, dt_bias, h0, ld, saved
+        box, kept = [dy], [halo, h0, ld, saved]
+        del dy, halo, h0, ld, saved  # mid_backward frees each once used
+        dconv_w, dconv_b, ddt_bias, dA, dD = mid_backward(
+            spec, box, xbc, dt, dxbc, ddt, conv_w, conv_b, dt_bias, A, D, kept
         )
-        del dy, xc
-        dconv_w, dconv_b = _conv_backward(spec, xbc, dxc, dxbc, halo, conv_w, conv_b)
         dx_out = None if xshape is None else dxs.view(xshape)
         return dzx.view(zshape), dx_out, dconv_w, dconv_b, ddt_bias, dA, dD, dnorm_w, dout_w, None
 

@@ -3,7 +3,7 @@
 ::
 
     cpbench sweep [SCENARIO] [--out DIR] [--nproc N] [--backend gloo|nccl|fake] [--fake-busbw GBPS]
-                  [--set TABLE.KEY=VALUE ...] [--profile nsys|torch] [--exec] [--dry-run] [--no-progress]
+                  [--topology NxG] [--net-busbw GBPS] [--set TABLE.KEY=VALUE ...] [--profile nsys|torch] [--exec] [--dry-run] [--no-progress]
                   [--no-resource-check]
     cpbench report RESULTS [--group-by COLS] [--metrics COLS] [--vs IMPL] [--format text|markdown|json]
     cpbench plot RESULTS [--out DIR]
@@ -122,7 +122,18 @@ def _parser() -> argparse.ArgumentParser:
         "--fake-busbw",
         type=float,
         metavar="GBPS",
-        help="busbw of the fake backend's model, GB/s (default 370, NVLink4 H100)",
+        help="busbw of the fake backend's model, GB/s (default 370, NVLink4 H100); inside a node under --topology",
+    )
+    s.add_argument(
+        "--topology",
+        metavar="NxG",
+        help="fake backend: N nodes of G GPUs, each collective modeled on the links it crosses (= --set run.topology=NxG)",
+    )
+    s.add_argument(
+        "--net-busbw",
+        type=float,
+        metavar="GBPS",
+        help="under --topology: bandwidth per GPU across nodes, GB/s (default 50)",
     )
     s.add_argument(
         "--set",
@@ -258,6 +269,10 @@ def _sweep(args) -> int:
         overrides.append(f'run.backend="{args.backend}"')
     if args.fake_busbw is not None:
         overrides.append(f"run.fake_busbw_gbps={args.fake_busbw!r}")
+    if args.topology is not None:
+        overrides.append(f"run.topology={args.topology!r}")
+    if args.net_busbw is not None:
+        overrides.append(f"run.net_busbw_gbps={args.net_busbw!r}")
     scenario = load_scenario(args.scenario, overrides)
     if args.nproc is not None and args.nproc < 1:
         raise UserError(f"--nproc must be >= 1, got {args.nproc}")
@@ -336,6 +351,10 @@ def _nsys(scenario, args) -> int | None:
         sweep_args += ["--backend", args.backend]
     if args.fake_busbw is not None:
         sweep_args += ["--fake-busbw", repr(args.fake_busbw)]
+    if args.topology is not None:
+        sweep_args += ["--topology", args.topology]
+    if args.net_busbw is not None:
+        sweep_args += ["--net-busbw", repr(args.net_busbw)]
     if args.nproc:
         sweep_args += ["--nproc", str(args.nproc)]
     if args.no_progress:

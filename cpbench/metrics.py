@@ -183,7 +183,12 @@ def exposed_model(comm_s: float, compute_s: float, chunks: int) -> float:
 
 
 def model_payload(
-    payload: Mapping[str, Any], regions: Mapping[str, int], cp: int, busbw_gbps: float, chunks: int = 1
+    payload: Mapping[str, Any],
+    regions: Mapping[str, int],
+    cp: int,
+    busbw_gbps: float,
+    chunks: int = 1,
+    seconds: Mapping[str, float] | None = None,
 ) -> dict:
     """Replace the measured communication regions of a payload by modeled times, and adjust the layer.
 
@@ -191,7 +196,9 @@ def model_payload(
     (``nocomm``, ``nocomm_fwd``) plus the modeled exposed time (:func:`exposed_model`: all of it for
     blocking collectives, ``chunks = 1``; the regions named ``*_bwd`` belong to the backward). Without
     that run the local-copy time the fake collectives took is removed from the measured layer instead,
-    which overstates the saving where the copies ran beside compute (``chunks > 1``).
+    which overstates the saving where the copies ran beside compute (``chunks > 1``). ``seconds``: the
+    modeled time of every region, given (the topology model, :mod:`cpbench.topology`) instead of
+    ``busbw_gbps`` over ``cp`` ranks.
     """
     iters = payload["iters"]
     times = {k: list(v) for k, v in payload.get("regions", {}).items()}
@@ -206,7 +213,10 @@ def model_payload(
         names = [r for r in regions if r.endswith(BWD_SUFFIX) == bwd]
         if not names:
             continue
-        modeled = {r: modeled_seconds(regions[r], busbw_gbps, cp) for r in names}
+        modeled = {
+            r: seconds[r] if seconds is not None else modeled_seconds(regions[r], busbw_gbps, cp)
+            for r in names
+        }
         compute = times.get("ssm" + (BWD_SUFFIX if bwd else ""), [0.0] * iters)
         if layer in times:
             new = []
@@ -233,18 +243,24 @@ def aggregate(
     fake_busbw_gbps: float | None = None,
     bench: Mapping[int, Sequence[Sequence[float]]] | None = None,
     chunks: int = 1,
+    modeled: Mapping[str, float] | None = None,
+    model_label: str | None = None,
 ) -> dict[str, Any]:
     """The measured columns of one case from every rank's payload.
 
     ``payload``: ``{"iters": n, "regions": {name: [seconds per iteration]}, "peak_mem_bytes": x,
     "backends": {...}, "n_collectives": k}``. ``bench``: message bytes -> per-rank series of
-    microbenchmark all-to-all times (seconds). ``fake_busbw_gbps``: model the communication.
+    microbenchmark all-to-all times (seconds). ``fake_busbw_gbps``: model the communication; ``modeled``
+    (seconds per region, e.g. :func:`cpbench.topology.region_seconds`) and its ``model_label`` replace the
+    single-link model.
     """
     regions = comm_regions(comm_bytes, backward)
     if fake_busbw_gbps is not None:
-        payloads = [model_payload(p, regions, cp_size, fake_busbw_gbps, chunks) for p in payloads]
+        payloads = [model_payload(p, regions, cp_size, fake_busbw_gbps, chunks, modeled) for p in payloads]
     iters = payloads[0]["iters"]
     row: dict[str, Any] = {"comm_model": comm_model_label(fake_busbw_gbps if regions else None)}
+    if regions and fake_busbw_gbps is not None and model_label:
+        row["comm_model"] = model_label
 
     # layer and communication totals, per iteration on each rank
     layer = []

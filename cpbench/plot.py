@@ -17,7 +17,9 @@
   line from each line's smallest cp_size;
 * ``strategy-bytes.png`` (when the ``strategy`` axis holds both ``hidden`` and ``state_passing``):
   bytes per rank per layer forward vs seq_len for both strategies, one colour per cp_size, with
-  the crossover (where the cheaper strategy changes) marked.
+  the crossover (where the cheaper strategy changes) marked;
+* ``strategy-time.png`` (when a case ran under two strategies or more): the layer time vs seq_len per
+  strategy, one panel per cp_size, the crossover lengths of :func:`cpbench.report.strategy_times` marked.
 
 At most :data:`MAX_GROUPS` figures of each per-group kind are drawn.
 """
@@ -361,6 +363,46 @@ def plot_strategy(df_all, out: Path) -> list[Path]:
     return [_save(fig, out / "strategy-bytes.png")]
 
 
+def plot_strategy_times(df, out: Path) -> list[Path]:
+    """Layer ms against seq_len, one line per strategy, one panel per cp_size (the first packing/pass case)."""
+    from .report import strategy_times
+
+    got = strategy_times(df)
+    if got is None:
+        return []
+    tab, _ = got
+    cols = [c for c in tab.columns if c.endswith(" ms")]
+    for c in ("packing", "pass", "batch", "n_heads", "n_groups", "layout", "path", "dtype"):
+        if c in tab.columns and tab[c].nunique(dropna=False) > 1:
+            tab = tab[tab[c] == tab[c].iloc[0]]
+    cps = sorted(tab["cp_size"].unique())
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(cps), figsize=(4.2 * len(cps), 4.2), squeeze=False)
+    styles = {
+        "hidden ms": "o-",
+        "state_passing ms": "s--",
+        "hierarchical ms": "^-",
+        "state_passing_chain ms": "v:",
+    }
+    for ax, cp in zip(axes[0], cps, strict=True):
+        sub = tab[tab["cp_size"] == cp].sort_values("seq_len")
+        for c in cols:
+            if sub[c].notna().any():
+                ax.plot(sub["seq_len"], sub[c], styles.get(c, "x-."), label=c.removesuffix(" ms"))
+        for a, b in zip(sub.itertuples(index=False), list(sub.itertuples(index=False))[1:], strict=False):
+            if a.fastest != b.fastest:
+                ax.axvspan(a.seq_len, b.seq_len, color="0.9", zorder=0)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"cp {cp}", fontsize="medium")
+        ax.set_xlabel("seq_len (tokens)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("layer ms (slowest rank's median)")
+    axes[0][0].legend(fontsize="small")
+    fig.suptitle("layer time per strategy (shaded: the fastest changes)", fontsize="medium")
+    return [_save(fig, out / "strategy-time.png", dpi=110)]
+
+
 def _num(v) -> bool:
     try:
         f = float(v)
@@ -433,6 +475,7 @@ def plot_all(df, out_dir: str | Path) -> list[Path]:
         files += plot_busbw(ok, out)
         files += plot_scaling(ok, out)
     files += plot_strategy(df, out)
+    files += plot_strategy_times(df, out)
     files += plot_overlap(df, out)
     files += plot_peers(df, out)
     return files

@@ -335,7 +335,13 @@ def grids(df, group_by: Sequence[str] = (), metrics: Sequence[str] | None = None
         notes.append(
             f"not measured in these results (no value in any row): {', '.join(header(m) for m in dropped)}"
         )
-    if modeled_label:
+    if modeled_label and ":" in modeled_label:  # a topology (cpbench.topology)
+        notes.append(
+            f"* modeled, not measured ({modeled_label}: nodes x GPUs, GB/s inside a node / per GPU across nodes): "
+            f"a collective of S bytes per rank over n nodes x g GPUs (c ranks) takes max(S (g-1)/c / node busbw, "
+            f"S (c-g)/c / network), on the group it runs over; layer time = measured compute + modeled communication"
+        )
+    elif modeled_label:
         notes.append(
             f"* modeled, not measured ({modeled_label}): communication time = bytes / algbw with "
             f"algbw = busbw * cp/(cp-1); layer time = measured compute + modeled communication"
@@ -615,6 +621,11 @@ def sections(df, *, group_by=(), metrics=None, title: str | None = None, vs=(), 
         derived.append(
             ("scaling", sc, "scaling: layer time against the same case's cp 1 time / cp (1.000: perfect)")
         )
+    times, time_lines = strategy_times(df), []
+    if times is not None:
+        frame, time_lines = times
+        title = "layer ms per strategy (the same case), the fastest, and where it changes"
+        derived.append(("strategy_times", frame, title))
     cross = strategy_crossover(df)
     if cross is not None:
         g = Grid(
@@ -636,6 +647,9 @@ def sections(df, *, group_by=(), metrics=None, title: str | None = None, vs=(), 
         out += [("note", n) for n in gnotes]
         data["notes"] += [n for n in gnotes if n not in data["notes"]]
         data["tables"][name] = _records(frame)
+        if name == "strategy_times":  # the crossover lengths right under their table
+            out += [("line", t) for t in time_lines]
+            data["crossovers"] = list(time_lines)
     return out, data
 
 
@@ -683,6 +697,60 @@ def _crossover_cell(col: str, v) -> str:
     return f"{v:,.0f}"
 
 
+def _crossing(l0: float, l1: float, d0: float, d1: float) -> float:
+    """Where ``d`` (a time difference, ``d0`` at ``l0``, ``d1`` at ``l1``, opposite signs) crosses 0, linear
+    in log L (the seq_len axis is geometric in the scenarios)."""
+    f = d0 / (d0 - d1)
+    return math.exp(math.log(l0) + f * (math.log(l1) - math.log(l0)))
+
+
+def strategy_times(df):
+    """Per case (every key but ``strategy`` and ``seq_len``) with two strategies or more at cp > 1: the layer
+    ms of each strategy at every seq_len, the fastest, and the lengths where the fastest changes (the
+    crossing of the two times, interpolated in log L between the measured lengths). ``(frame, lines)``;
+    None when no case has two strategies."""
+    import pandas as pd
+
+    need = {"strategy", "cp_size", "seq_len", "layer_ms", "status"}
+    if not need <= set(df.columns):
+        return None
+    ok = df[(df["status"] == "ok") & (df["cp_size"] > 1) & df["layer_ms"].notna()]
+    if ok.empty or ok["strategy"].nunique() < 2:
+        return None
+    keys = [c for c in CASE_KEY if c in ok.columns and c not in ("strategy", "seq_len", "scenario")]
+    rows, lines = [], []
+    for key, g in ok.groupby(keys, sort=True, dropna=False):
+        piv = g.pivot_table(index="seq_len", columns="strategy", values="layer_ms", aggfunc="median")
+        if piv.shape[1] < 2:
+            continue
+        strategies = list(piv.columns)
+        rec_key = dict(zip(keys, key if isinstance(key, tuple) else (key,), strict=True))
+        fastest_prev, prev = None, None
+        for L, r in piv.iterrows():
+            avail = r.dropna()
+            fastest = str(avail.idxmin()) if len(avail) else ""
+            rows.append(
+                {**rec_key, "seq_len": L, **{f"{s} ms": r[s] for s in strategies}, "fastest": fastest}
+            )
+            if fastest_prev and fastest and fastest != fastest_prev and prev is not None:
+                a, b = prev[fastest_prev] - prev[fastest], r[fastest_prev] - r[fastest]
+                at = _crossing(prev.name, L, a, b) if a < 0 < b else float("nan")
+                where = f"at L ≈ {at:,.0f}" if math.isfinite(at) else f"between L {prev.name} and {L}"
+                ctx = ", ".join(str(rec_key[c]) for c in ("packing", "pass") if c in rec_key)
+                lines.append(
+                    f"crossover, cp {rec_key.get('cp_size')} ({ctx}): {fastest} overtakes {fastest_prev} {where}"
+                )
+            fastest_prev, prev = fastest, r
+    if not rows:
+        return None
+    frame = pd.DataFrame(rows)
+    for c in ("impl", "overlap_chunks"):  # not the frame's business here
+        if c in frame and c not in _FRAME_KEYS:
+            frame = frame.drop(columns=c)
+    keep = [c for c in frame.columns if c in _FRAME_KEYS or c.endswith(" ms") or c == "fastest"]
+    return frame[keep], lines
+
+
 def strategy_crossover(df):
     """Per (cp_size, state-passing strategy): bytes per layer forward of both strategies at the largest
     seq_len measured, and the crossover length where state passing becomes the cheaper one.
@@ -698,7 +766,8 @@ def strategy_crossover(df):
     if "docs" in ok.columns:
         ok = ok[ok["docs"].fillna(0).astype(float) == 0]
     hid = ok[ok["strategy"] == "hidden"]
-    others = sorted(set(ok["strategy"]) - {"hidden"})
+    # hierarchical's bytes grow with L (its all-to-all) like hidden's: no fixed-bytes crossover
+    others = sorted(set(ok["strategy"]) - {"hidden", "hierarchical"})
     if hid.empty or not others:
         return None
     rows = []

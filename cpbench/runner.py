@@ -151,8 +151,32 @@ def comm_bytes_of(scenario: Scenario, case: Case, config=None) -> dict[str, int]
         batch=case.comm_batch,
         layout=case.layout,
         n_docs=n_docs,
+        grid=grid_of(scenario, case) if case.strategy == "hierarchical" else None,
     )
     return {k: int(v) for k, v in out.items() if v}
+
+
+def grid_of(scenario: Scenario, case: Case) -> tuple[int, int]:
+    """``(nodes, gpus)`` of a hierarchical case: the nodes of ``run.topology`` it fills (one node without one)."""
+    from .topology import of_run
+
+    topo = of_run(scenario.run)
+    grid = None if topo is None else topo.grid(case.cp_size)
+    return grid if grid is not None else (1, case.cp_size)
+
+
+def _cp_group(scenario: Scenario, case: Case, group):
+    """The layer's CP group: the rank's group, or for a hierarchical case its (node, gpu) pair of one-process
+    groups (projection mode: rank 0 of node 0)."""
+    if case.strategy != "hierarchical":
+        return group
+    from cp_core.comm import LocalGroup
+
+    if case.cp_size > 1 and not isinstance(group, LocalGroup):
+        raise CaseSkipped("strategy hierarchical runs in projection here (--backend fake)")
+    nodes, gpus = grid_of(scenario, case)
+    copy = group.copy if isinstance(group, LocalGroup) else True
+    return tuple(LocalGroup(0, n, copy) if n > 1 else None for n in (nodes, gpus))
 
 
 def setup_case(scenario: Scenario, case: Case, ctx: RankContext) -> Prepared:
@@ -167,7 +191,7 @@ def setup_case(scenario: Scenario, case: Case, ctx: RankContext) -> Prepared:
     try:
         mixer = Mamba2Mixer(
             config,
-            cp_group=ctx.group,
+            cp_group=_cp_group(scenario, case, ctx.group),
             layout=case.layout,
             device=ctx.device,
             dtype=dtype,

@@ -27,6 +27,7 @@ Schema (every table optional except ``[layer]``; unknown tables or keys are erro
     path = ["fused"]              # default ["fused"]; "fused" | "seed" (the in-project baseline)
     pass = ["fwd+bwd"]            # default ["fwd+bwd"]; "fwd" (under no_grad) | "fwd+bwd"
     strategy = ["hidden"]         # default ["hidden"]; "hidden" | "state_passing" | "state_passing_chain"
+                                  # | "hierarchical" (projection: its grid from run.topology, see cpbench.topology)
     impl = ["cp_core"]            # default ["cp_core"]; also "nemo" (NeMo AutoModel's layer) and "mamba_ssm"
                                   # (mamba-ssm's Mamba2, cp 1 only): peers with the same weights (cpbench.peers)
     overlap_chunks = [1]          # default [1]; head chunks of the hidden strategy pipelined against the
@@ -40,7 +41,9 @@ Schema (every table optional except ``[layer]``; unknown tables or keys are erro
     device = "auto"               # "auto" (cuda if available) | "cpu" | "cuda"
     timeout_s = 300               # default 300; process-group timeout: a dead rank ends the run
     backend = "auto"              # "auto" (nccl on cuda, gloo on cpu) | "gloo" | "nccl" | "fake"
-    fake_busbw_gbps = 370.0       # busbw assumed by the fake backend's communication model
+    fake_busbw_gbps = 370.0       # busbw assumed by the fake backend's communication model (inside a node)
+    topology = ""                 # default "" (one node); "NxG": N nodes of G GPUs (fake backend), cpbench.topology
+    net_busbw_gbps = 50.0         # default 50; per GPU across nodes, under a topology
     microbench = true             # default true; all-to-all microbenchmark at each case's message sizes
     microbench_iters = 20         # default 20; measured all-to-alls per message size (after 5 warmups)
     exposed_comm = true           # default true; also time the layer with its collectives suppressed
@@ -77,7 +80,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 LAYOUTS = ("head_tail", "contiguous", "torch_head_tail")  # cp_core.layout.LAYOUTS
 PATHS = ("fused", "seed")
 PASSES = ("fwd", "fwd+bwd")
-STRATEGIES = ("hidden", "state_passing", "state_passing_chain")
+STRATEGIES = ("hidden", "state_passing", "state_passing_chain", "hierarchical")
 IMPLS = ("cp_core", "nemo", "mamba_ssm")
 AUTOTUNE = ("cached", "deterministic", "full")
 DEVICES = ("auto", "cpu", "cuda")
@@ -162,6 +165,18 @@ def _axis(item: Callable[[Any], Any]) -> Callable[[Any], tuple]:
         return tuple(out)
 
     return check
+
+
+def _topology(v):
+    if v == "":
+        return v
+    from .topology import parse
+
+    try:
+        parse(v)
+    except ScenarioError as e:
+        raise _Bad(str(e)) from None
+    return v.replace(" ", "")
 
 
 def _heads_pair(v):
@@ -255,6 +270,8 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "timeout_s": (_float(0.0, lo_open=True), 300.0),
         "backend": (_choice(BACKENDS), "auto"),
         "fake_busbw_gbps": (_float(0.0, lo_open=True), 370.0),
+        "topology": (_topology, ""),
+        "net_busbw_gbps": (_float(0.0, lo_open=True), 50.0),
         "microbench": (_bool, True),
         "microbench_iters": (_int(1), 20),
         "exposed_comm": (_bool, True),
@@ -299,6 +316,8 @@ class Run:
     timeout_s: float = 300.0
     backend: str = "auto"
     fake_busbw_gbps: float = 370.0
+    topology: str = ""
+    net_busbw_gbps: float = 50.0
     microbench: bool = True
     microbench_iters: int = 20
     exposed_comm: bool = True

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from . import metrics, runner
+from . import metrics, runner, topology
 from .results import ResultsWriter, environment, write_meta
 from .scenario import Case, Scenario
 
@@ -132,6 +132,8 @@ class Sweep:
         self.writer: ResultsWriter | None = None
         self._bench_cache: dict[tuple[int, int], list[float]] = {}
         self.fake_busbw = scenario.run.fake_busbw_gbps if env.fake else None
+        #: the links of projection mode across nodes (None: one node, the single-link model)
+        self.topology = topology.of_run(scenario.run) if env.fake else None
 
     # ------------------------------------------------------------------------------------------- rows
 
@@ -152,6 +154,8 @@ class Sweep:
             iters=self.scenario.run.iters,
             comm_model=metrics.comm_model_label(self.fake_busbw if case.cp_size > 1 else None),
         )
+        if self.topology is not None and case.cp_size > 1:
+            row["comm_model"] = topology.label(self.topology)
         try:
             _, real = runner.case_cu_seqlens(self.scenario, case)
             row["real_tokens"] = real
@@ -192,7 +196,7 @@ class Sweep:
 
     def run_case(self, case: Case) -> None:
         env = self.env
-        reason = case.skip_reason(None if env.fake else env.world_size)
+        reason = case.skip_reason(None if env.fake else env.world_size) or self._topology_skip(case)
         if reason is not None:
             self._emit(self._base_row(case, "skipped", reason))
             return
@@ -242,10 +246,27 @@ class Sweep:
                 fake_busbw_gbps=self.fake_busbw,
                 bench=bench_series,
                 chunks=case.overlap_chunks,
+                modeled=self._modeled(case, cb),
+                model_label=None if self.topology is None else topology.label(self.topology),
             )
         )
         row["wall_s"] = time.perf_counter() - t0
         self._emit(row)
+
+    def _topology_skip(self, case: Case) -> str | None:
+        if case.strategy == "hierarchical" and not self.env.fake and case.cp_size > 1:
+            return (
+                "strategy hierarchical runs in projection here (--backend fake --topology NxG); "
+                "tests/test_hierarchical.py runs it on real process groups"
+            )
+        return topology.skip_reason(self.topology, case.cp_size)
+
+    def _modeled(self, case: Case, cb: dict[str, int]) -> dict[str, float] | None:
+        """Modeled seconds per communication region on the topology's links (None: the single-link model)."""
+        if self.topology is None or case.cp_size == 1 or not cb:
+            return None
+        regions = metrics.comm_regions(cb, case.backward)
+        return topology.region_seconds(regions, case.strategy, case.cp_size, self.topology)
 
     def _microbench(self, case: Case, ctx: runner.RankContext) -> dict[int, list[float]]:
         run = self.scenario.run

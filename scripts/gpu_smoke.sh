@@ -42,6 +42,7 @@ report --vs nemo|python3 -m cpbench report $D/peers --vs nemo
 packing at cp 1|python3 -m cpbench sweep packing --set 'sweep.cp_size=[1]' --set 'sweep.path=["fused"]' $SMALL --out $D/packing
 node scenario at cp 1, torchrun 1 rank|torchrun --nproc-per-node 1 -m cpbench sweep h100_node --set 'sweep.cp_size=[1]' --set 'sweep.packing=["none", {docs = 8, density = 0.9}]' --set 'sweep.path=["fused"]' $SMALL --out $D/node
 strategies (fake)|python3 -m cpbench sweep strategies --backend fake $SMALL --out $D/strategies
+multi-node projection (8x8 topology)|python3 -m cpbench sweep multi_node --set 'sweep.cp_size=[16]' $SMALL --out $D/multi-node
 heads, dry run at 8 ranks|python3 -m cpbench sweep heads --dry-run --nproc 8
 smoke scenario (CPU, 2 gloo ranks)|python3 -m cpbench sweep smoke --no-progress --out $D/smoke
 kernel_bench|python3 -m cpbench.kernel_bench --seq-len 8192 --cp 1,2 --warmup 1 --iters 3 --out $D/kernels.csv

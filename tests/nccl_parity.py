@@ -6,7 +6,9 @@
 The checks are those of tests/test_mixer_parity.py (``parity_case``: forward output, input gradient and
 every parameter gradient summed over the group; fp32 to ``--tol32`` relative, default 2e-3 for the
 Triton kernels' tf32 dots; bf16 as in the CPU tests) for every cp <= world size, BSHD and packed
-documents, both layouts, the hidden strategy and state passing with both exchanges, fp32 and bf16.
+documents, both layouts, the hidden strategy and state passing with both exchanges, fp32 and bf16; and
+``hierarchical`` on every grid of nodes x GPUs the world holds (1x2 and 2x1 on 2 ranks; 2x2, 1x4, 4x1 on
+4; 2x4 and 4x2 on 8: ``tests/test_hierarchical.py``'s ``grid_case``, against cp 1 and the float64 oracle).
 A case of cp ranks runs on ranks 0..cp-1 (a subgroup); the others wait. Rank 0 prints one line per
 case and a summary; the exit status is 1 if any case failed.
 """
@@ -23,12 +25,13 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_hierarchical import GRIDS, grid_case, make_groups  # noqa: E402
 from test_mixer_parity import parity_case  # noqa: E402
 
 CFG = dict(d_model=64, n_heads=8, head_dim=16, n_groups=2, d_state=16, d_conv=4, chunk_size=16)
 # "@2": 2 overlapped head chunks of whole groups; "@2s": 2 chunks splitting a group's heads (2 groups: one
 # per rank at cp 2, replicated at cp 4 / 8)
-STRATEGIES = ("hidden", "hidden@2", "hidden@2s", "state_passing", "state_passing:chain")
+STRATEGIES = ("hidden", "hidden@2", "hidden@2s", "state_passing", "state_passing:chain", "hierarchical")
 
 
 def main(argv=None) -> int:
@@ -49,9 +52,25 @@ def main(argv=None) -> int:
         device = f"cuda:{local}"
     rank, world = dist.get_rank(), dist.get_world_size()
     cps = [c for c in args.cp if 2 <= c <= world]
-    groups = {c: dist.new_group(list(range(c))) for c in cps}  # every rank takes part in new_group
+    grids = [(n, g) for n, g in GRIDS if n * g <= world] if "hierarchical" in args.strategies else []
+    cps_all = sorted(set(cps) | {n * g for n, g in grids})
+    groups = {c: dist.new_group(list(range(c))) for c in cps_all}  # every rank takes part in new_group
+    make_groups(dist.group.WORLD, world)
     failed = total = 0
-    cases = itertools.product(cps, ("bshd", "thd"), ("head_tail", "contiguous"), args.strategies, args.dtypes)
+    for (nodes, gpus), fmt in itertools.product(grids, ("bshd", "thd")):
+        cp = nodes * gpus
+        if rank < cp:
+            t0 = time.perf_counter()
+            ok, bad = grid_case(groups[cp], nodes, gpus, fmt == "thd", device=device, tol=args.tol32)
+            total += 1
+            failed += not ok
+            if rank == 0:
+                verdict = "ok  " if ok else "FAIL"
+                line = f"{verdict} grid {nodes}x{gpus} {fmt} hierarchical float32"
+                print(f"{line} ({time.perf_counter() - t0:.1f} s){'' if ok else f'  {bad}'}", flush=True)
+        dist.barrier()
+    strategies = [s for s in args.strategies if s != "hierarchical"]
+    cases = itertools.product(cps, ("bshd", "thd"), ("head_tail", "contiguous"), strategies, args.dtypes)
     for cp, fmt, layout, strategy, dtype in cases:
         cfg, run_as = CFG, strategy
         if strategy.endswith("s"):  # chunks split the heads of the CFG's groups

@@ -168,14 +168,17 @@ def isolation_case(
     tol=(1e-6, 1e-7),
     first=False,
     units=None,
+    cp_group=None,
 ):
     """A NaN in one token of document 0 (or batch row 0): every other document's outputs and input
     gradients equal those of the clean batch; document 0's tokens before it too; from it on, non-finite.
     ``tol``: (rtol, atol) of "equal" (the two runs differ only in the NaN; on CUDA some kernels reduce
     in a run-dependent order). ``first``: the NaN in the very first token (rank 0's local token 0, which
     the state-passing halo and tail lookups read for slots outside a piece before they are selected away).
-    ``units``: the packed documents' lengths in multiples of ``g`` (default 3, 0, 2, 1)."""
-    cp, r = comm.group_size(group), comm.group_rank(group)
+    ``units``: the packed documents' lengths in multiples of ``g`` (default 3, 0, 2, 1). ``cp_group``: the
+    layer's CP group when it is not ``group`` (a grid), ``group`` then spanning its ranks for the verdict."""
+    cp_group = group if cp_group is None else cp_group
+    cp, r = comm.group_size(cp_group), comm.group_rank(cp_group)
     strategy, _, exchange = strategy.partition(":")
     g = 4 * cp  # a multiple of granule(layout, cp), of 4 tokens at least
     if packed:
@@ -197,7 +200,7 @@ def isolation_case(
         pos = positions(cp, layout, length=3 * g, ranks=r)
     m = Mamba2Mixer(
         Mamba2Config(**CFG),
-        cp_group=group,
+        cp_group=cp_group,
         layout=layout,
         strategy=strategy,
         state_exchange=exchange or "allgather",

@@ -23,4 +23,5 @@ def test_parity_script_under_torchrun_on_cpu():
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-4000:]
-    assert "40 passed, 0 failed (gloo, 2 ranks, CPU)" in out, out[-4000:]
+    assert "44 passed, 0 failed (gloo, 2 ranks, CPU)" in out, out[-4000:]  # 40 + the grids 1x2, 2x1
+    assert "ok   grid 2x1 thd hierarchical" in out, out[-4000:]
