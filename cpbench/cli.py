@@ -84,10 +84,10 @@ bar. A case regresses only when all hold:
 
 Changes failing 2 or 3 are shown as noise. Improvements mirror this; ok -> error is a
 regression. Impossible values (a time, rate, bandwidth or memory <= 0, a nan or inf cell, a
-sample <= 0) are errors. On a shared machine take 2 or more baseline runs interleaved with the new
-one: on a 2-core CPU at load average 4-12 (results/cpu-compare-gate-20261201), 3 baseline runs gave
-0/10 false positives and missed 9/10, 8/10, 5/10 slowdowns of 1.2x, 1.5x, 2x (whole runs of the
-same code moved by up to 1.8x there); 1 baseline run gave 2/10 false positives.
+sample <= 0) are errors. On a shared machine take 3 baseline runs interleaved with the new one:
+on a 2-core CPU at load average 3.5-21.9 (results/cpu-compare-gate-20261202), load-normalised, 3
+baseline runs gave 1/10 false positives (one case whose iterations stalled for seconds) and missed
+7/10, 0/10, 0/10 slowdowns of 1.2x, 1.5x, 2x (raw: 0/10; 10/10, 7/10, 5/10).
 
 Exit codes: 0 the gate passes; 1 it fails: a regression, or coverage (cases of OLD absent or no
 longer ok in NEW, cases only in NEW, metric cells that are not numbers: --allow-missing /
