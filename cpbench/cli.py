@@ -58,7 +58,12 @@ FORMATS = ("text", "markdown", "json")
 COMPARE_HELP = """\
 Each side is one run or several runs of the same code: several baseline folders (BASELINE ...
 NEW), or a folder of run folders for either side (base/ holding base/1, base/2 ...). A side's
-value per case is the geometric mean over its runs. The noise comes from the baseline runs and
+value per case is the geometric mean over its runs.
+
+Load-normalised: where every run of both sides has ref_ms (a fixed load reference timed just
+before and after the layer in every iteration, cpbench.runner.LoadReference), time metrics are
+judged as metric / ref_ms, per run and per iteration sample: load from other processes divides
+out. Otherwise (no ref_ms in some run, or --no-load-ref) raw times; the output says which. The noise comes from the baseline runs and
 each side's own samples, never from how NEW differs from OLD: a regression cannot widen its own
 bar. A case regresses only when all hold:
 
@@ -71,7 +76,7 @@ bar. A case regresses only when all hold:
          times sigma sqrt(1/k + 1/m), k and m the runs per side, sigma how far one case moves
          against the rest of its run between the baseline runs (1.4826 * MAD, pooled); or
      (b) the run as a whole: NEW's shift (median log(new/old) over all cases) exceeds
-         --min-shift (default 15%) plus the one-sided 1 - alpha prediction bound of a run's
+         --min-shift (default 5% load-normalised, 15% raw) plus the one-sided 1 - alpha prediction bound of a run's
          shift from the baseline runs (Student's t, k - 1 degrees of freedom, times the SD of
          their own shifts, times sqrt(1/k + 1/m)).
      One baseline run cannot measure either spread: --run-noise (default 20%) stands in for
@@ -79,10 +84,10 @@ bar. A case regresses only when all hold:
 
 Changes failing 2 or 3 are shown as noise. Improvements mirror this; ok -> error is a
 regression. Impossible values (a time, rate, bandwidth or memory <= 0, a nan or inf cell, a
-sample <= 0) are errors. On a shared machine take 2 or more baseline runs interleaved with the new
-one: on a 2-core CPU at load average 4-12 (results/cpu-compare-gate-20261201), 3 baseline runs gave
-0/10 false positives and missed 9/10, 8/10, 5/10 slowdowns of 1.2x, 1.5x, 2x (whole runs of the
-same code moved by up to 1.8x there); 1 baseline run gave 2/10 false positives.
+sample <= 0) are errors. On a shared machine take 3 baseline runs interleaved with the new one:
+on a 2-core CPU at load average 3.5-21.9 (results/cpu-compare-gate-20261202), load-normalised, 3
+baseline runs gave 1/10 false positives (one case whose iterations stalled for seconds) and missed
+7/10, 0/10, 0/10 slowdowns of 1.2x, 1.5x, 2x (raw: 0/10; 10/10, 7/10, 5/10).
 
 Exit codes: 0 the gate passes; 1 it fails: a regression, or coverage (cases of OLD absent or no
 longer ok in NEW, cases only in NEW, metric cells that are not numbers: --allow-missing /
@@ -215,15 +220,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "--run-noise",
-        default="20%",
+        default=None,
         metavar="PCT",
         help="run-to-run noise assumed when one baseline run cannot measure it (default 20%%)",
     )
     c.add_argument(
         "--min-shift",
-        default="15%",
+        default=None,
         metavar="PCT",
-        help="the whole run counts past this median change plus the baseline runs' own spread (default 15%%)",
+        help="the whole run counts past this median change plus the baseline runs' own spread (default 5%% "
+        "load-normalised, 15%% raw)",
+    )
+    c.add_argument(
+        "--no-load-ref",
+        action="store_true",
+        help="judge raw times even where every run has ref_ms (the rule without the load reference)",
     )
     c.add_argument("--only-changed", action="store_true", help="show only regressions, improvements, noise")
     c.add_argument(
@@ -439,8 +450,8 @@ def _compare(args) -> int:
     if len(args.runs) < 2:
         raise UserError("compare needs a baseline and a new run: cpbench compare BASELINE [BASELINE ...] NEW")
     threshold = compare.parse_threshold(args.threshold)
-    run_noise = compare.parse_threshold(args.run_noise, "--run-noise")
-    min_shift = compare.parse_threshold(args.min_shift, "--min-shift")
+    run_noise = None if args.run_noise is None else compare.parse_threshold(args.run_noise, "--run-noise")
+    min_shift = None if args.min_shift is None else compare.parse_threshold(args.min_shift, "--min-shift")
     if not 0 < args.alpha < 1:
         raise UserError(f"--alpha {args.alpha}: must be in (0, 1)")
     if not (args.z >= 0 and math.isfinite(args.z)):
@@ -458,6 +469,7 @@ def _compare(args) -> int:
         z=args.z,
         run_noise=run_noise,
         min_shift=min_shift,
+        load_ref=not args.no_load_ref,
     )
     failures = cmp.failures(
         allow_missing=args.allow_missing, allow_extra=args.allow_extra, allow_unreadable=args.allow_unreadable

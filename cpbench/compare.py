@@ -8,6 +8,17 @@ runs (per run, the metric as the run recorded it: ``layer_ms`` is the median of 
 ``ratio = new / old``. A metric is *lower-is-better* (``*_ms``, ``*_bytes``, ``*_GiB``, ``wall_s``) or
 *higher-is-better* (``*_GBps``, ``*_pct``, ``tokens_per_s``).
 
+**Load-normalised times.** Every measured iteration of a sweep also times a fixed load reference
+(``ref_ms``, :class:`cpbench.runner.LoadReference`: a workload that calls no ``cp_core`` code, timed
+just before and just after the layer, outside the slow-down hook). Where every run of both sides has
+``ref_ms``, a time metric (``*_ms``, ``tokens_per_s``: :func:`normalisable`) is judged as ``metric /
+ref_ms`` (a rate as ``metric * ref_ms``): each run's value divided by its own reference, each
+per-iteration sample by the reference of the same iteration. Load from other processes slows both
+alike and divides out; a slower layer moves the ratio. Everything below then applies to these ratios
+(``--min-shift`` defaults to 5% on them), and the tables show the ratio ``new/old per ref`` beside the
+raw ``new/old``. Otherwise (a run made with ``run.load_ref = false`` or before the reference existed,
+or ``--no-load-ref``) the raw times are judged, as before, and the output names the reason.
+
 **Noise model: nothing the change under test moves.** A timing on a shared machine moves iteration to
 iteration (another process takes a core for a while) and run to run (the load changes while a whole
 case, or a whole run, goes by; the iterations of one run cannot see that). The noise is estimated
@@ -26,7 +37,7 @@ regression cannot widen its own bar. A case **regressed** only when all of these
       1.4826 * the median absolute deviation of every baseline run's ``log`` values around their
       cases' means less the run's own shift, pooled over all cases (:func:`baseline_noise`); or
    b. *the run as a whole*: NEW's shift, the median over all compared cases of ``log(new/old)``,
-      exceeds ``log(1 + --min-shift)`` (default 15%) plus the one-sided ``1 - --alpha`` prediction
+      exceeds ``log(1 + --min-shift)`` (default 5% load-normalised, 15% raw) plus the one-sided ``1 - --alpha`` prediction
       bound of a run's shift from the ``k`` baseline runs: ``t(1 - alpha, k - 1) * s * sqrt(1/k +
       1/m)``, ``s`` the standard deviation of the baseline runs' own shifts. A regression of the code
       usually moves every case; a burst of load moves a few, a change of load the whole run, which
@@ -77,6 +88,12 @@ DEFAULT_ALPHA = 0.05
 DEFAULT_Z = 10.0
 DEFAULT_RUN_NOISE = 0.20
 DEFAULT_MIN_SHIFT = 0.15
+#: The minimum whole-run effect for load-normalised times (``metric / ref_ms``), whose whole runs move
+#: far less between runs of the same code (results/cpu-compare-gate-20261202).
+DEFAULT_MIN_SHIFT_NORM = 0.05
+#: The load reference column (:class:`cpbench.runner.LoadReference`) and its per-iteration samples.
+REF = "ref_ms"
+REF_SAMPLES = "ref_ms_samples"
 #: Metrics that are a time, rate, bandwidth or size of something that happened: > 0 in an ok row.
 POSITIVE = (
     "layer_ms",
@@ -87,6 +104,7 @@ POSITIVE = (
     "comm_ms",
     "comm_min_ms",
     "comm_xfer_ms",
+    "ref_ms",
     "tokens_per_s",
     "peak_mem_GiB",
     "wall_s",
@@ -165,7 +183,13 @@ def samples_column(metric: str) -> str | None:
     if src is None or src[0] != src[0].replace("_min_ms", "_ms"):
         return None  # a minimum has no samples of its own
     base = src[0][: -len("_ms")]
-    return f"{base}_ms_samples" if base in ("layer", "comm") else None
+    return f"{base}_ms_samples" if base in ("layer", "comm", "ref") else None
+
+
+def normalisable(metric: str) -> bool:
+    """Whether ``metric`` is a time (``*_ms``, or ``tokens_per_s``, a time's inverse) that the load
+    reference ``ref_ms`` can normalise: ``metric / ref_ms`` (``tokens_per_s * ref_ms``)."""
+    return metric == "tokens_per_s" or (metric.endswith("_ms") and not metric.startswith("ref_"))
 
 
 def mann_whitney_p(worse: list[float], better: list[float]) -> float:
@@ -303,8 +327,20 @@ class Gate:
     threshold: float = DEFAULT_THRESHOLD
     alpha: float = DEFAULT_ALPHA
     z: float = DEFAULT_Z
-    run_noise: float = DEFAULT_RUN_NOISE
-    min_shift: float = DEFAULT_MIN_SHIFT
+    run_noise: float | None = None  # None: DEFAULT_RUN_NOISE
+    min_shift: float | None = None  # None: DEFAULT_MIN_SHIFT raw, DEFAULT_MIN_SHIFT_NORM load-normalised
+    load_ref: bool = True  # judge metric / ref_ms where every run has ref_ms
+
+    def run_noise_for(self, normalised: bool) -> float:
+        """One default for both bases: one baseline run cannot measure how far a case moves alone,
+        which the load reference hardly narrows (x1.26 to x1.42 per case, load-normalised, in
+        results/cpu-compare-gate-20261202)."""
+        return self.run_noise if self.run_noise is not None else DEFAULT_RUN_NOISE
+
+    def min_shift_for(self, normalised: bool) -> float:
+        if self.min_shift is not None:
+            return self.min_shift
+        return DEFAULT_MIN_SHIFT_NORM if normalised else DEFAULT_MIN_SHIFT
 
 
 @dataclass
@@ -321,6 +357,10 @@ class MetricNoise:
     shift_bar: float
     case_bar: float
     samples_test: bool = True  # False when the samples cannot reach --alpha
+    normalised: bool = False  # judged on metric / ref_ms (the same-run load reference)
+    basis_note: str = ""  # why not normalised
+    min_shift: float = DEFAULT_MIN_SHIFT  # the --min-shift used
+    run_noise: float = DEFAULT_RUN_NOISE  # the --run-noise that would stand in with one baseline run
 
     def as_dict(self) -> dict[str, Any]:
         def x(v):
@@ -337,6 +377,10 @@ class MetricNoise:
             "shift": x(self.shift),
             "shift_bar": x(self.shift_bar),
             "samples_test": self.samples_test,
+            "basis": "load-normalised" if self.normalised else "raw",
+            "basis_note": self.basis_note,
+            "min_shift": self.min_shift,
+            "assumed_run_noise": self.run_noise,
         }
 
 
@@ -458,15 +502,18 @@ def compare(
     names=("OLD", "NEW"),
     alpha: float = DEFAULT_ALPHA,
     z: float = DEFAULT_Z,
-    run_noise: float = DEFAULT_RUN_NOISE,
-    min_shift: float = DEFAULT_MIN_SHIFT,
+    run_noise: float | None = None,
+    min_shift: float | None = None,
+    load_ref: bool = True,
 ) -> Comparison:
     """Compare the baseline's runs with NEW's (see the module docstring). ``old`` and ``new`` are a
     results DataFrame or a list of them (runs of the same code); ``names`` the side's name or one name
-    per run. Raises ResultsError when the inputs cannot be compared or hold impossible values."""
-    from .metrics import parse_samples
-
-    gate = Gate(threshold=threshold, alpha=alpha, z=z, run_noise=run_noise, min_shift=min_shift)
+    per run. ``run_noise`` / ``min_shift`` None: the default of the basis (raw or load-normalised);
+    ``load_ref`` False: judge raw times even where every run has ``ref_ms``. Raises ResultsError when
+    the inputs cannot be compared or hold impossible values."""
+    gate = Gate(
+        threshold=threshold, alpha=alpha, z=z, run_noise=run_noise, min_shift=min_shift, load_ref=load_ref
+    )
     o_frames, o_names = _as_runs(old, names[0])
     n_frames, n_names = _as_runs(new, names[1])
     everything = list(zip(o_frames + n_frames, o_names + n_names, strict=True))
@@ -485,6 +532,16 @@ def compare(
         empty = [nm for df, nm in everything if not _has_numbers(df[m])]
         if empty:
             raise ResultsError(f"metric {m!r} has no numeric value in {' and '.join(empty)}")
+    # the load reference: every run of both sides must have it, else the raw rule (and the output says why)
+    lacking = [nm for df, nm in everything if REF not in df.columns or not _has_numbers(df[REF])]
+    if not load_ref:
+        basis_note = "--no-load-ref"
+    elif lacking:
+        more = f" and {len(lacking) - 3} more" if len(lacking) > 3 else ""
+        basis_note = f"no {REF} in {', '.join(lacking[:3])}{more}"
+    else:
+        basis_note = ""
+    use_ref = load_ref and not lacking
     sides = []
     for frames, nms, side_name in ((o_frames, o_names, "OLD"), (n_frames, n_names, "NEW")):
         side = _Side(side_name, [], nms)
@@ -493,7 +550,7 @@ def compare(
             dup = df["_key"][df["_key"].duplicated()]
             if len(dup):
                 raise ResultsError(f"{nm}: {len(dup)} duplicated case key(s), e.g. {dup.iloc[0]}")
-            _check_possible(df, nm, metrics)
+            _check_possible(df, nm, metrics + ([REF] if use_ref else []))
             side.frames.append(df)
             side.records.append({r["_key"]: r for r in df.to_dict("records")})
         sides.append(side)
@@ -531,30 +588,32 @@ def compare(
             cmp.not_compared.append(f"{key}: {so} -> {sn}")
             continue
         for m in metrics:
+            norm = use_ref and normalisable(m)
             item = {"key": key, "first": first, "metric": m, "old": [], "new": [], "s_old": [], "s_new": []}
-            item["iqr_old"], item["iqr_new"] = [], []
+            item["iqr_old"], item["iqr_new"], item["raw_old"], item["raw_new"] = [], [], [], []
+            item["norm"] = norm
             bad = False
-            for side, vals, samp, iqrs in (
-                (o_side, item["old"], item["s_old"], item["iqr_old"]),
-                (n_side, item["new"], item["s_new"], item["iqr_new"]),
+            for side, vals, raws, samp, iqrs in (
+                (o_side, item["old"], item["raw_old"], item["s_old"], item["iqr_old"]),
+                (n_side, item["new"], item["raw_new"], item["s_new"], item["iqr_new"]),
             ):
                 for nm, rec in side.rows(key):
                     if rec.get("status") != "ok":
                         continue
-                    v, readable = _cell_number(rec.get(m))
-                    if not readable:
-                        cmp.unreadable.append(f"{key}: {m} in {nm}: {rec.get(m)!r}")
+                    problem, v, raw, s = _judged(rec, m, norm)
+                    if problem:
+                        cmp.unreadable.append(f"{key}: {problem} in {nm}")
                         bad = True
                         continue
                     vals.append(v)
-                    iqrs.append(noise(rec, m))
-                    col = samples_column(m)
-                    if col is not None and col in rec:
-                        try:
-                            samp.append(parse_samples(rec[col]))
-                        except ValueError:
-                            cmp.unreadable.append(f"{key}: {col} in {nm} is not a list of numbers")
+                    raws.append(raw)
+                    iqrs.append(noise(rec, m) * (v / raw if raw and math.isfinite(v / raw) else 1.0))
+                    if s is not None:
+                        samp.append(s)
             present = [[v for v in item[s] if math.isfinite(v)] for s in ("old", "new")]
+            item["raw_old"], item["raw_new"] = (
+                [v for v in item[s] if math.isfinite(v)] for s in ("raw_old", "raw_new")
+            )
             if bad or (bool(present[0]) != bool(present[1])):
                 if not bad:
                     side = n_name_of(cmp) if not present[1] else o_name_of(cmp)
@@ -569,14 +628,16 @@ def compare(
     k, n_new = len(o_frames), len(n_frames)
     spread = math.sqrt(1 / k + 1 / n_new)
     for m in metrics:
+        norm = use_ref and normalisable(m)
         items = [it for it in pending if it["metric"] == m]
-        sigma, shift_sd = baseline_noise(_per_run_logs(o_side, m, {it["key"] for it in items}))
+        sigma, shift_sd = baseline_noise(_per_run_logs(o_side, m, {it["key"] for it in items}, norm))
         measured = math.isfinite(sigma) and math.isfinite(shift_sd)
         if measured:
             q = t_quantile(1 - alpha, k - 1)  # a prediction bound from k baseline runs
         else:
-            sigma = shift_sd = math.log1p(run_noise)
+            sigma = shift_sd = math.log1p(gate.run_noise_for(norm))
             q = t_quantile(1 - alpha, math.inf)
+        min_shift_m = gate.min_shift_for(norm)
         logs = [_center(it["new"]) - _center(it["old"]) for it in items]
         logs = [v for v in logs if math.isfinite(v)]
         shift = _median(logs) if len(logs) >= MIN_CASES_FOR_SPREAD else float("nan")
@@ -588,8 +649,12 @@ def compare(
             measured=measured,
             cases=len(items),
             shift=shift,
-            shift_bar=math.log1p(min_shift) + q * shift_sd * spread,
+            shift_bar=math.log1p(min_shift_m) + q * shift_sd * spread,
             case_bar=z * sigma * spread,
+            normalised=norm,
+            basis_note="" if norm else (basis_note or f"{m} is not a time"),
+            min_shift=min_shift_m,
+            run_noise=gate.run_noise_for(norm),
         )
         for it in items:
             v, note = _judge(cmp, it)
@@ -613,17 +678,53 @@ def _center(values: list[float]) -> float:
     return sum(math.log(v) for v in values) / len(values)
 
 
-def _per_run_logs(side: _Side, metric: str, keys: set[str]) -> list[dict[str, float]]:
-    """Per run of the side: ``{case: log value}`` of its ok rows with a value > 0."""
+def _per_run_logs(side: _Side, metric: str, keys: set[str], norm: bool = False) -> list[dict[str, float]]:
+    """Per run of the side: ``{case: log value}`` of its ok rows with a judged value > 0."""
     out = []
     for rec in side.records:
         logs = {}
         for k in keys & rec.keys():
-            v, readable = _cell_number(rec[k].get(metric))
-            if rec[k].get("status") == "ok" and readable and v > 0:
+            if rec[k].get("status") != "ok":
+                continue
+            problem, v, _, _ = _judged(rec[k], metric, norm, samples=False)
+            if not problem and v > 0:
                 logs[k] = math.log(v)
         out.append(logs)
     return out
+
+
+def _judged(
+    rec: dict, metric: str, norm: bool, samples: bool = True
+) -> tuple[str, float, float, list[float] | None]:
+    """``(problem, judged value, raw value, judged samples or None)`` of one ok row. Load-normalised
+    (``norm``): the value over the row's ``ref_ms`` (a rate times it), the samples (times) over the
+    reference's sample of the same iteration (over ``ref_ms`` where the counts differ). ``problem``:
+    why the row cannot be read ("" when it can); an empty metric cell is NaN, not a problem."""
+    from .metrics import parse_samples
+
+    v, readable = _cell_number(rec.get(metric))
+    if not readable:
+        return f"{metric}: {rec.get(metric)!r}", math.nan, math.nan, None
+    raw, r = v, 1.0
+    if norm and math.isfinite(v):
+        r, ok = _cell_number(rec.get(REF))
+        if not (ok and math.isfinite(r) and r > 0):
+            return f"{REF} {rec.get(REF)!r} (needed to normalise {metric})", math.nan, math.nan, None
+        v = v * r if higher_is_better(metric) else v / r
+    col = samples_column(metric)
+    if not samples or col is None or col not in rec:
+        return "", v, raw, None
+    try:
+        xs = parse_samples(rec[col])
+    except ValueError:
+        return f"{col} is not a list of numbers", math.nan, math.nan, None
+    if norm and xs:
+        try:
+            rs = parse_samples(rec.get(REF_SAMPLES))
+        except ValueError:
+            rs = []
+        xs = [x / q for x, q in zip(xs, rs, strict=True)] if len(rs) == len(xs) else [x / r for x in xs]
+    return "", v, raw, xs
 
 
 def _judge(cmp: Comparison, it: dict[str, Any]) -> tuple[str, str]:
@@ -704,15 +805,20 @@ def _differing(old, new, keys: list[str]) -> list[str]:
 def _row(
     rec: dict, keys: list[str], metric: str, verdict_: str, note: str = "", item: dict | None = None
 ) -> dict[str, Any]:
+    judged = float("nan")
     if item is not None:
-        lo, ln = _center(item["old"]), _center(item["new"])
+        lo, ln = _center(item["raw_old"]), _center(item["raw_new"])
         o = math.exp(lo) if math.isfinite(lo) else float("nan")
         n = math.exp(ln) if math.isfinite(ln) else float("nan")
-        runs_old, runs_new = list(item["old"]), list(item["new"])
+        runs_old, runs_new = list(item["raw_old"]), list(item["raw_new"])
+        jo, jn = _center(item["old"]), _center(item["new"])
+        judged = math.exp(jn - jo) if math.isfinite(jo) and math.isfinite(jn) else float("nan")
     else:
         o = n = float("nan")
         runs_old = runs_new = []
     ratio = n / o if (math.isfinite(o) and math.isfinite(n) and o != 0) else float("nan")
+    normed = item is not None and item["norm"]
+    judged = judged if item is not None else ratio
     key = {k: rec.get(k) for k in keys}
     return {
         **key,
@@ -720,12 +826,13 @@ def _row(
         "old": o,
         "new": n,
         "ratio": ratio,
+        "norm_ratio": judged if normed else float("nan"),
         "old_runs": runs_old,
         "new_runs": runs_new,
         "verdict": verdict_,
         "note": note,
-        "badness": (1 / ratio if higher_is_better(metric) else ratio)
-        if ratio == ratio and ratio != 0
+        "badness": (1 / judged if higher_is_better(metric) else judged)
+        if judged == judged and judged != 0
         else math.inf,
     }
 
@@ -749,8 +856,14 @@ def _noise_line(cmp: Comparison, m: str) -> str:
         else f"whole-run shift not tested (< {MIN_CASES_FOR_SPREAD} cases)"
     )
     samples = "" if nz.samples_test else "; samples test off (too few samples to reach --alpha)"
+    basis = (
+        f"judged load-normalised: {m} / {REF} (the same-run load reference, per-iteration ratios)"
+        if nz.normalised
+        else f"judged on raw {m} ({nz.basis_note or 'no load reference'})"
+    )
     return (
-        f"{m} ({direction}): {nz.runs_old} baseline run(s) vs {nz.runs_new}; threshold {gate.threshold:.1%}; "
+        f"{m} ({direction}): {basis}; {nz.runs_old} baseline run(s) vs {nz.runs_new}; "
+        f"threshold {gate.threshold:.1%}, min shift {nz.min_shift:.0%}; "
         f"run-to-run noise {source}: a case x{math.exp(nz.sigma):.3f}, a whole run "
         f"x{math.exp(nz.shift_sd):.3f}; a case alone counts past x{math.exp(nz.case_bar):.2f}; {shift}{samples}"
     )
@@ -790,17 +903,30 @@ def _summary(cmp: Comparison) -> str:
     )
 
 
+def _normalised(cmp: Comparison) -> bool:
+    """Whether any metric was judged load-normalised (the tables then show that ratio too)."""
+    return any(nz.normalised for nz in cmp.noise.values())
+
+
 def _cells(cmp: Comparison, r: dict[str, Any], varying: list[str]) -> list[str]:
     from .report import _fmt_number
 
     m = r["metric"]
+    norm = (
+        [f"{r['norm_ratio']:.3f}" if r["norm_ratio"] == r["norm_ratio"] else "-"] if _normalised(cmp) else []
+    )
     return [
         *[_fmt_number(k, r[k]) for k in varying],
         _fmt_number(m, r["old"]),
         _fmt_number(m, r["new"]),
         f"{r['ratio']:.3f}" if r["ratio"] == r["ratio"] else "-",
+        *norm,
         r["verdict"] + (f": {r['note']}" if r["note"] else ""),
     ]
+
+
+#: The column of the load-normalised ratio (``(new / new ref) / (old / old ref)``).
+NORM_COLUMN = "new/old per ref"
 
 
 def render(
@@ -832,7 +958,7 @@ def render(
         )
         for k in varying:
             t.add_column(k, no_wrap=True, justify="right" if k in NUMERIC_KEYS else "left")
-        for c in ("old", "new", "new/old"):
+        for c in ("old", "new", "new/old", *([NORM_COLUMN] if _normalised(cmp) else [])):
             t.add_column(c, justify="right", no_wrap=True)
         t.add_column("verdict", overflow="fold")
         for r in (r for r in rows if r["metric"] == m):
@@ -862,8 +988,9 @@ def as_markdown(cmp: Comparison, *, failures=(), only_changed: bool = False) -> 
     for m in cmp.metrics:
         out += [_noise_line(cmp, m), ""]
         body = [_cells(cmp, r, varying) for r in rows if r["metric"] == m]
-        right = [k in NUMERIC_KEYS for k in varying] + [True, True, True, False]
-        out += [markdown_table([*varying, "old", "new", "new/old", "verdict"], body, right), ""]
+        extra = [NORM_COLUMN] if _normalised(cmp) else []
+        right = [k in NUMERIC_KEYS for k in varying] + [True, True, True] + [True] * len(extra) + [False]
+        out += [markdown_table([*varying, "old", "new", "new/old", *extra, "verdict"], body, right), ""]
     for title, _, items in _lists(cmp):
         if items:
             out.append(f"{title} ({len(items)}):")
@@ -892,6 +1019,7 @@ def as_json(cmp: Comparison, *, failures=(), only_changed: bool = False) -> dict
             "z": cmp.gate.z,
             "run_noise": cmp.gate.run_noise,
             "min_shift": cmp.gate.min_shift,
+            "load_ref": cmp.gate.load_ref,
         },
         "metrics": {m: nz.as_dict() for m, nz in cmp.noise.items()},
         "regressions": len(cmp.regressions),

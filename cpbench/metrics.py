@@ -37,6 +37,9 @@ Conventions (as nccl-tests):
   ``trace_overlap_pct`` (HTA's overlap: communication time with computation kernels running at once
   over communication time, the lowest rank) and ``trace_idle_ms`` (the compute stream's idle time in
   gaps of 0.05 ms or more per iteration, max over ranks).
+* ``ref_ms``: the load reference timed beside every measured iteration (:class:`cpbench.runner.LoadReference`),
+  as ``layer_ms``: per-iteration samples ``ref_ms_samples`` (the slowest rank per iteration), each rank's
+  median, the slowest rank's; ``ref_iqr_ms`` the largest rank's IQR. Empty with ``run.load_ref = false``.
 * ``warmup_s``: the wall time of the untimed warm-up iterations (first-call autotuning), max over ranks.
 """
 
@@ -279,6 +282,14 @@ def aggregate(
         row[f"{name}_min_ms"] = st["min"] * 1e3
         row[f"{name}_iqr_ms"] = st["iqr"] * 1e3
         row[f"{name}_ms_samples"] = format_samples(slowest_per_iteration(series))
+    refs = [list(p.get("ref") or []) for p in payloads]
+    if all(len(r) == iters for r in refs) and iters:
+        st = across_ranks(refs)
+        row["ref_ms"], row["ref_iqr_ms"] = st["max"] * 1e3, st["iqr"] * 1e3
+        row["ref_ms_samples"] = format_samples(slowest_per_iteration(refs))
+    else:  # not timed (run.load_ref = false)
+        row["ref_ms"] = row["ref_iqr_ms"] = NAN
+        row["ref_ms_samples"] = ""
     if not regions:
         row["comm_ms"] = row["comm_min_ms"] = row["comm_iqr_ms"] = NAN
         row["comm_ms_samples"] = ""

@@ -57,6 +57,9 @@ HEADLINE_COLUMNS = (
     "comm_min_ms",
     "comm_iqr_ms",
     "comm_ms_samples",
+    "ref_ms",
+    "ref_iqr_ms",
+    "ref_ms_samples",
     "comm_bytes_fwd",
     "comm_bytes_bwd",
     "comm_bytes",
@@ -83,7 +86,7 @@ KNOWN_REGIONS = (
     "norm_proj",
 )
 #: Per-iteration samples (text cells, see cpbench.metrics.format_samples).
-SAMPLE_COLUMNS = ("layer_ms_samples", "comm_ms_samples")
+SAMPLE_COLUMNS = ("layer_ms_samples", "comm_ms_samples", "ref_ms_samples")
 #: The columns a file needs to be read as cpbench results.
 REQUIRED_COLUMNS = (*CASE_KEY, "status")
 #: Text columns (read as strings, empty cells as ""); every other column holds numbers.

@@ -20,6 +20,19 @@ case; ``torch`` runs them under ``torch.profiler.profile`` and writes one Chrome
 case and rank, the regions appearing as ``record_function`` ranges of the same names (kineto's own
 console lines are silenced with ``KINETO_LOG_LEVEL=6`` unless the variable is set).
 
+Load reference (``run.load_ref``, default on): every measured iteration also times
+:class:`LoadReference`, a fixed torch workload that calls no ``cp_core`` code (a two-layer MLP's
+forward and backward on a ``[256, 64]`` float32 batch, 4 times: the same on every case, rank and
+run, about 2.8 ms on one idle core of the 2-core CPU), once just before the layer (after the
+group's line-up) and once just after it, outside every region and outside the slow-down hook below.
+The two halves bracket the layer in time, so they share the load it ran under; the row's ``ref_ms``
+/ ``ref_ms_samples`` are the pair's time per iteration, like ``layer_ms`` (the slowest rank per
+iteration; its median). ``cpbench compare`` judges ``layer_ms / ref_ms`` where both sides have it
+(:mod:`cpbench.compare`). It adds about 5.6 ms per measured iteration (none to warm-up ones: the
+first measured iteration's reference runs after one untimed call). Its size was chosen by measurement
+(``results/cpu-compare-gate-20261202``): a 0.7 ms half moved more between runs of the same code
+than the layer did, under load.
+
 Fault injection for tests of the harness: ``CPBENCH_FAULT=RANK:CASE:WHAT`` makes global rank RANK,
 at case index CASE, ``raise`` in setup, ``exit`` (the process dies) or ``hang`` (sleeps).
 
@@ -271,6 +284,40 @@ def _slowed(device: torch.device, factor: float):
         pass
 
 
+class LoadReference:
+    """A fixed workload that tracks how fast this process runs right now (the machine's load), and no
+    ``cp_core`` code: a two-layer MLP (``64 -> 256 -> 64``, SiLU, tanh and a residual) forward and
+    backward on a fixed ``[256, 64]`` float32 batch, seeded, on the case's device. Its size does not
+    depend on the case, so its time is a series of the load over a run and comparable between runs."""
+
+    ROWS, WIDTH, HIDDEN = 256, 64, 256
+    REPEATS = 4  # per call: a call takes about 2.8 ms on one idle core of the 2-core CPU
+
+    def __init__(self, device: torch.device):
+        gen = torch.Generator().manual_seed(12345)
+        self.device = device
+        self.x = torch.randn(self.ROWS, self.WIDTH, generator=gen).to(device)
+        self.w1 = (torch.randn(self.WIDTH, self.HIDDEN, generator=gen) / 8).to(device).requires_grad_(True)
+        self.w2 = (torch.randn(self.HIDDEN, self.WIDTH, generator=gen) / 16).to(device).requires_grad_(True)
+        self._run()  # untimed: the first call allocates
+
+    def _run(self) -> None:
+        with torch.enable_grad():
+            for _ in range(self.REPEATS):
+                h = torch.nn.functional.silu(self.x @ self.w1)
+                y = torch.tanh(h @ self.w2) + self.x
+                y.sum().backward()
+                self.w1.grad = self.w2.grad = None
+
+    def __call__(self) -> float:
+        """Run the workload once; its seconds (device synchronized at both ends)."""
+        synchronize(self.device)
+        t0 = time.perf_counter()
+        self._run()
+        synchronize(self.device)
+        return time.perf_counter() - t0
+
+
 def _step(p: Prepared, timer: RegionTimer, slow: float = 1.0) -> None:
     dev = p.x.device
     if p.case.backward:
@@ -302,6 +349,8 @@ def run_iterations(p: Prepared, scenario: Scenario, ctx: RankContext) -> dict[st
         ctx.device, nvtx=nvtx_wanted(ctx.profile, ctx.device), record_function=ctx.profile == "torch"
     )
     cuda = ctx.device.type == "cuda"
+    ref = LoadReference(ctx.device) if run.load_ref else None
+    ref_s: list[float] = []
     fault_point(ctx.rank, p.case.index, "run")
     with installed(timer):
         t_warm = time.perf_counter()
@@ -346,6 +395,7 @@ def run_iterations(p: Prepared, scenario: Scenario, ctx: RankContext) -> dict[st
             for it in range(run.iters):
                 _group_sync(ctx)
                 COUNTS.clear()
+                before = ref() if ref is not None else 0.0  # outside the iteration's regions and trace range
                 timer.start_iteration(measure=True)
                 with (
                     torch.profiler.record_function(trace.ITERATION)
@@ -355,6 +405,8 @@ def run_iterations(p: Prepared, scenario: Scenario, ctx: RankContext) -> dict[st
                     _step(p, timer, slow)
                 synchronize(ctx.device)
                 times = timer.stop_iteration()
+                if ref is not None:
+                    ref_s.append(before + ref())
                 n_coll = sum(COUNTS.values())
                 for name in set(regions) | set(times):
                     regions.setdefault(name, [0.0] * it).append(times.get(name, 0.0))
@@ -372,6 +424,7 @@ def run_iterations(p: Prepared, scenario: Scenario, ctx: RankContext) -> dict[st
     return {
         "iters": run.iters,
         "regions": regions,
+        "ref": ref_s,
         "peak_mem_bytes": peak,
         "backends": backends,
         "n_collectives": n_coll,

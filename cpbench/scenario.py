@@ -48,6 +48,9 @@ Schema (every table optional except ``[layer]``; unknown tables or keys are erro
     microbench_iters = 20         # default 20; measured all-to-alls per message size (after 5 warmups)
     exposed_comm = true           # default true; also time the layer with its collectives suppressed
                                   # (cp > 1, ours): exposed_comm_ms = layer_ms - layer_nocomm_ms
+    load_ref = true               # default true; time a fixed torch workload beside every measured
+                                  # iteration (ref_ms: the machine's load, cpbench.runner.LoadReference);
+                                  # cpbench compare judges layer_ms / ref_ms where both sides have it
     autotune = "cached"           # "cached" (default: Triton autotunes each new shape once and caches the
                                   # result on disk, TRITON_CACHE_AUTOTUNING=1) | "deterministic" (instead
                                   # MAMBA_DETERMINISTIC=1: one config per kernel, short first calls) | "full"
@@ -275,6 +278,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "microbench": (_bool, True),
         "microbench_iters": (_int(1), 20),
         "exposed_comm": (_bool, True),
+        "load_ref": (_bool, True),
         "autotune": (_choice(AUTOTUNE), "cached"),
     },
 }
@@ -321,6 +325,7 @@ class Run:
     microbench: bool = True
     microbench_iters: int = 20
     exposed_comm: bool = True
+    load_ref: bool = True
     autotune: str = "cached"
 
 

@@ -1,6 +1,6 @@
 """False positives and false negatives of ``cpbench compare`` at its defaults, from real runs.
 
-    python3 scripts/compare_gate_rates.py --trials 10 --runs RUNS_DIR --out results/SET
+    python3 scripts/compare_gate_rates.py --trials 10 --runs RUNS_DIR --out results/SET [--load 4]
     python3 scripts/compare_gate_rates.py --runs RUNS_DIR --out results/SET --evaluate-only
 
 Each trial runs, back to back and interleaved, ``--baselines`` sweeps of the unchanged code (``B1``,
@@ -10,22 +10,36 @@ slowed by that factor (``CPBENCH_SLOWDOWN``, :mod:`cpbench.runner`):
 [SCENARIO] --set ...`` (default: the embedded smoke scenario as ``cpbench sweep`` runs it), with the
 machine's load average recorded before it.
 
+``--load N`` adds load of its own while the trials run, as other jobs on a shared CI machine would:
+N background processes (every other one a pure-Python spin, the rest a one-thread 384 x 384 torch
+matmul loop), of which a random number from 0 to N runs at any time, drawn again every 0.5 to 4 s
+(seeded by ``--load-seed``; the others are stopped with SIGSTOP); they end with the script.
+
 Then every trial's NEW runs are compared with 1, 2 and 3 of its baselines by ``cpbench compare B...
-NEW --format json`` at the gate's defaults: a failing gate on ``same`` is a false positive, a passing
-gate on a slowed run a false negative. Writes ``OUT/gate_trials.csv`` (one row per trial, baseline
-count and NEW run: the gate's verdict, regressions, the measured run-to-run noise, the whole-run
-shift), ``OUT/gate_rates.md`` (the table) and ``OUT/runs.csv`` (every run: when it ended, the 1-, 5-
-and 15-minute load averages just before it started, its wall time). Raw runs stay in RUNS_DIR.
+NEW --format json`` at the gate's defaults, under both rules: ``load-normalised`` (the default where
+the runs have ``ref_ms``: ``layer_ms / ref_ms``) and ``raw`` (``--no-load-ref``: the rule before the
+load reference). A failing gate on ``same`` is a false positive, a passing gate on a slowed run a false
+negative. Writes ``OUT/gate_trials.csv`` (one row per trial, baseline count, NEW run and rule: the
+gate's verdict, regressions, the measured run-to-run noise, the whole-run shift), ``OUT/gate_rates.md``
+(the table), ``OUT/runs.csv`` (every run: when it ended, the 1-, 5- and 15-minute load averages just
+before it started, its wall time, the induced load's mean number of running processes during it) and,
+with ``--load``, ``OUT/load.csv`` (every change of the induced load: time, processes running). Raw
+runs stay in RUNS_DIR.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import io
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -39,15 +53,70 @@ def _load() -> str:
         return ""
 
 
-def sweep(out: Path, factor: float, scenario: str | None, overrides: list[str]) -> dict:
+SPIN = "while True: pass"
+MATMUL = "import torch\ntorch.set_num_threads(1)\na = torch.randn(384, 384)\nwhile True: a @ a"
+
+
+class Load:
+    """``n`` background processes, a random number of them (0..n) running at any time, drawn again every
+    ``lo`` to ``hi`` seconds; the rest stopped (SIGSTOP). Ended (by pid) when the block ends."""
+
+    def __init__(self, n: int, seed: int = 0, lo: float = 0.5, hi: float = 4.0):
+        self.n, self.rng, self.lo, self.hi = n, random.Random(seed), lo, hi
+        self.procs: list[subprocess.Popen] = []
+        self.changes: list[tuple[float, int]] = []  # (time, processes running)
+        self._stop = threading.Event()
+
+    def __enter__(self) -> Load:
+        for i in range(self.n):
+            code = SPIN if i % 2 == 0 else MATMUL
+            self.procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                )
+            )
+        self._thread = threading.Thread(target=self._vary, daemon=True)
+        self._thread.start()
+        return self
+
+    def _vary(self) -> None:
+        while not self._stop.is_set():
+            k = self.rng.randint(0, self.n)
+            on = set(self.rng.sample(range(self.n), k))
+            for i, p in enumerate(self.procs):
+                os.kill(p.pid, signal.SIGCONT if i in on else signal.SIGSTOP)
+            self.changes.append((time.time(), k))
+            self._stop.wait(self.rng.uniform(self.lo, self.hi))
+
+    def mean_running(self, t0: float, t1: float) -> float:
+        """Time-weighted mean number of running processes between ``t0`` and ``t1``."""
+        acc = 0.0
+        for (a, k), (b, _) in zip(self.changes, [*self.changes[1:], (t1, 0)], strict=True):
+            lo, hi = max(a, t0), min(b, t1)
+            acc += k * max(0.0, hi - lo)
+        return acc / (t1 - t0) if t1 > t0 else float("nan")
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        for p in self.procs:
+            os.kill(p.pid, signal.SIGCONT)
+            p.terminate()
+        for p in self.procs:
+            p.wait()
+
+
+def sweep(
+    out: Path, factor: float, scenario: str | None, overrides: list[str], load: Load | None = None
+) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("CPBENCH_SLOWDOWN", None)
     if factor != 1.0:
         env["CPBENCH_SLOWDOWN"] = repr(factor)
     cmd = [sys.executable, "-m", "cpbench", "sweep", *([scenario] if scenario else []), "--out", str(out)]
     cmd += ["--no-progress", *[a for o in overrides for a in ("--set", o)]]
-    load = _load()
-    t0 = time.perf_counter()
+    loadavg = _load()
+    t0, w0 = time.perf_counter(), time.time()
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     wall = time.perf_counter() - t0
     if res.returncode != 0:
@@ -56,8 +125,9 @@ def sweep(out: Path, factor: float, scenario: str | None, overrides: list[str]) 
         "run": out.name,
         "factor": factor,
         "end": time.strftime("%H:%M:%S"),
-        "load": load,
+        "load": loadavg,
         "wall_s": round(wall, 1),
+        "induced": round(load.mean_running(w0, time.time()), 2) if load is not None else 0,
     }
 
 
@@ -73,13 +143,21 @@ def order(n_base: int, factors: list[float]) -> list[tuple[str, float]]:
     return out + news[i:]
 
 
-def compare(baselines: list[Path], new: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "cpbench", "compare", *map(str, baselines), str(new), "--format", "json"]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
-    if res.returncode not in (0, 1):
-        raise SystemExit(f"compare failed ({res.returncode}): {' '.join(cmd)}\n{res.stderr}")
-    return json.loads(res.stdout)
+RULES = {"load-normalised": [], "raw": ["--no-load-ref"]}
+
+
+def compare(baselines: list[Path], new: Path, rule: str) -> dict:
+    """``cpbench compare B... NEW --format json`` (in this process: the same code as the command)."""
+    sys.path.insert(0, str(REPO))
+    from cpbench.cli import main as cpbench_main
+
+    args = ["compare", *map(str, baselines), str(new), "--format", "json", *RULES[rule]]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = cpbench_main(args)
+    if rc not in (0, 1):
+        raise SystemExit(f"compare failed ({rc}): cpbench {' '.join(args)}")
+    return json.loads(out.getvalue())
 
 
 def evaluate(runs: Path, out: Path, n_base: int, factors: list[float]) -> None:
@@ -89,12 +167,12 @@ def evaluate(runs: Path, out: Path, n_base: int, factors: list[float]) -> None:
         news = ["same"] + [f"x{f:g}" for f in factors]
         for k in range(1, n_base + 1):
             base = [t / f"B{b + 1}" for b in range(k)]
-            for nm in news:
+            for nm, rule in ((nm, rule) for nm in news for rule in RULES):
                 if not (t / nm / "results.csv").is_file() or not all(
                     (b / "results.csv").is_file() for b in base
                 ):
                     continue
-                j = compare(base, t / nm)
+                j = compare(base, t / nm, rule)
                 m = j["metrics"]["layer_ms"]
                 by = {}
                 for c in j["cases"]:
@@ -108,6 +186,8 @@ def evaluate(runs: Path, out: Path, n_base: int, factors: list[float]) -> None:
                         "trial": t.name,
                         "baselines": k,
                         "new": nm,
+                        "rule": rule,
+                        "basis": m.get("basis", "raw"),
                         "gate": j["gate"],
                         "regressions": j["regressions"],
                         "by_case_alone": by.get("case alone", 0),
@@ -126,25 +206,21 @@ def evaluate(runs: Path, out: Path, n_base: int, factors: list[float]) -> None:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    lines = [
-        "| baseline runs | NEW | trials | gate fails | meaning | rate |",
-        "| ---: | --- | ---: | ---: | --- | ---: |",
-    ]
-    for k in range(1, n_base + 1):
-        for nm in ["same"] + [f"x{f:g}" for f in factors]:
-            sel = [r for r in rows if r["baselines"] == k and r["new"] == nm]
-            if not sel:
-                continue
-            fails = sum(r["gate"] == "fail" for r in sel)
-            if nm == "same":
-                lines.append(
-                    f"| {k} | same code | {len(sel)} | {fails} | false positives | {fails}/{len(sel)} |"
-                )
-            else:
-                missed = len(sel) - fails
-                lines.append(
-                    f"| {k} | slowed {nm} | {len(sel)} | {fails} | false negatives | {missed}/{len(sel)} |"
-                )
+    news = ["same"] + [f"x{f:g}" for f in factors]
+    head = " | ".join(
+        ("same code: false positives" if nm == "same" else f"{nm}: false negatives") for nm in news
+    )
+    lines = [f"| rule | baseline runs | {head} |", "| --- | ---: |" + " ---: |" * len(news)]
+    for rule in RULES:
+        for k in range(1, n_base + 1):
+            cells = []
+            for nm in news:
+                sel = [r for r in rows if r["baselines"] == k and r["new"] == nm and r["rule"] == rule]
+                fails = sum(r["gate"] == "fail" for r in sel)
+                bad = fails if nm == "same" else len(sel) - fails
+                cells.append(f"{bad}/{len(sel)}" if sel else "-")
+            if any(c != "-" for c in cells):
+                lines.append(f"| {rule} | {k} | " + " | ".join(cells) + " |")
     (out / "gate_rates.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -161,25 +237,39 @@ def main() -> None:
         "--out", type=Path, required=True, help="folder for gate_trials.csv, gate_rates.md, runs.csv"
     )
     ap.add_argument("--evaluate-only", action="store_true", help="compare the runs already in --runs")
+    ap.add_argument(
+        "--load", type=int, default=0, metavar="N", help="induced load: N background processes, 0..N running"
+    )
+    ap.add_argument("--load-seed", type=int, default=0)
     args = ap.parse_args()
     factors = [float(x) for x in args.factors.split(",") if x]
     if not args.evaluate_only:
         args.runs.mkdir(parents=True, exist_ok=True)
-        log = []
-        start = len([p for p in args.runs.iterdir() if p.name.startswith("t")])
-        for t in range(start, start + args.trials):
-            for name, factor in order(args.baselines, factors):
-                rec = sweep(args.runs / f"t{t + 1:02d}" / name, factor, args.scenario, args.overrides)
-                rec["trial"] = f"t{t + 1:02d}"
-                log.append(rec)
-                print(json.dumps(rec), flush=True)
         args.out.mkdir(parents=True, exist_ok=True)
+        start = len([p for p in args.runs.iterdir() if p.name.startswith("t")])
+        load = Load(args.load, seed=args.load_seed) if args.load else None
+        # SIGTERM ends the script through its context managers (the load's processes end with it)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        fields = ["trial", "run", "factor", "end", "load", "wall_s", "induced"]
         new_file = not (args.out / "runs.csv").exists()
-        with open(args.out / "runs.csv", "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["trial", "run", "factor", "end", "load", "wall_s"])
+        with open(args.out / "runs.csv", "a", newline="") as f, load or contextlib.nullcontext():
+            w = csv.DictWriter(f, fieldnames=fields)
             if new_file:
                 w.writeheader()
-            w.writerows(log)
+            for t in range(start, start + args.trials):
+                for name, factor in order(args.baselines, factors):
+                    rec = sweep(
+                        args.runs / f"t{t + 1:02d}" / name, factor, args.scenario, args.overrides, load
+                    )
+                    rec["trial"] = f"t{t + 1:02d}"
+                    w.writerow({k: rec[k] for k in fields})
+                    f.flush()
+                    print(json.dumps(rec), flush=True)
+        if load is not None:
+            with open(args.out / "load.csv", "a", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["time", "running"])
+                w.writerows((round(a, 2), k) for a, k in load.changes)
     evaluate(args.runs, args.out, args.baselines, factors)
 
 

@@ -125,11 +125,13 @@ def test_sweep_csv_is_complete_and_sane(sweep2):
         and not c.endswith(("_min_ms", "_iqr_ms"))
         and c[:-3] not in ("layer", "comm", "layer_fwd", "layer_bwd", "layer_nocomm", "exposed_comm")
         and c[:-3] not in ("comm_xfer", "comm_wait")
+        and c[:-3] != "ref"  # the load reference beside the layer, not a region of it
         and not c.endswith("_xfer_ms")  # a collective from the last rank's entry (see below)
     ]
     assert {"ssm", "conv1d", "norm_proj", "a2a_pre", "a2a_post"} <= set(regions)
     for _, r in ok.iterrows():
         assert r["layer_ms"] > 0 and r["layer_fwd_ms"] > 0 and r["layer_min_ms"] <= r["layer_ms"]
+        assert r["ref_ms"] > 0 and len(r["ref_ms_samples"].split()) == r["iters"]
         for reg in regions:
             v = r[f"{reg}_ms"]
             if not math.isnan(v):

@@ -15,6 +15,7 @@ from cpbench.compare import (
     compare,
     mann_whitney_p,
     noise,
+    normalisable,
     parse_threshold,
     smallest_p,
     t_quantile,
@@ -57,6 +58,100 @@ def run_rows(seed: int, slow=None, jitter: float = 0.03, iters: int = 6) -> list
         med = sorted(samples)[iters // 2]
         rows.append(case_row(L, med, iqr=0.02 * med, samples=samples))
     return rows
+
+
+def loaded_rows(seed: int, load: float, slow: float = 1.0, iters: int = 6, ref: bool = True) -> list[dict]:
+    """One run of six cases on a machine whose load slows every iteration, the layer and the load
+    reference timed beside it alike: by ``load`` for the whole run and by up to 2x more per iteration
+    (a burst). ``slow``: the layer alone slowed (the code). ``ref``: record ref_ms (else no column)."""
+    rng = random.Random(seed)
+    rows = []
+    for i, L in enumerate(LENGTHS):
+        level = 10.0 * (i + 1) * math.exp(rng.gauss(0, 0.02))
+        per_it = [load * math.exp(rng.uniform(0, math.log(2))) for _ in range(iters)]
+        layer = [level * slow * f * math.exp(rng.gauss(0, 0.02)) for f in per_it]
+        refs = [5.0 * f * math.exp(rng.gauss(0, 0.02)) for f in per_it]
+        row = case_row(L, sorted(layer)[iters // 2], iqr=0.1, samples=layer)
+        if ref:
+            row.update(ref_ms=sorted(refs)[iters // 2], ref_ms_samples=" ".join(f"{x:.4g}" for x in refs))
+        rows.append(row)
+    return rows
+
+
+def loaded_runs(tmp_path, name, loads, **kw) -> list:
+    out = []
+    for j, load in enumerate(loads):
+        d = tmp_path / f"{name}{j}"
+        d.mkdir()
+        write(d / "results.csv", loaded_rows(hash((name, j)) % 1000, load, **kw))
+        out.append(d)
+    return out
+
+
+def test_a_change_of_load_is_divided_out_by_the_load_reference(tmp_path, capsys):
+    """The layer and the reference beside it move with the load; the gate judges layer_ms / ref_ms, so a
+    run of the same code under 2.5x the load passes, while the rule without the reference fails it."""
+    base = loaded_runs(tmp_path, "b", [1.0, 1.1, 0.95])
+    busy = loaded_runs(tmp_path, "n", [2.5])
+    cmp = compare(frames(base), frames(busy))
+    nz = cmp.noise["layer_ms"]
+    assert nz.normalised and not cmp.regressions and abs(nz.shift) < math.log(1.05)
+    assert all(r["ratio"] > 1.8 and r["norm_ratio"] < 1.15 for r in cmp.rows)
+    raw = compare(frames(base), frames(busy), load_ref=False)
+    assert not raw.noise["layer_ms"].normalised and len(raw.regressions) == 6
+    assert main(["compare", *map(str, base), str(busy[0])]) == 0
+    out = capsys.readouterr().out
+    assert "judged load-normalised: layer_ms / ref_ms" in out and "new/old per ref" in out
+    assert main(["compare", *map(str, base), str(busy[0]), "--no-load-ref", "--format", "json"]) == 1
+    j = json.loads(capsys.readouterr().out)
+    assert (
+        j["metrics"]["layer_ms"]["basis"] == "raw"
+        and j["metrics"]["layer_ms"]["basis_note"] == "--no-load-ref"
+    )
+
+
+def test_a_slowed_layer_is_caught_whatever_the_load_did_to_the_baseline(tmp_path):
+    """Baseline runs at loads 0.7x to 1.6x: the raw whole-run bar widens past a 1.5x slowdown of the
+    layer; divided by the reference it does not, and the slowdown is a regression."""
+    base = loaded_runs(tmp_path, "b", [0.7, 1.6, 1.1])
+    slowed = loaded_runs(tmp_path, "s", [1.0], slow=1.5)
+    cmp = compare(frames(base), frames(slowed))
+    assert cmp.noise["layer_ms"].normalised and len(cmp.regressions) >= 4
+    assert all("whole run x1.4" in r["note"] or "whole run x1.5" in r["note"] for r in cmp.regressions), [
+        r["note"] for r in cmp.regressions
+    ]
+    assert not compare(frames(base), frames(slowed), load_ref=False).regressions  # the raw rule misses it
+
+
+def test_without_the_reference_on_both_sides_the_raw_rule_is_used_and_named(tmp_path, capsys):
+    base = loaded_runs(tmp_path, "b", [1.0, 1.1, 0.95])
+    old_new = loaded_runs(tmp_path, "n", [1.0], ref=False)  # a run made before ref_ms existed
+    assert main(["compare", *map(str, base), str(old_new[0]), "--format", "json"]) == 0
+    m = json.loads(capsys.readouterr().out)["metrics"]["layer_ms"]
+    assert m["basis"] == "raw" and m["basis_note"] == f"no ref_ms in {old_new[0]}" and m["min_shift"] == 0.15
+    main(["compare", *map(str, base), str(old_new[0])])
+    assert f"judged on raw layer_ms (no ref_ms in {old_new[0]})" in capsys.readouterr().out
+    # times and rates are normalised, sizes and bandwidths are not
+    cmp = compare(frames(base), frames(base[:1]), metrics=["layer_ms", "tokens_per_s"])
+    assert cmp.noise["layer_ms"].normalised and cmp.noise["tokens_per_s"].normalised
+    assert (
+        normalisable("layer_fwd_ms") and not normalisable("peak_mem_GiB") and not normalisable("busbw_GBps")
+    )
+
+
+@pytest.mark.parametrize("cell", ["0", "-1.0"])
+def test_an_impossible_reference_is_an_error_and_a_missing_one_unreadable(tmp_path, capsys, cell):
+    base = loaded_runs(tmp_path, "b", [1.0, 1.1])
+    rows = loaded_rows(7, 1.0)
+    rows[3]["ref_ms"] = cell
+    write(tmp_path / "bad.csv", rows)
+    assert main(["compare", *map(str, base), str(tmp_path / "bad.csv")]) == 2
+    assert "ref_ms" in capsys.readouterr().err
+    rows[3]["ref_ms"] = ""
+    write(tmp_path / "gap.csv", rows)
+    assert main(["compare", *map(str, base), str(tmp_path / "gap.csv"), "--format", "json"]) == 1
+    j = json.loads(capsys.readouterr().out)
+    assert any("ref_ms" in u and "needed to normalise layer_ms" in u for u in j["unreadable"])
 
 
 def runs(tmp_path, name, seeds, **kw) -> list:
