@@ -23,6 +23,7 @@ import functools
 from dataclasses import dataclass
 
 from cp_core.channels import chunk_groups, local_groups
+from cp_core.mixer import Mamba2Config
 
 #: SMs of an H100 / H200 (mamba-ssm's SSD backward sizes some buffers by them)
 SM_COUNT = 132
@@ -45,17 +46,10 @@ class Layer:
     chunk_size: int
     elem: int
 
-    @property
-    def d_inner(self) -> int:
-        return self.n_heads * self.head_dim
-
-    @property
-    def conv_dim(self) -> int:
-        return self.d_inner + 2 * self.n_groups * self.d_state
-
-    @property
-    def d_in_proj(self) -> int:
-        return 2 * self.d_inner + 2 * self.n_groups * self.d_state + self.n_heads
+    # the layer's widths, as cp_core's configuration derives them
+    d_inner = Mamba2Config.d_inner
+    conv_dim = Mamba2Config.conv_dim
+    d_in_proj = Mamba2Config.d_in_proj
 
     @property
     def params(self) -> int:
@@ -160,6 +154,35 @@ def _ssd_fwd(
     return out
 
 
+def _bwd_splits(s: Layer, chunks: int, h: int, g: int) -> int:
+    """How many head splits mamba-ssm's ``dB`` / ``dC`` / ``dCB`` kernels write fp32 partials for."""
+    per_prog = max(min(-(-chunks * h // SM_COUNT), h // g), 1)
+    return -(-(h // g) // per_prog)
+
+
+def _ddt_db_dc(m: Timeline, tag: str, det: bool, s: Layer, tok: int, lh: int, splits: int, g: int) -> None:
+    """``ddt`` (fp32 per ``head_dim`` tile where deterministic, then summed) and ``_chunk_state_bwd_db`` /
+    ``_chunk_scan_bwd_dC``: fp32 per split, then summed, with their ``ddA`` terms (left live as
+    ``{tag}dB ddA`` / ``{tag}dC ddA``)."""
+    p, n = s.head_dim, s.d_state
+    tiles_p = -(-p // MIN_BLOCK_N) if det else 1
+    tiles_n = -(-n // MIN_BLOCK_N) if det else 1
+    m.add(f"{tag}ddt fp32", lh * tiles_p)
+    if tiles_p > 1:
+        m.add(f"{tag}ddt sum", lh)
+        m.drop(f"{tag}ddt fp32")
+    for name in ("dB", "dC"):
+        m.add(f"{tag}{name} fp32 splits", 4 * tok * splits * g * n)
+        m.add(f"{tag}{name} ddA tiles", lh * tiles_n)
+        m.add(f"{tag}{name} fp32", 4 * tok * g * n)
+        m.drop(f"{tag}{name} fp32 splits")
+        if tiles_n > 1:
+            m.add(f"{tag}{name} ddA", lh)
+            m.drop(f"{tag}{name} ddA tiles")
+        else:
+            m.live[f"{tag}{name} ddA"] = m.live.pop(f"{tag}{name} ddA tiles")
+
+
 def _ssd_bwd(
     m: Timeline, tag: str, w: Work, s: Layer, rows: int, length: int, h: int, g: int, *, given=True, z=False
 ):
@@ -188,24 +211,8 @@ def _ssd_bwd(
     m.drop(f"{tag}passed fp32", f"{tag}dstates fp32")
     if not given:
         m.add(f"{tag}grad dx", e * tok * h * p)
-    tiles_p = -(-p // MIN_BLOCK_N) if det else 1
-    tiles_n = -(-n // MIN_BLOCK_N) if det else 1
-    m.add(f"{tag}ddt fp32", lh * tiles_p)
-    if tiles_p > 1:
-        m.add(f"{tag}ddt sum", lh)
-        m.drop(f"{tag}ddt fp32")
-    per_prog = max(min(-(-chunks * h // SM_COUNT), h // g), 1)
-    splits = -(-(h // g) // per_prog)
-    for name in ("dB", "dC"):  # _chunk_state_bwd_db, _chunk_scan_bwd_dC: fp32 per split, then summed
-        m.add(f"{tag}{name} fp32 splits", 4 * tok * splits * g * n)
-        m.add(f"{tag}{name} ddA tiles", lh * tiles_n)
-        m.add(f"{tag}{name} fp32", 4 * tok * g * n)
-        m.drop(f"{tag}{name} fp32 splits")
-        if tiles_n > 1:
-            m.add(f"{tag}{name} ddA", lh)
-            m.drop(f"{tag}{name} ddA tiles")
-        else:
-            m.live[f"{tag}{name} ddA"] = m.live.pop(f"{tag}{name} ddA tiles")
+    splits = _bwd_splits(s, chunks, h, g)
+    _ddt_db_dc(m, tag, det, s, tok, lh, splits, g)
     m.add(f"{tag}dCB splits", 4 * chunks * splits * g * q * q)
     m.add(f"{tag}dCB", 4 * chunks * g * q * q)
     m.drop(f"{tag}dCB splits")
@@ -507,8 +514,7 @@ def _ssd_phases_bwd(m: Timeline, w: Work, s: Layer, rows: int, length: int, extr
     m.transient("bwd final", 4 * rows * h * p * n)
     m.drop("bwd states fp32")
     m.add("bwd dstates fp32", 4 * states)
-    per_prog = max(min(-(-chunks * h // SM_COUNT), h // g), 1)
-    splits = -(-(h // g) // per_prog)
+    splits = _bwd_splits(s, chunks, h, g)
     m.add("bwd dCB splits", 4 * chunks * splits * g * q * q)
     m.add("bwd dCB", 4 * chunks * g * q * q)
     m.drop("bwd dCB splits")
@@ -518,22 +524,7 @@ def _ssd_phases_bwd(m: Timeline, w: Work, s: Layer, rows: int, length: int, extr
     m.add("bwd dstates", e * states)  # _state_passing_bwd: both in the input dtype
     m.add("bwd states", e * states)
     m.drop("bwd passed fp32", "bwd dstates fp32")
-    tiles_p = -(-p // MIN_BLOCK_N) if det else 1
-    tiles_n = -(-n // MIN_BLOCK_N) if det else 1
-    m.add("bwd ddt fp32", lh * tiles_p)
-    if tiles_p > 1:
-        m.add("bwd ddt sum", lh)
-        m.drop("bwd ddt fp32")
-    for name in ("dB", "dC"):  # _chunk_state_bwd_db, _chunk_scan_bwd_dC: fp32 per split, then summed
-        m.add(f"bwd {name} fp32 splits", 4 * tok * splits * g * n)
-        m.add(f"bwd {name} ddA tiles", lh * tiles_n)
-        m.add(f"bwd {name} fp32", 4 * tok * g * n)
-        m.drop(f"bwd {name} fp32 splits")
-        if tiles_n > 1:
-            m.add(f"bwd {name} ddA", lh)
-            m.drop(f"bwd {name} ddA tiles")
-        else:
-            m.live[f"bwd {name} ddA"] = m.live.pop(f"bwd {name} ddA tiles")
+    _ddt_db_dc(m, "bwd ", det, s, tok, lh, splits, g)
     extra()
     m.transient("bwd ddA sums", 3 * lh)  # ddA_prev flipped, its cumsum, flipped back
     m.transient("bwd decay grads", 2 * lh)  # the caller's d_a and d_dtp in the chunk layout

@@ -182,9 +182,9 @@ def test_a_sweep_that_fills_the_disk_is_marked_dead_and_leaves_no_tmp(tmp_path, 
     assert meta["status"] in ("failed", "aborted", "killed") and meta.get("end_reason")
 
 
-@linux
-def test_ranks_die_with_a_killed_launcher_and_the_lock_names_no_dead_holder(tmp_path, capsys):
-    out = tmp_path / "o"
+def _hanging_sweep(tmp_path, out) -> subprocess.Popen:
+    """A sweep whose case 1 hangs on rank 1 (``CPBENCH_FAULT``), returned once case 0 is done and the lock
+    lists the launcher and rank 0 (its own session: the caller kills the group)."""
     proc = subprocess.Popen(
         _sweep_cmd(tmp_path, out),
         stdout=subprocess.DEVNULL,
@@ -193,11 +193,20 @@ def test_ranks_die_with_a_killed_launcher_and_the_lock_names_no_dead_holder(tmp_
         env=_env(CPBENCH_FAULT="1:1:hang"),
         start_new_session=True,
     )
+    for line in proc.stderr:
+        if line.startswith("cpbench: [1/"):
+            break
+    if not _wait_for(lambda: len(rundir.lock_text(out)) == 2, 10):
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("the lock never listed the launcher and rank 0")
+    return proc
+
+
+@linux
+def test_ranks_die_with_a_killed_launcher_and_the_lock_names_no_dead_holder(tmp_path, capsys):
+    out = tmp_path / "o"
+    proc = _hanging_sweep(tmp_path, out)
     try:
-        for line in proc.stderr:  # case 0 done, case 1 hangs on rank 1
-            if line.startswith("cpbench: [1/"):
-                break
-        assert _wait_for(lambda: len(rundir.lock_text(out)) == 2, 10)  # launcher + rank 0
         ranks = [
             p for p in _children(proc.pid) if "multiprocessing" in Path(f"/proc/{p}/cmdline").read_text()
         ]
@@ -231,19 +240,8 @@ def test_the_lock_lists_only_live_holders(tmp_path):
 @linux
 def test_a_rank_killed_with_sigkill_leaves_an_end_reason(tmp_path):
     out = tmp_path / "o"
-    proc = subprocess.Popen(
-        _sweep_cmd(tmp_path, out),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_env(CPBENCH_FAULT="1:1:hang"),
-        start_new_session=True,
-    )
+    proc = _hanging_sweep(tmp_path, out)
     try:
-        for line in proc.stderr:
-            if line.startswith("cpbench: [1/"):
-                break
-        assert _wait_for(lambda: len(rundir.lock_text(out)) == 2, 10)
         rank0 = int(rundir.lock_text(out)[1].split()[1])
         rank1 = [
             p
