@@ -394,6 +394,10 @@ def plot_strategy_times(df, out: Path) -> list[Path]:
                 ax.axvspan(a.seq_len, b.seq_len, color="0.9", zorder=0)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter("{x:g}")  # plain ms, not 1.2 x 10^1
+        lo, hi = ax.get_ylim()
+        if hi < 10 * lo:  # less than a decade: the minor ticks are the only labels, so label them
+            ax.yaxis.set_minor_formatter("{x:g}")
         ax.set_title(f"cp {cp}", fontsize="medium")
         ax.set_xlabel("seq_len (tokens)")
         ax.grid(alpha=0.3)
