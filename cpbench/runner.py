@@ -288,18 +288,26 @@ class LoadReference:
     """A fixed workload that tracks how fast this process runs right now (the machine's load), and no
     ``cp_core`` code: a two-layer MLP (``64 -> 256 -> 64``, SiLU, tanh and a residual) forward and
     backward on a fixed ``[256, 64]`` float32 batch, seeded, on the case's device. Its size does not
-    depend on the case, so its time is a series of the load over a run and comparable between runs."""
+    depend on the case, so its time is a series of the load over a run and comparable between runs.
+
+    With a ``group`` of more than one rank (the case's CP group), every pass ends in a one-element
+    all-reduce on it, so the reference also pays what the layer's exchanges pay when the ranks are not
+    all running at once: on an oversubscribed CPU a rendezvous waits for a descheduled peer, a cost a
+    rank-local workload never sees (the compare gate's same-code run under a load burst failed in CI on
+    2026-12-02 with the cp 2 cases x1.75 against a compute-only reference, the cp 1 cases x0.92-1.04)."""
 
     ROWS, WIDTH, HIDDEN = 256, 64, 256
     REPEATS = 4  # per call: a call takes about 2.8 ms on one idle core of the 2-core CPU
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, group: Any = None):
         gen = torch.Generator().manual_seed(12345)
         self.device = device
+        self.group = group
+        self.token = torch.zeros(1, device=device)
         self.x = torch.randn(self.ROWS, self.WIDTH, generator=gen).to(device)
         self.w1 = (torch.randn(self.WIDTH, self.HIDDEN, generator=gen) / 8).to(device).requires_grad_(True)
         self.w2 = (torch.randn(self.HIDDEN, self.WIDTH, generator=gen) / 16).to(device).requires_grad_(True)
-        self._run()  # untimed: the first call allocates
+        self._run()  # untimed: the first call allocates (and forms the group's connection)
 
     def _run(self) -> None:
         with torch.enable_grad():
@@ -308,6 +316,10 @@ class LoadReference:
                 y = torch.tanh(h @ self.w2) + self.x
                 y.sum().backward()
                 self.w1.grad = self.w2.grad = None
+                if self.group is not None:
+                    import torch.distributed as dist
+
+                    dist.all_reduce(self.token, group=self.group)
 
     def __call__(self) -> float:
         """Run the workload once; its seconds (device synchronized at both ends)."""
@@ -316,6 +328,15 @@ class LoadReference:
         self._run()
         synchronize(self.device)
         return time.perf_counter() - t0
+
+
+def _ref_group(ctx: RankContext) -> Any:
+    """The group the load reference meets on: the case's, where it is a real one of more than one rank."""
+    if not ctx.real_group:
+        return None
+    import torch.distributed as dist
+
+    return ctx.group if dist.get_world_size(ctx.group) > 1 else None
 
 
 def _step(p: Prepared, timer: RegionTimer, slow: float = 1.0) -> None:
@@ -349,7 +370,7 @@ def run_iterations(p: Prepared, scenario: Scenario, ctx: RankContext) -> dict[st
         ctx.device, nvtx=nvtx_wanted(ctx.profile, ctx.device), record_function=ctx.profile == "torch"
     )
     cuda = ctx.device.type == "cuda"
-    ref = LoadReference(ctx.device) if run.load_ref else None
+    ref = LoadReference(ctx.device, _ref_group(ctx)) if run.load_ref else None
     ref_s: list[float] = []
     fault_point(ctx.rank, p.case.index, "run")
     with installed(timer):
@@ -406,6 +427,7 @@ def run_iterations(p: Prepared, scenario: Scenario, ctx: RankContext) -> dict[st
                 synchronize(ctx.device)
                 times = timer.stop_iteration()
                 if ref is not None:
+                    _group_sync(ctx)  # untimed: a rank that left the layer first does not wait inside ref
                     ref_s.append(before + ref())
                 n_coll = sum(COUNTS.values())
                 for name in set(regions) | set(times):
