@@ -23,14 +23,15 @@ console lines are silenced with ``KINETO_LOG_LEVEL=6`` unless the variable is se
 Load reference (``run.load_ref``, default on): every measured iteration also times
 :class:`LoadReference`, a fixed torch workload that calls no ``cp_core`` code (a two-layer MLP's
 forward and backward on a ``[256, 64]`` float32 batch, 4 times: the same on every case, rank and
-run, about 2.8 ms on one idle core of the 2-core CPU), once just before the layer (after the
-group's line-up) and once just after it, outside every region and outside the slow-down hook below.
-The two halves bracket the layer in time, so they share the load it ran under; the row's ``ref_ms``
+run, about 2.8 ms on one idle core of the 2-core CPU; each pass ends in a one-element all-reduce on
+the case's group where it has more than one rank), once just before the layer (after the group's
+line-up) and once just after it (after another), outside every region and outside the slow-down
+hook below. The two halves bracket the layer in time, so they share the load it ran under; the row's ``ref_ms``
 / ``ref_ms_samples`` are the pair's time per iteration, like ``layer_ms`` (the slowest rank per
 iteration; its median). ``cpbench compare`` judges ``layer_ms / ref_ms`` where both sides have it
 (:mod:`cpbench.compare`). It adds about 5.6 ms per measured iteration (none to warm-up ones: the
 first measured iteration's reference runs after one untimed call). Its size was chosen by measurement
-(``results/cpu-compare-gate-20261202``): a 0.7 ms half moved more between runs of the same code
+(exploratory runs before ``results/cpu-compare-gate-20261202``, not kept): a 0.7 ms half moved more between runs of the same code
 than the layer did, under load.
 
 Fault injection for tests of the harness: ``CPBENCH_FAULT=RANK:CASE:WHAT`` makes global rank RANK,
