@@ -34,6 +34,12 @@ CFG = dict(d_model=64, n_heads=8, head_dim=16, n_groups=2, d_state=16, d_conv=4,
 STRATEGIES = ("hidden", "hidden@2", "hidden@2s", "state_passing", "state_passing:chain", "hierarchical")
 
 
+def _report(ok: bool, what: str, t0: float, bad) -> None:
+    """One case's line on rank 0: verdict, what ran, seconds, and what differed where it failed."""
+    verdict = "ok  " if ok else "FAIL"
+    print(f"{verdict} {what} ({time.perf_counter() - t0:.1f} s){'' if ok else f'  {bad}'}", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu", action="store_true", help="gloo on CPU instead of NCCL on GPUs")
@@ -65,9 +71,7 @@ def main(argv=None) -> int:
             total += 1
             failed += not ok
             if rank == 0:
-                verdict = "ok  " if ok else "FAIL"
-                line = f"{verdict} grid {nodes}x{gpus} {fmt} hierarchical float32"
-                print(f"{line} ({time.perf_counter() - t0:.1f} s){'' if ok else f'  {bad}'}", flush=True)
+                _report(ok, f"grid {nodes}x{gpus} {fmt} hierarchical float32", t0, bad)
         dist.barrier()
     strategies = [s for s in args.strategies if s != "hierarchical"]
     cases = itertools.product(cps, ("bshd", "thd"), ("head_tail", "contiguous"), strategies, args.dtypes)
@@ -99,9 +103,8 @@ def main(argv=None) -> int:
             total += 1
             failed += not ok
             if rank == 0:
-                verdict = "ok  " if ok else "FAIL"
-                line = f"{verdict} cp {cp} {fmt} {layout:10s} {strategy:19s} {dtype:8s} worst rel. error {worst:.2e}"
-                print(f"{line} ({time.perf_counter() - t0:.1f} s){'' if ok else f'  {bad}'}", flush=True)
+                what = f"cp {cp} {fmt} {layout:10s} {strategy:19s} {dtype:8s} worst rel. error {worst:.2e}"
+                _report(ok, what, t0, bad)
         dist.barrier()
     if rank == 0:
         backend = dist.get_backend()
