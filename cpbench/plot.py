@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import re
+import zlib
 from pathlib import Path
 
 from .scenario import CASE_KEY
@@ -104,7 +105,7 @@ def stage_colour(name: str):
     base = name[: -len("_bwd")] if name.endswith("_bwd") else name
     i = _STAGE_COLOUR.get(base)
     if i is None:
-        return matplotlib.colormaps["tab20b"].colors[hash(base) % 20]
+        return matplotlib.colormaps["tab20b"].colors[zlib.crc32(base.encode()) % 20]  # the same in every run
     return tab[i + (1 if name.endswith("_bwd") else 0)]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import zlib
 
 import pytest
 
@@ -83,7 +84,7 @@ def loaded_runs(tmp_path, name, loads, **kw) -> list:
     for j, load in enumerate(loads):
         d = tmp_path / f"{name}{j}"
         d.mkdir()
-        write(d / "results.csv", loaded_rows(hash((name, j)) % 1000, load, **kw))
+        write(d / "results.csv", loaded_rows(zlib.crc32(f"{name}{j}".encode()), load, **kw))
         out.append(d)
     return out
 
@@ -95,8 +96,10 @@ def test_a_change_of_load_is_divided_out_by_the_load_reference(tmp_path, capsys)
     busy = loaded_runs(tmp_path, "n", [2.5])
     cmp = compare(frames(base), frames(busy))
     nz = cmp.noise["layer_ms"]
-    assert nz.normalised and not cmp.regressions and abs(nz.shift) < math.log(1.05)
-    assert all(r["ratio"] > 1.8 and r["norm_ratio"] < 1.15 for r in cmp.rows)
+    # Bounds that held on 1000 random draws of this model (every case x1.48 or more raw, x1.15 or less
+    # divided, the whole run inside x1.06), so the seed fixes the data, not the verdict.
+    assert nz.normalised and not cmp.regressions and abs(nz.shift) < math.log(1.08)
+    assert all(r["ratio"] > 1.4 and r["norm_ratio"] < 1.2 for r in cmp.rows)
     raw = compare(frames(base), frames(busy), load_ref=False)
     assert not raw.noise["layer_ms"].normalised and len(raw.regressions) == 6
     assert main(["compare", *map(str, base), str(busy[0])]) == 0
